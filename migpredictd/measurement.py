@@ -1,0 +1,388 @@
+"""The canonical measurement of one VM, and readers for every input format we accept.
+
+A measurement says how many distinct guest pages change content within a window of ``t`` ms, for a few
+``t`` (``points``), plus the guest's size and its zero pages. It is what the memory model is built from,
+what ``migpredictd measure`` prints and what ``migpredictd predict`` reads. Formats (auto-detected):
+
+- canonical: ``{"format": "migpredictd.measurement/v1", ...}`` (see docs/architecture.md);
+- extended: the reply of the 2023 patch series' ``calc-dirty-rate`` (``periods``, ``n-dirty-pages``...),
+  which upstream QEMU never merged;
+- sweep: several upstream ``query-dirty-rate`` replies (``dirty-rate`` in MiB/s, truncated) plus the
+  guest's memory size: ``{"memory_bytes": N, "page_size_bytes": 4096, "runs": [...]}``.
+
+Pure: no I/O. Every problem raises :class:`InputError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from migpredictd.errors import InputError
+
+FORMAT: Final = "migpredictd.measurement/v1"
+MIB: Final = 1 << 20
+
+ZERO_PAGE_METHODS: Final = ("qemu-sampled", "host-smaps", "guest-sample", "none")
+STRATEGIES: Final = ("extended", "sweep-ms", "sweep-s", "manual")
+
+# Upstream QEMU truncates dirty-rate to whole MiB/s (dirtyrate.c: update_dirtyrate() divides integers).
+# Over many runs the dropped fraction averages half a MiB/s, so a sweep adds it back: unbiased, and it
+# keeps an idle guest's "0" from claiming that nothing at all is ever dirtied.
+RATE_TRUNCATION_CORRECTION_MIB_S: Final = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyPoint:
+    """``dirty_pages`` distinct pages changed content within a window of ``period_ms`` milliseconds."""
+
+    period_ms: float
+    dirty_pages: float
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """What the model of one VM is built from; see the module docstring and docs/architecture.md."""
+
+    page_size_bytes: int
+    total_pages: int
+    points: tuple[DirtyPoint, ...]
+    zero_pages: float | None = None
+    zero_pages_method: str = "none"
+    strategy: str = "manual"
+    sample_pages_per_gib: int | None = None
+    qemu_version: str | None = None
+    target: str | None = None
+    measured_at: float | None = None
+    duration_seconds: float | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _check_int("page_size_bytes", self.page_size_bytes, minimum=1)
+        _check_int("total_pages", self.total_pages, minimum=1)
+        if not self.points:
+            raise InputError("needs at least one point", field="points")
+        previous = 0.0
+        for i, p in enumerate(self.points):
+            _check_number(f"points[{i}].period_ms", p.period_ms, positive=True)
+            _check_number(f"points[{i}].dirty_pages", p.dirty_pages)
+            if p.period_ms <= previous:
+                raise InputError("periods must be strictly increasing", field=f"points[{i}].period_ms")
+            if p.dirty_pages > self.total_pages:
+                raise InputError(
+                    f"{p.dirty_pages} dirty pages exceed total_pages {self.total_pages}",
+                    field=f"points[{i}].dirty_pages",
+                )
+            previous = p.period_ms
+        if self.zero_pages is not None:
+            _check_number("zero_pages", self.zero_pages)
+            if self.zero_pages > self.total_pages:
+                raise InputError(f"exceeds total_pages {self.total_pages}", field="zero_pages")
+        if self.zero_pages_method not in ZERO_PAGE_METHODS:
+            raise InputError(f"must be one of {', '.join(ZERO_PAGE_METHODS)}", field="zero_pages_method")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"must be one of {', '.join(STRATEGIES)}", field="strategy")
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.page_size_bytes * self.total_pages
+
+    def dirty_rate_bytes_per_second(self) -> list[tuple[float, float]]:
+        """(period seconds, bytes/s) for each point: the familiar ``dirty-rate`` view of the points."""
+        return [
+            (p.period_ms / 1000.0, p.dirty_pages * self.page_size_bytes * 1000.0 / p.period_ms)
+            for p in self.points
+        ]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The canonical JSON object (``migpredictd.measurement/v1``)."""
+        out: dict[str, Any] = {
+            "format": FORMAT,
+            "page_size_bytes": self.page_size_bytes,
+            "total_pages": self.total_pages,
+            "zero_pages": self.zero_pages,
+            "zero_pages_method": self.zero_pages_method,
+            "points": [{"period_ms": p.period_ms, "dirty_pages": p.dirty_pages} for p in self.points],
+            "strategy": self.strategy,
+        }
+        optional: dict[str, Any] = {
+            "target": self.target,
+            "sample_pages_per_gib": self.sample_pages_per_gib,
+            "qemu_version": self.qemu_version,
+            "measured_at": self.measured_at,
+            "duration_seconds": self.duration_seconds,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+def parse_measurement(data: object, *, source: str | None = None) -> Measurement:
+    """Read any accepted format (detected by its keys) into a :class:`Measurement`.
+
+    :raises InputError: naming the field (and ``source``, e.g. ``stdin line 3``) that is wrong.
+    """
+    try:
+        if not isinstance(data, Mapping):
+            raise InputError(f"expected a JSON object, got {type(data).__name__}")
+        if "format" in data:
+            return _from_canonical(data)
+        if "periods" in data or "n-dirty-pages" in data:
+            return measurement_from_extended(data)
+        if "runs" in data:
+            return _from_sweep_document(data)
+        raise InputError(
+            "not a measurement: expected a 'format' key (canonical), 'periods' (extended calc-dirty-rate) "
+            "or 'runs' (sweep of calc-dirty-rate results)"
+        )
+    except InputError as e:
+        if source is None or e.source is not None:
+            raise
+        raise InputError(str(e), field=None, source=source) from e
+
+
+def _from_canonical(data: Mapping[str, Any]) -> Measurement:
+    if data["format"] != FORMAT:
+        raise InputError(f"unsupported format {data['format']!r}, expected {FORMAT!r}", field="format")
+    allowed = {
+        "format",
+        "page_size_bytes",
+        "total_pages",
+        "zero_pages",
+        "zero_pages_method",
+        "points",
+        "strategy",
+        "sample_pages_per_gib",
+        "qemu_version",
+        "target",
+        "measured_at",
+        "duration_seconds",
+        "notes",
+    }
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise InputError("unknown key", field=unknown[0])
+    raw_points = _require(data, "points")
+    if not isinstance(raw_points, list):
+        raise InputError("must be a list", field="points")
+    points = []
+    for i, p in enumerate(raw_points):
+        if not isinstance(p, Mapping):
+            raise InputError("must be an object", field=f"points[{i}]")
+        points.append(
+            DirtyPoint(
+                period_ms=_number(p, "period_ms", f"points[{i}].period_ms"),
+                dirty_pages=_number(p, "dirty_pages", f"points[{i}].dirty_pages"),
+            )
+        )
+    zero = data.get("zero_pages")
+    notes = data.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise InputError("must be a list of strings", field="notes")
+    return Measurement(
+        page_size_bytes=_integer(data, "page_size_bytes"),
+        total_pages=_integer(data, "total_pages"),
+        points=tuple(points),
+        zero_pages=None if zero is None else _number(data, "zero_pages"),
+        zero_pages_method=_string(data, "zero_pages_method", "none" if zero is None else "qemu-sampled"),
+        strategy=_string(data, "strategy", "manual"),
+        sample_pages_per_gib=_optional_integer(data, "sample_pages_per_gib"),
+        qemu_version=_optional_string(data, "qemu_version"),
+        target=_optional_string(data, "target"),
+        measured_at=_optional_number(data, "measured_at"),
+        duration_seconds=_optional_number(data, "duration_seconds"),
+        notes=tuple(notes),
+    )
+
+
+def measurement_from_extended(data: Mapping[str, Any], **meta: Any) -> Measurement:
+    """Read the extended ``query-dirty-rate`` reply of the 2023 patch series (cover letter format).
+
+    Sampled counts are scaled to the whole guest by ``n-total-pages / n-sampled-pages``, in the same
+    order of floating-point operations as the seed script, so ``seed`` mode reproduces its numbers bit
+    for bit.
+    """
+    periods = _require(data, "periods")
+    dirty = _require(data, "n-dirty-pages")
+    if not isinstance(periods, list) or not isinstance(dirty, list):
+        raise InputError("'periods' and 'n-dirty-pages' must be lists", field="periods")
+    if len(periods) != len(dirty):
+        raise InputError(f"has {len(dirty)} entries but 'periods' has {len(periods)}", field="n-dirty-pages")
+    sampled = _integer(data, "n-sampled-pages")
+    total = _integer(data, "n-total-pages")
+    if sampled <= 0 or sampled > total:
+        raise InputError(f"must be in 1..n-total-pages ({total})", field="n-sampled-pages")
+    zero_sampled = _number(data, "n-zero-pages")
+    if zero_sampled > sampled:
+        raise InputError("exceeds n-sampled-pages", field="n-zero-pages")
+    ratio = sampled / total
+    points = []
+    for i, (ms, n) in enumerate(zip(periods, dirty, strict=True)):
+        _check_number(f"periods[{i}]", ms, positive=True)
+        _check_number(f"n-dirty-pages[{i}]", n)
+        if n > sampled:
+            raise InputError("exceeds n-sampled-pages", field=f"n-dirty-pages[{i}]")
+        points.append(DirtyPoint(period_ms=float(ms), dirty_pages=n / ratio))
+    for i in range(1, len(points)):
+        if points[i].period_ms <= points[i - 1].period_ms:
+            raise InputError("periods must be strictly increasing", field=f"periods[{i}]")
+    return Measurement(
+        page_size_bytes=_integer(data, "page-size"),
+        total_pages=total,
+        points=tuple(points),
+        zero_pages=zero_sampled / ratio,
+        zero_pages_method="qemu-sampled",
+        strategy="extended",
+        sample_pages_per_gib=_optional_integer(data, "sample-pages"),
+        **meta,
+    )
+
+
+def measurement_from_sweep(
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    memory_bytes: int,
+    page_size_bytes: int = 4096,
+    zero_pages: float | None = None,
+    zero_pages_method: str | None = None,
+    strategy: str | None = None,
+    **meta: Any,
+) -> Measurement:
+    """Build a measurement from several upstream ``query-dirty-rate`` replies of different lengths.
+
+    Each run gives "MiB changed within calc-time" = rate x calc-time. Runs are noisy (a fresh random
+    sample each time, rate truncated to whole MiB/s), so the points are made monotone non-decreasing by
+    isotonic regression (a longer window can only see more distinct pages) and capped at the pages that
+    can be dirty at all.
+    """
+    if memory_bytes <= 0 or memory_bytes % page_size_bytes:
+        raise InputError(
+            f"must be a positive multiple of the page size {page_size_bytes}", field="memory_bytes"
+        )
+    if not runs:
+        raise InputError("needs at least one calc-dirty-rate result", field="runs")
+    total_pages = memory_bytes // page_size_bytes
+    by_period: dict[float, list[float]] = {}
+    units = set()
+    for i, run in enumerate(runs):
+        if not isinstance(run, Mapping):
+            raise InputError("must be an object", field=f"runs[{i}]")
+        status = run.get("status", "measured")
+        if status != "measured":
+            raise InputError(f"status is {status!r}, not 'measured'", field=f"runs[{i}].status")
+        unit = run.get("calc-time-unit", "second")
+        if unit not in ("second", "millisecond"):
+            raise InputError("must be 'second' or 'millisecond'", field=f"runs[{i}].calc-time-unit")
+        units.add(unit)
+        calc_time = _number(run, "calc-time", f"runs[{i}].calc-time")
+        if calc_time <= 0:
+            raise InputError("must be positive", field=f"runs[{i}].calc-time")
+        rate = _number(run, "dirty-rate", f"runs[{i}].dirty-rate")
+        period_ms = calc_time * (1000.0 if unit == "second" else 1.0)
+        dirty_bytes = (rate + RATE_TRUNCATION_CORRECTION_MIB_S) * MIB * period_ms / 1000.0
+        by_period.setdefault(period_ms, []).append(dirty_bytes / page_size_bytes)
+    periods = sorted(by_period)
+    means = [sum(by_period[p]) / len(by_period[p]) for p in periods]
+    weights = [float(len(by_period[p])) for p in periods]
+    cap = float(total_pages) - (zero_pages or 0.0)
+    fitted = [min(v, cap) for v in isotonic_increasing(means, weights)]
+    if strategy is None:
+        strategy = "sweep-ms" if "millisecond" in units else "sweep-s"
+    return Measurement(
+        page_size_bytes=page_size_bytes,
+        total_pages=total_pages,
+        points=tuple(DirtyPoint(p, d) for p, d in zip(periods, fitted, strict=True)),
+        zero_pages=zero_pages,
+        zero_pages_method=zero_pages_method or ("none" if zero_pages is None else "host-smaps"),
+        strategy=strategy,
+        **meta,
+    )
+
+
+def _from_sweep_document(data: Mapping[str, Any]) -> Measurement:
+    runs = _require(data, "runs")
+    if not isinstance(runs, list):
+        raise InputError("must be a list", field="runs")
+    zero = data.get("zero_pages")
+    return measurement_from_sweep(
+        runs,
+        memory_bytes=_integer(data, "memory_bytes"),
+        page_size_bytes=_integer(data, "page_size_bytes") if "page_size_bytes" in data else 4096,
+        zero_pages=None if zero is None else _number(data, "zero_pages"),
+        zero_pages_method=_optional_string(data, "zero_pages_method"),
+        target=_optional_string(data, "target"),
+    )
+
+
+def isotonic_increasing(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators), O(n)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values, weights, strict=True):
+        blocks.append([v, w, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, c2 = blocks.pop()
+            m1, w1, c1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    out: list[float] = []
+    for mean, _, count in blocks:
+        out.extend([mean] * int(count))
+    return out
+
+
+# --- field readers: each names the field it rejects -------------------------------------------------
+
+
+def _require(data: Mapping[str, Any], key: str, name: str | None = None) -> Any:
+    if key not in data:
+        raise InputError("missing", field=name or key)
+    return data[key]
+
+
+def _check_number(name: str, value: object, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"must be a number, got {value!r}", field=name)
+    if not math.isfinite(value):
+        raise InputError(f"must be finite, got {value!r}", field=name)
+    if value < 0 or (positive and value == 0):
+        raise InputError(f"must be {'positive' if positive else 'non-negative'}, got {value!r}", field=name)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"must be an integer, got {value!r}", field=name)
+    if value < minimum:
+        raise InputError(f"must be >= {minimum}, got {value!r}", field=name)
+
+
+def _number(data: Mapping[str, Any], key: str, name: str | None = None) -> float:
+    value = _require(data, key, name)
+    _check_number(name or key, value)
+    return float(value)
+
+
+def _integer(data: Mapping[str, Any], key: str) -> int:
+    value = _require(data, key)
+    _check_int(key, value, minimum=1)
+    return int(value)
+
+
+def _optional_integer(data: Mapping[str, Any], key: str) -> int | None:
+    return None if data.get(key) is None else _integer(data, key)
+
+
+def _optional_number(data: Mapping[str, Any], key: str) -> float | None:
+    return None if data.get(key) is None else _number(data, key)
+
+
+def _string(data: Mapping[str, Any], key: str, default: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise InputError(f"must be a string, got {value!r}", field=key)
+    return value
+
+
+def _optional_string(data: Mapping[str, Any], key: str) -> str | None:
+    return None if data.get(key) is None else _string(data, key, "")
