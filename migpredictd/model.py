@@ -1,0 +1,92 @@
+"""The memory model: how many pages a VM dirties within ``t`` ms, starting from a clean bitmap.
+
+Piece-wise linear through the measured points, extrapolated pessimistically on both sides (the seed's
+rules): to the left, the first segment's line cut at ``t = 0`` (a convex curve is at worst a jump at zero
+followed by that slope); to the right, the last segment's slope until every page that can be dirty is
+dirty, then flat. Monotone non-decreasing and saturating, so the pre-copy recurrence built on it is
+monotone too. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from migpredictd.measurement import Measurement
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryModel:
+    """Breakpoints ``(period_ms[i], dirty_pages[i])`` of the piece-wise linear curve; the last is at inf.
+
+    ``slopes[i]``/``offsets[i]`` describe the segment that ends at breakpoint ``i`` (``i >= 1``), so
+    ``dirty(t) = offsets[i] + slopes[i] * t`` for ``period_ms[i-1] < t < period_ms[i]``.
+    """
+
+    page_size_bytes: int
+    total_pages: int
+    zero_pages: float
+    period_ms: tuple[float, ...]
+    dirty_pages: tuple[float, ...]
+    slopes: tuple[float, ...]
+    offsets: tuple[float, ...]
+
+    @property
+    def normal_pages(self) -> float:
+        """Pages that are not zero: the most that can ever be dirty at once."""
+        return self.total_pages - self.zero_pages
+
+    def dirty(self, ms: float) -> float:
+        """Pages dirtied within ``ms`` milliseconds from a clean state (readable reference; the
+        predictor evaluates the same formula vectorised)."""
+        for i, x in enumerate(self.period_ms):
+            if x == ms:
+                return self.dirty_pages[i]
+            if x > ms:
+                return self.offsets[i] + self.slopes[i] * ms
+        return self.dirty_pages[-1]
+
+
+def _line(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float]:
+    """Slope and intercept of the line through two points (intercept taken at the left point)."""
+    slope = (y1 - y0) / (x1 - x0)
+    return slope, y0 - slope * x0
+
+
+def build_model(m: Measurement) -> MemoryModel:
+    """Build the model of one VM from its measurement (see the module docstring for the rules)."""
+    zero = m.zero_pages if m.zero_pages is not None else 0.0
+    ceiling = m.total_pages - zero
+    xs = [p.period_ms for p in m.points]
+    # A sampled count can exceed what is possible when zero pages are estimated separately; clamp so the
+    # curve stays monotone (a no-op for consistent input, so seed mode is unaffected).
+    ys = [min(p.dirty_pages, ceiling) for p in m.points]
+    if len(xs) == 1:
+        # One window only: assume the rate it saw, from a clean start (a line through the origin).
+        xs.insert(0, 0.0)
+        ys.insert(0, 0.0)
+    else:
+        _, intercept = _line(xs[0], ys[0], xs[1], ys[1])
+        xs.insert(0, 0.0)
+        ys.insert(0, max(intercept, 0.0))
+    slope, intercept = _line(xs[-2], ys[-2], xs[-1], ys[-1])
+    if slope > 0.0 and (ceiling - intercept) / slope > xs[-1]:
+        xs.append((ceiling - intercept) / slope)
+        ys.append(ceiling)
+    xs.append(math.inf)
+    ys.append(ceiling)
+    slopes = [0.0]
+    offsets = [ys[0]]
+    for i in range(1, len(xs)):
+        s, o = _line(xs[i - 1], ys[i - 1], xs[i], ys[i])
+        slopes.append(s)
+        offsets.append(o)
+    return MemoryModel(
+        page_size_bytes=m.page_size_bytes,
+        total_pages=m.total_pages,
+        zero_pages=zero,
+        period_ms=tuple(xs),
+        dirty_pages=tuple(ys),
+        slopes=tuple(slopes),
+        offsets=tuple(offsets),
+    )

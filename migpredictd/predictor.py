@@ -1,0 +1,452 @@
+"""Pre-copy migration prediction: time, passes and bytes for every (VM, bandwidth, max downtime) cell.
+
+Two modes share one vectorised engine (numpy, all cells of all VMs advance one pass per step):
+
+``seed``
+    The 2023 patch's algorithm, reproduced exactly: every pass sends every dirty page (8-byte header per
+    page, zero pages as a bare header in the first pass); a pass that takes no longer than the max
+    downtime is the last one; past the deadline the answer is "does not converge".
+
+``qemu`` (default)
+    What QEMU's migration thread does (migration/migration.c and migration/ram.c, 7.2 to 10.x):
+
+    - ``ram_save_setup`` marks every page dirty, so the first pass covers all of RAM; ``save_zero_page``
+      sends a zero page as header + 1 byte, ``save_normal_page`` as header + page (header: 8 bytes,
+      ``save_page_header``);
+    - ``migration_iteration_run`` compares the pending dirty bytes (pages x page size, without headers;
+      ``ram_state_pending_estimate``) with ``threshold_size`` = measured throughput x downtime-limit
+      (``migration_update_counters``); below it, ``migration_bitmap_sync`` collects the pages dirtied since
+      the last sync, and if the total is still below the threshold the VM stops
+      (``migration_completion``); so a pass ends when the remaining pages drop below the threshold, not
+      when the bitmap is empty;
+    - the stop-and-copy phase is not rate-limited (``migration_rate_limit`` is only called while
+      iterating), so it runs at the link's speed: ``stop_copy_speedup`` times the bandwidth;
+    - setup time and the stop-and-copy phase count in the total, as in ``query-migrate``'s total-time;
+    - ``transport_overhead`` adds TCP/IP framing when the bandwidth is the link's rather than QEMU's
+      ``max-bandwidth`` (the reviewers' first objection to the seed).
+
+Non-convergence is a value (``nan`` seconds), never an exception. From the second pass on the
+recurrence "pending pages at the next sync = f(pending pages at this sync)" is monotone, so once a sync
+finds at least as many pages as the previous one the migration can never converge: that fixed point is
+detected at once instead of iterating until the deadline.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from migpredictd.model import MemoryModel
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+Mode = Literal["seed", "qemu"]
+
+# migration/ram.c: save_page_header() writes an 8-byte offset+flags word before every page.
+PAGE_HEADER_BYTES: Final = 8
+# migration/ram.c: save_zero_page_to_file() sends the header and one byte for a zero page.
+ZERO_PAGE_BYTES: Final = PAGE_HEADER_BYTES + 1
+
+# Bisection steps for the derived answers: 2**-20 of the search range, i.e. 0.002% of a bandwidth.
+_BISECTION_STEPS: Final = 20
+# How many rate-limiter windows the non-convergence barrier looks at (see _simulate_qemu).
+_BARRIER_WINDOWS: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class PredictorSettings:
+    """Constants of the prediction; calibrated values and their evidence live in the config defaults."""
+
+    mode: Mode = "qemu"
+    deadline_seconds: float = 3600.0
+    # qemu mode only:
+    setup_seconds: float = 0.0
+    switchover_seconds: float = 0.0
+    stop_copy_speedup: float = 1.0
+    transport_overhead: float = 0.0
+    # migration.c BUFFER_DELAY: the rate limiter's window, after which the pending check runs.
+    iteration_seconds: float = 0.1
+    # A migration still iterating after this many bitmap syncs is reported as not converging.
+    max_syncs: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("seed", "qemu"):
+            raise ValueError(f"mode must be 'seed' or 'qemu', not {self.mode!r}")
+        if self.max_syncs < 2:
+            raise ValueError(f"max_syncs must be at least 2, not {self.max_syncs!r}")
+        for name in ("deadline_seconds", "stop_copy_speedup", "iteration_seconds"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be positive and finite, not {value!r}")
+        for name in ("setup_seconds", "switchover_seconds", "transport_overhead"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be non-negative and finite, not {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelBatch:
+    """Many memory models packed into padded arrays, one row per VM."""
+
+    x: FloatArray  # breakpoints, ms; padded with inf
+    y: FloatArray
+    slope: FloatArray
+    offset: FloatArray
+    page_size: FloatArray
+    total_pages: FloatArray
+    zero_pages: FloatArray
+
+    @classmethod
+    def of(cls, models: Sequence[MemoryModel]) -> ModelBatch:
+        if not models:
+            raise ValueError("no models")
+        k = max(len(m.period_ms) for m in models)
+        shape = (len(models), k)
+        x = np.full(shape, np.inf)
+        y = np.empty(shape)
+        slope = np.zeros(shape)
+        offset = np.empty(shape)
+        for i, m in enumerate(models):
+            n = len(m.period_ms)
+            x[i, :n] = m.period_ms
+            y[i, :n] = m.dirty_pages
+            y[i, n:] = m.dirty_pages[-1]
+            slope[i, :n] = m.slopes
+            offset[i, :n] = m.offsets
+            offset[i, n:] = m.dirty_pages[-1]
+        return cls(
+            x=x,
+            y=y,
+            slope=slope,
+            offset=offset,
+            page_size=np.array([float(m.page_size_bytes) for m in models]),
+            total_pages=np.array([float(m.total_pages) for m in models]),
+            zero_pages=np.array([m.zero_pages for m in models]),
+        )
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def dirty(self, vm: IntArray, ms: FloatArray) -> FloatArray:
+        """Pages dirtied within ``ms`` for VM ``vm``, cell by cell: the same formula and float operations
+        as :meth:`MemoryModel.dirty` (exact breakpoint hit, else ``offset + slope * t``)."""
+        return self.dirty_segment(vm, ms)[0]
+
+    def dirty_segment(self, vm: IntArray, ms: FloatArray) -> tuple[FloatArray, IntArray]:
+        """:meth:`dirty`, plus the index of the breakpoint that ends each point's segment."""
+        xs = self.x[vm]
+        idx = np.count_nonzero(xs < ms[:, None], axis=1)
+        idx = np.minimum(idx, xs.shape[1] - 1)
+        hit = xs[np.arange(len(vm)), idx] == ms
+        return np.where(hit, self.y[vm, idx], self.offset[vm, idx] + self.slope[vm, idx] * ms), idx
+
+
+@dataclass(frozen=True, slots=True)
+class CellResults:
+    """Results for a flat list of cells; ``seconds`` is nan where the migration does not converge."""
+
+    seconds: FloatArray
+    passes: IntArray
+    bytes_sent: FloatArray
+    downtime_seconds: FloatArray
+
+    @property
+    def converges(self) -> npt.NDArray[np.bool_]:
+        return ~np.isnan(self.seconds)
+
+
+def simulate(
+    batch: ModelBatch,
+    vm: IntArray,
+    bandwidth: FloatArray,
+    downtime_s: FloatArray,
+    settings: PredictorSettings,
+) -> CellResults:
+    """Predict each cell ``(vm[i], bandwidth[i] bytes/s, downtime_s[i] seconds or inf)``."""
+    n = len(vm)
+    if not (len(bandwidth) == n and len(downtime_s) == n):
+        raise ValueError("vm, bandwidth and downtime_s must have the same length")
+    if n and not (np.all(bandwidth > 0) and np.all(np.isfinite(bandwidth))):
+        raise ValueError("bandwidths must be positive and finite")
+    if n and np.any(downtime_s < 0):
+        raise ValueError("downtimes must be non-negative")
+    if settings.mode == "seed":
+        return _simulate_seed(batch, vm, bandwidth, downtime_s, settings)
+    return _simulate_qemu(batch, vm, bandwidth, downtime_s, settings)
+
+
+def _simulate_seed(
+    batch: ModelBatch, vm: IntArray, bw: FloatArray, dt_s: FloatArray, settings: PredictorSettings
+) -> CellResults:
+    n = len(vm)
+    out_ms = np.full(n, np.nan)
+    out_passes = np.zeros(n, dtype=np.int64)
+    out_bytes = np.zeros(n)
+    out_down = np.full(n, np.nan)
+    deadline_ms = settings.deadline_seconds * 1000.0
+    dt_ms = dt_s * 1000.0
+    header = float(PAGE_HEADER_BYTES)
+
+    live = np.arange(n)
+    normal = batch.total_pages[vm] - batch.zero_pages[vm]
+    zero = batch.zero_pages[vm].copy()
+    total_ms = np.zeros(n)
+    sent = np.zeros(n)
+    last_iter = np.full(n, np.inf)
+    passes = np.zeros(n, dtype=np.int64)
+    while live.size:
+        v = vm[live]
+        iter_bytes = normal * (batch.page_size[v] + header) + zero * header
+        iter_ms = iter_bytes * 1000.0 / bw[live]
+        total_ms = total_ms + iter_ms
+        sent = sent + iter_bytes
+        passes = passes + 1
+        done = iter_ms <= dt_ms[live]
+        # From the second pass on every pass is f(previous pass) with f monotone: no shrink, no end.
+        stuck = ~done & ((total_ms > deadline_ms) | ((passes > 2) & (iter_ms >= last_iter)))
+        finished = done | stuck
+        idx = live[finished]
+        out_ms[live[done]] = np.ceil(total_ms[done])
+        out_down[live[done]] = iter_ms[done] / 1000.0
+        out_passes[idx] = passes[finished]
+        out_bytes[idx] = sent[finished]
+        keep = ~finished
+        live, total_ms, sent, passes = live[keep], total_ms[keep], sent[keep], passes[keep]
+        last_iter = iter_ms[keep]
+        v = vm[live]
+        normal, seg = batch.dirty_segment(v, last_iter)
+        zero = np.zeros(live.size)
+        # Within one linear segment the next pass time is a * this one + b. With 0 < a < 1 the passes
+        # shrink towards b / (1 - a) without leaving the segment; a limit above the max downtime means
+        # the seed would iterate until its deadline and answer "does not converge": answer it now.
+        per_page_ms = (batch.page_size[v] + header) * 1000.0 / bw[live]
+        a = batch.slope[v, seg] * per_page_ms
+        with np.errstate(divide="ignore", invalid="ignore"):
+            limit = batch.offset[v, seg] * per_page_ms / (1.0 - a)
+        lower = batch.x[v, np.maximum(seg - 1, 0)]
+        creeping = (
+            (a > 0) & (a < 1) & (limit < last_iter) & (limit >= lower) & (limit > dt_ms[live] * (1 + 1e-9))
+        )
+        if passes.size and np.any(creeping & (passes >= 2)):
+            gone = creeping & (passes >= 2)
+            out_passes[live[gone]] = passes[gone]
+            out_bytes[live[gone]] = sent[gone]
+            stay = ~gone
+            live, total_ms, sent, passes = live[stay], total_ms[stay], sent[stay], passes[stay]
+            last_iter, normal, zero = last_iter[stay], normal[stay], zero[stay]
+    return CellResults(
+        seconds=out_ms / 1000.0, passes=out_passes, bytes_sent=out_bytes, downtime_seconds=out_down
+    )
+
+
+def _simulate_qemu(
+    batch: ModelBatch, vm: IntArray, bw: FloatArray, dt_s: FloatArray, settings: PredictorSettings
+) -> CellResults:
+    """QEMU's loop, one bitmap sync per step of the vectorised loop.
+
+    The dirty bitmap holds "cold" pages (first-pass pages not sent yet, zero pages among them) and
+    "hot" pages (dirtied since the window start ``since``). Pages go out oldest first (the scan goes
+    on where it stopped), so cold pages leave before hot ones. At a sync the hot set is at most the
+    unsent hot pages plus what was dirtied during the pass, and at most every page dirtied since
+    ``since``: a hot working set is not counted twice. Sending happens in rate-limiter windows of
+    ``iteration_seconds`` (``BUFFER_DELAY``), and the pending check runs after each window
+    (``migration_iteration_run``), so a pass ends within one window after the pending bytes drop
+    below the threshold.
+    """
+    n = len(vm)
+    out_s = np.full(n, np.nan)
+    out_passes = np.zeros(n, dtype=np.int64)
+    out_bytes = np.zeros(n)
+    out_down = np.full(n, np.nan)
+
+    page = batch.page_size[vm]
+    normal_wire = page + PAGE_HEADER_BYTES
+    rate = bw / (1.0 + settings.transport_overhead)  # payload bytes/s that reach the destination
+    # threshold_size = throughput x downtime-limit, compared with pending pages x page size.
+    with np.errstate(invalid="ignore"):
+        threshold = np.where(np.isinf(dt_s), np.inf, rate * dt_s / page)
+    stop_rate = rate * settings.stop_copy_speedup
+    step_bytes = rate * settings.iteration_seconds
+    step_pages = step_bytes / normal_wire
+    # Once only hot pages are left and the threshold exceeds one window, a pass of m windows leaves
+    # between threshold - one window and threshold pages unsent, so if m windows dirty at least m
+    # windows' worth of pages, pending never falls below threshold + (m - 1) windows again
+    # (docs/model.md). `barrier` is the smallest such m (0: none up to _BARRIER_WINDOWS).
+    barrier = np.zeros(n)
+    for m in range(_BARRIER_WINDOWS, 0, -1):
+        hit = batch.dirty(vm, np.full(n, m * settings.iteration_seconds * 1000.0)) >= m * step_pages
+        barrier = np.where(hit, float(m), barrier)
+    barrier = np.where(threshold > step_pages, barrier, 0.0)
+    barrier_pages = threshold + (barrier - 1.0) * step_pages
+
+    total = batch.total_pages[vm]
+    zero0 = batch.zero_pages[vm]
+    cold_wire = ((total - zero0) * normal_wire + zero0 * ZERO_PAGE_BYTES) / total  # bytes per first-pass page
+    live = np.arange(n)
+    cold = total.copy()
+    hot = np.zeros(n)
+    since = np.full(n, settings.setup_seconds)
+    elapsed = np.full(n, settings.setup_seconds)
+    sent = np.zeros(n)
+    passes = np.zeros(n, dtype=np.int64)
+    while live.size:
+        cw, nw = cold_wire[live], normal_wire[live]
+        pending = cold + hot
+        wire = cold * cw + hot * nw
+        done = (pending < threshold[live]) | (pending == 0)
+        if np.any(done):
+            i = live[done]
+            stop_s = wire[done] / stop_rate[i] + settings.switchover_seconds
+            out_s[i] = elapsed[done] + stop_s
+            out_down[i] = stop_s
+            out_passes[i] = passes[done] + 1  # the stop-and-copy is the last pass
+            out_bytes[i] = sent[done] + wire[done]
+        # Bytes to send until fewer than `threshold` pages are pending, oldest (cold) pages first,
+        # rounded up to whole rate-limiter windows, and never more than the bitmap holds.
+        excess = np.maximum(pending - threshold[live], 0.0)
+        cold_part = np.minimum(excess, cold)
+        needed = cold_part * cw + (excess - cold_part) * nw
+        windows = np.floor(needed / step_bytes[live]) + 1.0
+        pass_bytes = np.where(done, 0.0, np.minimum(windows * step_bytes[live], wire))
+        pass_s = pass_bytes / rate[live]
+        cold_sent = np.minimum(cold, pass_bytes / cw)
+        hot_sent = np.minimum(hot, (pass_bytes - cold_sent * cw) / nw)
+        cold = cold - cold_sent
+        hot_left = hot - hot_sent
+        sync_at = elapsed + pass_s
+        # Hot pages all sent: the new bitmap only holds pages dirtied since the previous sync.
+        since = np.where(hot_left <= 0.0, elapsed, since)
+        v = vm[live]
+        hot = np.minimum(
+            hot_left + batch.dirty(v, pass_s * 1000.0), batch.dirty(v, (sync_at - since) * 1000.0)
+        )
+        hot = np.minimum(hot, batch.total_pages[v] - cold)
+        # The whole bitmap went out and the sync found at least as many pages again: the guest dirties
+        # this scale of memory at least as fast as it is sent (sending P pages takes time t(P), and
+        # D(t(P)) >= P repeats, since D and t are monotone).
+        emptied = (cold <= 0.0) & (hot_left <= 0.0) & (hot >= pending) & (pending >= threshold[live])
+        elapsed = sync_at
+        sent = sent + pass_bytes
+        passes = passes + 1
+        stuck = ~done & (
+            (elapsed > settings.deadline_seconds)
+            | (passes >= settings.max_syncs)
+            | ((cold <= 0.0) & (barrier[live] > 0) & (hot >= barrier_pages[live]))
+            | emptied
+        )
+        if np.any(stuck):
+            i = live[stuck]
+            out_passes[i] = passes[stuck]
+            out_bytes[i] = sent[stuck]
+        keep = ~(done | stuck)
+        live, elapsed, sent, passes = live[keep], elapsed[keep], sent[keep], passes[keep]
+        cold, hot, since = cold[keep], hot[keep], since[keep]
+    return CellResults(seconds=out_s, passes=out_passes, bytes_sent=out_bytes, downtime_seconds=out_down)
+
+
+# --- grids and derived answers -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """Bandwidths (bytes/s) x max downtimes (seconds, inf = unlimited), with their labels."""
+
+    bandwidths: tuple[float, ...]
+    downtimes: tuple[float, ...]
+    bandwidth_labels: tuple[str, ...] = field(default=())
+    downtime_labels: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.bandwidths or not self.downtimes:
+            raise ValueError("a grid needs at least one bandwidth and one downtime")
+        if any(not (b > 0 and math.isfinite(b)) for b in self.bandwidths):
+            raise ValueError("bandwidths must be positive and finite")
+        if any(not d >= 0 for d in self.downtimes):
+            raise ValueError("downtimes must be non-negative (inf = unlimited)")
+
+
+@dataclass(frozen=True, slots=True)
+class VMPrediction:
+    """Everything predicted for one VM over a grid. Arrays are [bandwidth, downtime]; nan = no convergence."""
+
+    seconds: FloatArray
+    passes: IntArray
+    bytes_sent: FloatArray
+    downtime_seconds: FloatArray
+    min_bandwidth: FloatArray  # per downtime: smallest converging bytes/s (nan: none up to the search cap)
+    min_downtime: FloatArray  # per bandwidth: smallest max-downtime (s) that converges (nan: none)
+
+
+# Derived answers search these ranges (bytes/s and seconds).
+MIN_BANDWIDTH_SEARCH: Final = (1e3, 1e13)
+
+
+def predict_grid(
+    models: Sequence[MemoryModel], grid: Grid, settings: PredictorSettings, *, derived: bool = True
+) -> list[VMPrediction]:
+    """Predict the whole grid for every model at once; with ``derived``, also the smallest bandwidth per
+    downtime and the smallest downtime per bandwidth (by bisection, valid because convergence is
+    monotone in both)."""
+    batch = ModelBatch.of(models)
+    nv, nb, nd = len(models), len(grid.bandwidths), len(grid.downtimes)
+    vm = np.repeat(np.arange(nv), nb * nd)
+    bw = np.tile(np.repeat(np.array(grid.bandwidths), nd), nv)
+    dt = np.tile(np.array(grid.downtimes), nv * nb)
+    res = simulate(batch, vm, bw, dt, settings)
+    shape = (nv, nb, nd)
+    if derived:
+        min_bw = _min_bandwidth(batch, np.array(grid.downtimes), settings).reshape(nv, nd)
+        min_dt = _min_downtime(batch, np.array(grid.bandwidths), settings).reshape(nv, nb)
+    else:
+        min_bw = np.full((nv, nd), np.nan)
+        min_dt = np.full((nv, nb), np.nan)
+    secs, passes = res.seconds.reshape(shape), res.passes.reshape(shape)
+    sent, down = res.bytes_sent.reshape(shape), res.downtime_seconds.reshape(shape)
+    return [
+        VMPrediction(
+            seconds=secs[i],
+            passes=passes[i],
+            bytes_sent=sent[i],
+            downtime_seconds=down[i],
+            min_bandwidth=min_bw[i],
+            min_downtime=min_dt[i],
+        )
+        for i in range(nv)
+    ]
+
+
+def _min_bandwidth(batch: ModelBatch, downtimes: FloatArray, settings: PredictorSettings) -> FloatArray:
+    nv = len(batch)
+    vm = np.repeat(np.arange(nv), len(downtimes))
+    dt = np.tile(downtimes, nv)
+    lo = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[0]))
+    hi = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[1]))
+    ok_hi = simulate(batch, vm, np.exp(hi), dt, settings).converges
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2.0
+        ok = simulate(batch, vm, np.exp(mid), dt, settings).converges
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid)
+    return np.where(ok_hi, np.exp(hi), np.nan)
+
+
+def _min_downtime(batch: ModelBatch, bandwidths: FloatArray, settings: PredictorSettings) -> FloatArray:
+    nv = len(batch)
+    vm = np.repeat(np.arange(nv), len(bandwidths))
+    bw = np.tile(bandwidths, nv)
+    lo = np.zeros(vm.size)
+    hi = np.full(vm.size, settings.deadline_seconds)
+    ok_hi = simulate(batch, vm, bw, hi, settings).converges
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2.0
+        ok = simulate(batch, vm, bw, mid, settings).converges
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid)
+    return np.where(ok_hi, hi, np.nan)

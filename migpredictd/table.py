@@ -1,0 +1,60 @@
+"""Rendering predictions: the seed's text table (byte for byte) and the JSON document. Pure."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from migpredictd.predictor import Grid, VMPrediction
+from migpredictd.units import format_bandwidth, format_downtime, format_eta
+
+
+def render_table(prediction: VMPrediction, grid: Grid) -> str:
+    """The seed's table: bandwidths down, max downtimes across, ``-`` where it does not converge."""
+    header = "Downtime> |" + "".join(f" {format_downtime(d):>7} |" for d in grid.downtimes)
+    lines = [header, "-" * len(header)]
+    for i, bw in enumerate(grid.bandwidths):
+        cells = "".join(f"{format_eta(s):>7} |  " for s in prediction.seconds[i])
+        lines.append(f"{format_bandwidth(bw, space=True):>9} |  {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def _downtime(value: float) -> float | None:
+    return None if math.isinf(value) else float(value)
+
+
+def prediction_to_json(prediction: VMPrediction, grid: Grid) -> dict[str, Any]:
+    """Per VM: every cell, then the derived answers (``null``: unlimited downtime / no convergence)."""
+    cells = []
+    for i, bw in enumerate(grid.bandwidths):
+        for j, dt in enumerate(grid.downtimes):
+            seconds = _num(prediction.seconds[i, j])
+            cells.append(
+                {
+                    "bandwidth_bytes_per_second": bw,
+                    "max_downtime_seconds": _downtime(dt),
+                    "migration_seconds": seconds,
+                    "converges": seconds is not None,
+                    "passes": int(prediction.passes[i, j]),
+                    "bytes_sent": float(prediction.bytes_sent[i, j]),
+                    "downtime_seconds": _num(prediction.downtime_seconds[i, j]),
+                }
+            )
+    return {
+        "predictions": cells,
+        "min_bandwidth": [
+            {
+                "max_downtime_seconds": _downtime(dt),
+                "bandwidth_bytes_per_second": _num(prediction.min_bandwidth[j]),
+            }
+            for j, dt in enumerate(grid.downtimes)
+        ],
+        "min_downtime": [
+            {"bandwidth_bytes_per_second": bw, "max_downtime_seconds": _num(prediction.min_downtime[i])}
+            for i, bw in enumerate(grid.bandwidths)
+        ],
+    }
