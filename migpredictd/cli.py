@@ -1,0 +1,169 @@
+"""The ``migpredictd`` command: ``predict``, ``measure``, ``run``, ``check-config``, ``demo``.
+
+Wiring only: each subcommand parses its arguments, calls the core or an edge, and turns our typed
+errors into one line on stderr and a non-zero exit status (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from migpredictd import __version__
+from migpredictd.errors import InputError, MigpredictdError
+from migpredictd.measurement import Measurement, parse_measurement
+from migpredictd.model import build_model
+from migpredictd.predictor import Grid, PredictorSettings, predict_grid
+from migpredictd.table import prediction_to_json, render_table
+from migpredictd.units import format_bandwidth, format_downtime, parse_bandwidth, parse_duration
+
+# The seed's grid (scripts/predict_migration.py of the 2023 patch series).
+DEFAULT_BANDWIDTHS = ("100Mbps", "1Gbps", "2Gbps", "2.5Gbps", "5Gbps", "10Gbps", "25Gbps", "40Gbps")
+DEFAULT_DOWNTIMES = ("125ms", "250ms", "500ms", "1000ms", "5000ms", "unlim")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def make_grid(bandwidths: Sequence[str], downtimes: Sequence[str]) -> Grid:
+    """A grid from human-readable values; labels are normalised (``1 Gbps`` -> ``1Gbps``)."""
+    bws = tuple(parse_bandwidth(b) for b in bandwidths)
+    dts = tuple(parse_duration(d, allow_unlimited=True) for d in downtimes)
+    return Grid(
+        bandwidths=bws,
+        downtimes=dts,
+        bandwidth_labels=tuple(format_bandwidth(b) for b in bws),
+        downtime_labels=tuple(format_downtime(d) for d in dts),
+    )
+
+
+def read_measurements(stream: TextIO, name: str) -> list[Measurement]:
+    """One JSON object, or JSON Lines with one object per VM.
+
+    :raises InputError: naming the line (for JSON Lines) and the field.
+    """
+    text = stream.read()
+    if not text.strip():
+        raise InputError("empty input: expected a measurement JSON object", source=name)
+    try:
+        return [parse_measurement(json.loads(text), source=name)]
+    except json.JSONDecodeError:
+        pass
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{name} line {lineno}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"not JSON: {e.msg} (column {e.colno})", source=where) from e
+        out.append(parse_measurement(data, source=where))
+    return out
+
+
+def _split_list(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    grid = make_grid(args.bandwidths, args.downtimes)
+    settings = PredictorSettings(mode=args.mode, deadline_seconds=args.deadline)
+    if args.file in (None, "-"):
+        measurements = read_measurements(sys.stdin, "stdin")
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                measurements = read_measurements(f, args.file)
+        except OSError as e:
+            raise InputError(e.strerror or str(e), source=args.file) from e
+    predictions = predict_grid(
+        [build_model(m) for m in measurements], grid, settings, derived=args.format == "json"
+    )
+    for m, p in zip(measurements, predictions, strict=True):
+        if args.format == "table":
+            if len(measurements) > 1:
+                sys.stdout.write(f"# {m.target or ''}\n")
+            sys.stdout.write(render_table(p, grid))
+        else:
+            doc: dict[str, Any] = {"target": m.target, "mode": settings.mode}
+            doc.update(prediction_to_json(p, grid))
+            sys.stdout.write(json.dumps(doc) + "\n")
+    return EXIT_OK
+
+
+def _add_predict(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict migration times from a measurement (JSON or JSON Lines)",
+        description="Reads a measurement (canonical, extended calc-dirty-rate, or a sweep) and prints the "
+        "predicted pre-copy migration time per bandwidth and max downtime. Bandwidths: bare numbers are "
+        "bytes/s, or 100Mbps, 10Gbps (binary, as in the seed: 1 Gbps = 2^30/8 B/s), 1GiB/s. Downtimes: "
+        "bare numbers are ms, or 500ms, 5s, unlim.",
+    )
+    p.add_argument("file", nargs="?", help="input file (default: stdin)")
+    p.add_argument(
+        "--mode", choices=("qemu", "seed"), default="qemu", help="qemu (default) or the seed's algorithm"
+    )
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--bandwidths", type=_split_list, default=list(DEFAULT_BANDWIDTHS), metavar="LIST")
+    p.add_argument("--downtimes", type=_split_list, default=list(DEFAULT_DOWNTIMES), metavar="LIST")
+    p.add_argument(
+        "--deadline",
+        type=lambda s: parse_duration(s, default_unit="s"),
+        default=3600.0,
+        help="a migration still running after this is 'does not converge' (default 1h)",
+    )
+    p.set_defaults(handler=_cmd_predict)
+
+
+def _lazy(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
+    """Import an edge only when its subcommand runs, so ``predict`` never loads QMP or HTTP code."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        fn: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), attr)
+        return fn(args)
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="migpredictd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"migpredictd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_predict(sub)
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Subcommands defined by edge modules register themselves here (see _register_edges below).
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args: argparse.Namespace | None = None
+    try:
+        args = parser.parse_args(argv)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except MigpredictdError as e:
+        print(f"migpredictd {getattr(args, 'command', '')}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, InputError) else EXIT_FAILURE
+    except ValueError as e:  # settings and grids validate with ValueError
+        print(f"migpredictd: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
