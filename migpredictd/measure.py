@@ -1,0 +1,593 @@
+"""Measure one VM over QMP: guards, a calc-dirty-rate strategy per QEMU generation, zero pages.
+
+Flow: connect; ``query-version``; capabilities from ``query-qmp-schema`` (``calc-time-unit`` on 8.2+,
+``periods`` for the unmerged 2023 extended output); guards (``query-status`` running, no active
+migration, no calc-dirty-rate already in progress); ``query-memory-size-summary``; then one
+``calc-dirty-rate`` (page-sampling only) per period, each on its own connection and with the monitor
+*released while QEMU samples* (a QMP socket serves one client at a time: other tools, libvirt or
+Proxmox's ``qm``, must get in). Strategies:
+
+- ``extended``: one run; the reply lists dirty pages per period and zero pages (no upstream QEMU has it);
+- ``sweep-ms`` (8.2+): runs of 125 ms .. 4 s (``calc-time-unit: millisecond``);
+- ``sweep-s`` (7.2 .. 8.1): runs of 1 .. 8 s (whole seconds is all 7.2 takes).
+
+The result is :func:`~migpredictd.measurement.measurement_from_sweep` (or ``_from_extended``) with
+zero pages from :mod:`migpredictd.zeropages` and metadata. Every failure is a typed
+:class:`~migpredictd.errors.TargetError`; ``TargetSkipped`` means "retry later".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from migpredictd.errors import (
+    InputError,
+    MigpredictdError,
+    QMPCommandError,
+    QMPProtocolError,
+    QMPTimeoutError,
+    TargetSkipped,
+)
+from migpredictd.measurement import Measurement, measurement_from_extended, measurement_from_sweep
+from migpredictd.qmp import READ_ONLY_COMMANDS, SAFE_DIRTY_RATE_MODE, Address, QMPSession, parse_address
+from migpredictd.zeropages import (
+    DEFAULT_GUEST_SAMPLE_PAGES,
+    ZeroPagesUnavailableError,
+    guest_sample_estimate,
+    smaps_estimate,
+)
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())
+
+STRATEGY_CHOICES: Final = ("auto", "extended", "sweep-ms", "sweep-s")
+ZERO_PAGE_CHOICES: Final = ("auto", "host-smaps", "guest-sample", "none")
+
+# Defaults chosen by measurement on real 7.2 and 10.0 guests (docs/measuring.md has the numbers):
+# a sweep must reach about as long as the first migration pass to see a working set that fills up
+# later, and each run costs its whole period in wall time, so the periods double.
+DEFAULT_PERIODS_MS: Final[Mapping[str, tuple[float, ...]]] = {
+    "sweep-ms": (125.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0),  # 7.9 s of sampling
+    "sweep-s": (1000.0, 2000.0, 4000.0, 8000.0),  # 15 s of sampling
+    "extended": (8000.0,),  # one run; QEMU reports its own periods up to this calc-time
+}
+# Per GiB of guest memory. 512 (QEMU's default) read 8..28 MiB/s for a true 19.5; 16384 read 19..21.
+# Hashing a sampled page costs QEMU almost nothing next to the calc-time, so we take the maximum.
+DEFAULT_SAMPLE_PAGES: Final = 16384
+MIN_SAMPLE_PAGES, MAX_SAMPLE_PAGES = 128, 16384  # QEMU's limits
+MIN_CALC_MS, MAX_CALC_MS = 50.0, 60000.0  # calc-time-unit millisecond range (8.2+)
+MAX_SANE_MEMORY_BYTES: Final = 1 << 48  # 256 TiB: beyond any x86 guest; a larger answer is garbage
+PAGE_SIZE: Final = 4096  # x86 target page size; calc-dirty-rate samples target pages
+
+# query-migrate statuses in which the dirty rate measures the migration, not the guest.
+ACTIVE_MIGRATION_STATUSES: Final = frozenset(
+    {
+        "setup",
+        "active",
+        "pre-switchover",
+        "device",
+        "wait-unplug",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover",
+        "postcopy-recover-setup",
+        "cancelling",
+        "colo",
+    }
+)
+BUSY_MESSAGE: Final = "already being measured"
+
+Progress = Callable[[str], None]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasureSettings:
+    """How to measure one target. Frozen; every field is validated (:class:`InputError` names it)."""
+
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    strategy: str = "auto"
+    periods_ms: tuple[float, ...] | None = None  # None: DEFAULT_PERIODS_MS of the chosen strategy
+    sample_pages: int = DEFAULT_SAMPLE_PAGES  # per GiB, as calc-dirty-rate's sample-pages
+    zero_pages: str = "auto"
+    guest_sample_pages: int = DEFAULT_GUEST_SAMPLE_PAGES
+    poll_interval: float = 0.05
+    # How long past calc-time QEMU may take to say "measured" (it takes about 10 ms).
+    settle_timeout: float = 10.0
+    allowed_commands: frozenset[str] = field(default=READ_ONLY_COMMANDS)
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "command_timeout", "poll_interval", "settle_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise InputError(f"must be a positive number of seconds, got {value!r}", field=name)
+        if self.strategy not in STRATEGY_CHOICES:
+            raise InputError(f"must be one of {', '.join(STRATEGY_CHOICES)}", field="strategy")
+        if self.zero_pages not in ZERO_PAGE_CHOICES:
+            raise InputError(f"must be one of {', '.join(ZERO_PAGE_CHOICES)}", field="zero_pages")
+        if not MIN_SAMPLE_PAGES <= self.sample_pages <= MAX_SAMPLE_PAGES:
+            raise InputError(f"must be in {MIN_SAMPLE_PAGES}..{MAX_SAMPLE_PAGES}", field="sample_pages")
+        if self.guest_sample_pages < 1:
+            raise InputError("must be positive", field="guest_sample_pages")
+        if self.periods_ms is not None:
+            if not self.periods_ms:
+                raise InputError("needs at least one period", field="periods_ms")
+            previous = 0.0
+            for i, p in enumerate(self.periods_ms):
+                if not (MIN_CALC_MS <= p <= MAX_CALC_MS) or p <= previous:
+                    raise InputError(
+                        f"periods must increase strictly within {MIN_CALC_MS:g}..{MAX_CALC_MS:g} ms",
+                        field=f"periods_ms[{i}]",
+                    )
+                previous = p
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What this QEMU's calc-dirty-rate can do, from its version and QMP schema."""
+
+    version: tuple[int, int, int]
+    version_text: str
+    calc_time_unit: bool
+    extended: bool
+
+
+def choose_strategy(requested: str, caps: Capabilities, *, target: str) -> str:
+    """``auto`` picks extended > sweep-ms > sweep-s by capability; an explicit one must be supported.
+
+    :raises QMPCommandError: the requested strategy needs a capability this QEMU lacks.
+    """
+    if requested == "auto":
+        if caps.extended:
+            return "extended"
+        return "sweep-ms" if caps.calc_time_unit else "sweep-s"
+    if requested == "sweep-ms" and not caps.calc_time_unit:
+        raise QMPCommandError(
+            f"QEMU {caps.version_text} has no calc-time-unit (8.2+); use strategy sweep-s or auto",
+            target=target,
+            command="calc-dirty-rate",
+            error_class="Unsupported",
+        )
+    if requested == "extended" and not caps.extended:
+        raise QMPCommandError(
+            f"QEMU {caps.version_text} has no extended calc-dirty-rate output; use auto",
+            target=target,
+            command="calc-dirty-rate",
+            error_class="Unsupported",
+        )
+    return requested
+
+
+def plan_runs(strategy: str, periods_ms: Sequence[float] | None) -> list[float]:
+    """The calc-times (ms) to run, in order. Second-granular strategies round up to whole seconds.
+
+    :raises InputError: a period that the strategy cannot express.
+    """
+    periods = list(periods_ms) if periods_ms is not None else list(DEFAULT_PERIODS_MS[strategy])
+    if strategy == "sweep-ms":
+        return periods
+    if strategy == "extended":
+        # One run as long as the longest period: QEMU reports every shorter period itself.
+        return [float(math.ceil(max(periods) / 1000.0) * 1000)]
+    seconds = [math.ceil(p / 1000.0) for p in periods]
+    if len(set(seconds)) != len(seconds):
+        raise InputError(
+            "sweep-s runs whole seconds; these periods round to the same second", field="periods_ms"
+        )
+    return [s * 1000.0 for s in seconds]
+
+
+async def measure(
+    address: str | Address,
+    *,
+    target: str,
+    settings: MeasureSettings | None = None,
+    progress: Progress | None = None,
+    sleep: Sleep = asyncio.sleep,
+) -> Measurement:
+    """Measure one VM and return its :class:`Measurement`.
+
+    ``sleep`` waits out each calc-time (tests pass a scaled one for a fake QEMU with a fast clock).
+
+    :raises TargetSkipped: not running, migrating, or another calc-dirty-rate in progress (retry later).
+    :raises TargetError: any other failure, typed (connect, timeout, QEMU error, bad reply, unsafe).
+    """
+    settings = settings or MeasureSettings()
+    say = progress or (lambda _msg: None)
+    addr = parse_address(address) if isinstance(address, str) else address
+    started_wall, started = time.time(), time.monotonic()
+
+    async with _session(addr, target, settings) as s:
+        caps = await _capabilities(s)
+        strategy = choose_strategy(settings.strategy, caps, target=target)
+        await _guards(s)
+        kvm = await s.execute_dict("query-kvm")
+        memory_bytes = await _memory_bytes(s)
+        peer_pid = s.peer_pid
+    say(
+        f"{target}: QEMU {caps.version_text}, {memory_bytes >> 20} MiB, strategy {strategy}, "
+        f"kvm {'on' if kvm.get('enabled') is True else 'off'}"
+    )
+
+    runs: list[dict[str, Any]] = []
+    for calc_ms in plan_runs(strategy, settings.periods_ms):
+        say(f"{target}: calc-dirty-rate {calc_ms:g} ms")
+        reply = await _one_run(
+            addr,
+            target=target,
+            settings=settings,
+            caps=caps,
+            strategy=strategy,
+            calc_ms=calc_ms,
+            sleep=sleep,
+        )
+        runs.append(reply)
+    if "periods" in runs[-1]:
+        # The schema did not announce it, but the reply has the extended shape: it holds every period.
+        strategy = "extended"
+
+    meta: dict[str, Any] = {
+        "qemu_version": caps.version_text,
+        "target": target,
+        "measured_at": started_wall,
+    }
+    notes: list[str] = []
+    try:
+        if strategy == "extended":
+            result = measurement_from_extended(runs[-1], **meta, notes=())
+            if result.memory_bytes != memory_bytes:
+                raise QMPProtocolError(
+                    f"extended reply covers {result.memory_bytes} bytes, guest has {memory_bytes}",
+                    target=target,
+                    command="query-dirty-rate",
+                )
+        else:
+            zero, method = _zero_pages(settings, peer_pid, memory_bytes, notes, target)
+            result = measurement_from_sweep(
+                runs,
+                memory_bytes=memory_bytes,
+                page_size_bytes=PAGE_SIZE,
+                zero_pages=zero,
+                zero_pages_method=method,
+                strategy=strategy,
+                sample_pages_per_gib=settings.sample_pages,
+                **meta,
+            )
+    except InputError as exc:
+        raise QMPProtocolError(f"unusable calc-dirty-rate results: {exc}", target=target) from exc
+    duration = time.monotonic() - started
+    say(f"{target}: done in {duration:.1f} s")
+    return dataclasses.replace(result, duration_seconds=round(duration, 3), notes=tuple(notes) + result.notes)
+
+
+def _session(
+    addr: Address, target: str, settings: MeasureSettings
+) -> contextlib.AbstractAsyncContextManager[QMPSession]:
+    return QMPSession.connect(
+        addr,
+        target=target,
+        timeout=settings.connect_timeout,
+        allowed=settings.allowed_commands,
+    )
+
+
+async def _capabilities(s: QMPSession) -> Capabilities:
+    """Version plus schema introspection: calc-time-unit (8.2+) and the extended ``periods`` member."""
+    version = await s.execute_dict("query-version")
+    qemu = version.get("qemu")
+    if not isinstance(qemu, dict) or not all(
+        isinstance(qemu.get(k), int) and not isinstance(qemu.get(k), bool)
+        for k in ("major", "minor", "micro")
+    ):
+        raise QMPProtocolError(f"unexpected reply {version!r}", target=s.target, command="query-version")
+    triple = (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
+    text = ".".join(str(x) for x in triple)
+    schema = await s.execute("query-qmp-schema")
+    if not isinstance(schema, list) or not all(isinstance(e, dict) and "name" in e for e in schema):
+        raise QMPProtocolError(
+            "expected a list of schema entries", target=s.target, command="query-qmp-schema"
+        )
+    by_name = {str(e["name"]): e for e in schema}
+    calc = by_name.get("calc-dirty-rate")
+    query = by_name.get("query-dirty-rate")
+    if calc is None or query is None:
+        raise QMPCommandError(
+            f"QEMU {text} has no calc-dirty-rate (5.1+ needed)",
+            target=s.target,
+            command="calc-dirty-rate",
+            error_class="CommandNotFound",
+        )
+    arg_members = _member_names(by_name, calc.get("arg-type"))
+    ret_members = _member_names(by_name, query.get("ret-type"))
+    return Capabilities(
+        version=triple,
+        version_text=text,
+        calc_time_unit="calc-time-unit" in arg_members,
+        extended="periods" in ret_members,
+    )
+
+
+def _member_names(by_name: Mapping[str, Any], type_name: object) -> set[str]:
+    entry = by_name.get(str(type_name))
+    members = entry.get("members") if isinstance(entry, dict) else None
+    if not isinstance(members, list):
+        return set()
+    return {str(m.get("name")) for m in members if isinstance(m, dict)}
+
+
+async def _guards(s: QMPSession) -> None:
+    """Skip a VM that is not running, is migrating, or is already being measured by someone else."""
+    status = await s.execute_dict("query-status")
+    run_status = status.get("status")
+    if not isinstance(run_status, str):
+        raise QMPProtocolError(f"unexpected reply {status!r}", target=s.target, command="query-status")
+    if run_status != "running":
+        raise TargetSkipped(
+            f"VM is {run_status}, not running", target=s.target, command="query-status", reason="not_running"
+        )
+    await _check_not_migrating(s)
+    current = await s.execute_dict("query-dirty-rate")
+    if current.get("status") == "measuring":
+        raise TargetSkipped(
+            "another calc-dirty-rate is in progress",
+            target=s.target,
+            command="query-dirty-rate",
+            reason="busy",
+        )
+
+
+async def _check_not_migrating(s: QMPSession) -> None:
+    migration = await s.execute_dict("query-migrate")
+    mig_status = migration.get("status")
+    if mig_status is not None and not isinstance(mig_status, str):
+        raise QMPProtocolError(f"unexpected status {mig_status!r}", target=s.target, command="query-migrate")
+    if mig_status in ACTIVE_MIGRATION_STATUSES:
+        raise TargetSkipped(
+            f"migration is {mig_status}: dirty rates would measure the migration",
+            target=s.target,
+            command="query-migrate",
+            reason="migrating",
+        )
+
+
+async def _memory_bytes(s: QMPSession) -> int:
+    reply = await s.execute_dict("query-memory-size-summary")
+    base, plugged = reply.get("base-memory"), reply.get("plugged-memory", 0)
+    for v in (base, plugged):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise QMPProtocolError(
+                f"unexpected reply {reply!r}", target=s.target, command="query-memory-size-summary"
+            )
+    assert isinstance(base, int)
+    assert isinstance(plugged, int)
+    total = base + plugged
+    if not 0 < total <= MAX_SANE_MEMORY_BYTES or total % PAGE_SIZE:
+        raise QMPProtocolError(
+            f"implausible guest memory size {total} bytes",
+            target=s.target,
+            command="query-memory-size-summary",
+        )
+    return total
+
+
+async def _one_run(
+    addr: Address,
+    *,
+    target: str,
+    settings: MeasureSettings,
+    caps: Capabilities,
+    strategy: str,
+    calc_ms: float,
+    sleep: Sleep,
+) -> dict[str, Any]:
+    """Start one calc-dirty-rate, let go of the monitor while QEMU samples, then collect the result."""
+    args: dict[str, object] = {"mode": SAFE_DIRTY_RATE_MODE, "sample-pages": settings.sample_pages}
+    query_args: dict[str, object] | None = None
+    if caps.calc_time_unit and strategy != "sweep-s":
+        args.update({"calc-time": int(calc_ms), "calc-time-unit": "millisecond"})
+        query_args = {"calc-time-unit": "millisecond"}
+        expect_calc_time = int(calc_ms)
+    else:
+        expect_calc_time = int(calc_ms // 1000)
+        args["calc-time"] = expect_calc_time
+    async with _session(addr, target, settings) as s:
+        try:
+            await s.execute("calc-dirty-rate", args, timeout=settings.command_timeout)
+        except QMPCommandError as exc:
+            if BUSY_MESSAGE in exc.detail:
+                raise TargetSkipped(
+                    "another calc-dirty-rate is in progress",
+                    target=target,
+                    command="calc-dirty-rate",
+                    reason="busy",
+                ) from exc
+            raise
+        # Remember which run is ours: another client may start its own while we are away.
+        started = await s.execute_dict("query-dirty-rate", query_args, timeout=settings.command_timeout)
+        start_time = started.get("start-time")
+    # Monitor released: QEMU samples on its own thread while other clients may use the socket.
+    await sleep(calc_ms / 1000.0)
+    async with _session(addr, target, settings) as s:
+        deadline = time.monotonic() + settings.settle_timeout
+        while True:
+            reply = await s.execute_dict("query-dirty-rate", query_args, timeout=settings.command_timeout)
+            status = reply.get("status")
+            if status == "measured":
+                break
+            if status != "measuring":
+                raise QMPProtocolError(
+                    f"unexpected status {status!r}", target=target, command="query-dirty-rate"
+                )
+            if time.monotonic() >= deadline:
+                raise QMPTimeoutError(
+                    f"calc-dirty-rate of {calc_ms:g} ms still measuring "
+                    f"{settings.settle_timeout:g} s after its end",
+                    target=target,
+                    command="query-dirty-rate",
+                )
+            await sleep(settings.poll_interval)
+        # A migration that started meanwhile would have measured its own dirtying: check again.
+        await _check_not_migrating(s)
+    _check_run(
+        reply,
+        target=target,
+        start_time=start_time,
+        expect_calc_time=expect_calc_time,
+        sample_pages=settings.sample_pages,
+    )
+    return reply
+
+
+def _check_run(
+    reply: Mapping[str, Any], *, target: str, start_time: object, expect_calc_time: int, sample_pages: int
+) -> None:
+    """Validate a measured reply, and that it is *our* run (another client may have started its own)."""
+    rate = reply.get("dirty-rate")
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
+        raise QMPProtocolError(
+            f"dirty-rate must be a non-negative integer, got {rate!r}",
+            target=target,
+            command="query-dirty-rate",
+        )
+    if reply.get("mode", SAFE_DIRTY_RATE_MODE) != SAFE_DIRTY_RATE_MODE:
+        raise TargetSkipped(
+            f"result is from a {reply.get('mode')} run, not ours",
+            target=target,
+            command="query-dirty-rate",
+            reason="busy",
+        )
+    calc_time = reply.get("calc-time")
+    if isinstance(calc_time, bool) or not isinstance(calc_time, int):
+        raise QMPProtocolError(
+            f"calc-time must be an integer, got {calc_time!r}", target=target, command="query-dirty-rate"
+        )
+    # 8.2+ reports the window it really measured (1001 for a requested 1000 ms); a shorter one, another
+    # start time or other sample-pages mean the run is someone else's.
+    if (
+        calc_time < expect_calc_time
+        or reply.get("start-time") != start_time
+        or reply.get("sample-pages", sample_pages) != sample_pages
+    ):
+        raise TargetSkipped(
+            "another client's calc-dirty-rate replaced ours",
+            target=target,
+            command="query-dirty-rate",
+            reason="busy",
+        )
+
+
+def _zero_pages(
+    settings: MeasureSettings, pid: int | None, memory_bytes: int, notes: list[str], target: str
+) -> tuple[float | None, str]:
+    """Zero pages by the configured method; when impossible, None ("unknown": assume none) plus a note."""
+    method = settings.zero_pages
+    if method == "none":
+        return None, "none"
+    if pid is None:
+        notes.append(
+            "zero pages unknown: the QEMU PID is only known over a local unix socket "
+            "(prediction assumes no zero pages, so it errs long)"
+        )
+        return None, "none"
+    try:
+        if method == "guest-sample":
+            est = guest_sample_estimate(
+                pid, memory_bytes=memory_bytes, page_size=PAGE_SIZE, samples=settings.guest_sample_pages
+            )
+        else:
+            est = smaps_estimate(pid, memory_bytes=memory_bytes, page_size=PAGE_SIZE)
+    except ZeroPagesUnavailableError as exc:
+        notes.append(f"zero pages unknown ({method}): {exc} (prediction assumes no zero pages)")
+        return None, "none"
+    logger.debug("%s: zero pages %s: %s", target, est.method, est.detail)
+    return est.zero_pages, est.method
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+
+def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``migpredictd measure ADDRESS``."""
+    parser.add_argument("address", help="QMP monitor: unix:/path, tcp:HOST:PORT or /path")
+    parser.add_argument("--target", help="name recorded in the measurement (default: the address)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
+    parser.add_argument(
+        "--periods",
+        help="comma-separated calc-times in ms (default per strategy: "
+        + "; ".join(f"{k} {','.join(f'{p:g}' for p in v)}" for k, v in DEFAULT_PERIODS_MS.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--sample-pages", type=int, default=DEFAULT_SAMPLE_PAGES, help="calc-dirty-rate sample-pages per GiB"
+    )
+    parser.add_argument(
+        "--zero-pages",
+        choices=ZERO_PAGE_CHOICES,
+        default="auto",
+        help="auto = host-smaps when on the hypervisor; guest-sample reads guest memory (opt-in)",
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="per QMP command and connect, seconds")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def settings_from_args(args: argparse.Namespace) -> MeasureSettings:
+    """:class:`MeasureSettings` from parsed CLI arguments.
+
+    :raises InputError: a value out of range (names the option).
+    """
+    periods: tuple[float, ...] | None = None
+    if args.periods:
+        try:
+            periods = tuple(float(p) for p in str(args.periods).split(",") if p.strip())
+        except ValueError as exc:
+            raise InputError(f"not a list of numbers: {args.periods!r}", field="--periods") from exc
+    return MeasureSettings(
+        connect_timeout=args.timeout,
+        command_timeout=args.timeout,
+        strategy=args.strategy,
+        periods_ms=periods,
+        sample_pages=args.sample_pages,
+        zero_pages=args.zero_pages,
+    )
+
+
+def measure_command(args: argparse.Namespace) -> int:
+    """Run ``migpredictd measure``: canonical JSON on stdout, progress on stderr; 1 on any error."""
+    try:
+        settings = settings_from_args(args)
+        address = parse_address(args.address) if args.address.startswith(("unix:", "tcp:")) else args.address
+        progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        result = asyncio.run(
+            measure(address, target=args.target or args.address, settings=settings, progress=progress)
+        )
+    except MigpredictdError as exc:
+        print(f"migpredictd measure: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json_dict()))
+    return 0
+
+
+__all__ = [
+    "DEFAULT_PERIODS_MS",
+    "DEFAULT_SAMPLE_PAGES",
+    "Capabilities",
+    "MeasureSettings",
+    "add_measure_arguments",
+    "choose_strategy",
+    "measure",
+    "measure_command",
+    "plan_runs",
+    "settings_from_args",
+]
