@@ -1,0 +1,1034 @@
+"""The daemon's YAML configuration: parse, validate every key, and freeze into a :class:`Config`.
+
+YAML is composed into nodes (``yaml.compose``, libyaml when available), so every mapping key and sequence
+item keeps its line; an explicit schema then walks the nodes and records *every* problem it finds as a
+:class:`~migpredictd.errors.ConfigProblem` (file, line, dotted key such as ``targets[3].interval``)
+before raising one :class:`~migpredictd.errors.ConfigError`. Nothing here talks to QEMU.
+
+Targets come from the main file and, optionally, from ``targets_dir`` (``*.yaml`` / ``*.yml`` files,
+each a list of targets or ``{targets: [...]}``); :func:`load_full_config` reads both. Run
+``python -m migpredictd.config FILE`` (or ``migpredictd check-config FILE``) to check a config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from migpredictd.errors import ConfigError, ConfigProblem, UnitError
+from migpredictd.predictor import Grid, PredictorSettings
+from migpredictd.units import parse_bandwidth, parse_duration
+
+__all__ = [
+    "DEFAULT_GRID",
+    "Config",
+    "Labels",
+    "MeasurementConfig",
+    "TargetConfig",
+    "check_config_main",
+    "load_config",
+    "load_full_config",
+    "load_targets_dir",
+]
+
+# --- the frozen result ---------------------------------------------------------------------------------
+
+
+class Labels(Mapping[str, str]):
+    """An immutable, hashable ``{label: value}`` mapping, so configs can be compared and hashed on reload."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._items: dict[str, str] = dict(items or {})
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"Labels({self._items!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class MeasurementConfig:
+    """How to measure a target; field names match ``measure.MeasureSettings`` so the daemon maps them 1:1.
+
+    Defaults mirror ``measure.py`` (see the comments in ``config/example.yaml`` for why).
+    """
+
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    strategy: str = "auto"
+    periods_ms: tuple[float, ...] | None = None  # None: the chosen strategy's default periods
+    sample_pages: int = 16384
+    zero_pages: str = "auto"
+    guest_sample_pages: int = 4096
+    poll_interval: float = 0.05
+    settle_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    """One VM to measure; ``source`` is ``file:line`` where it was defined, for messages."""
+
+    name: str
+    qmp: str
+    labels: Mapping[str, str]
+    interval_seconds: float
+    measurement: MeasurementConfig
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration. ``targets``: the main file's from :func:`load_config`, the main
+    file's followed by ``targets_dir``'s from :func:`load_full_config`."""
+
+    targets: tuple[TargetConfig, ...]
+    interval_seconds: float
+    jitter_seconds: float
+    max_concurrent: int
+    grid: Grid
+    prediction: PredictorSettings
+    measurement: MeasurementConfig
+    targets_dir: str | None  # the config file's directory joined with the value: cwd does not matter
+    source: str
+
+
+# --- limits and defaults ----------------------------------------------------------------------------------
+
+# The seed's table: the grid everyone compares against.
+DEFAULT_BANDWIDTHS: Final = ("100Mbps", "1Gbps", "2Gbps", "2.5Gbps", "5Gbps", "10Gbps", "25Gbps", "40Gbps")
+DEFAULT_DOWNTIMES: Final = ("125ms", "250ms", "500ms", "1000ms", "5000ms", "unlim")
+DEFAULT_INTERVAL_SECONDS: Final = 300.0
+DEFAULT_JITTER_SECONDS: Final = 30.0
+DEFAULT_MAX_CONCURRENT: Final = 8
+
+# Label cardinality: every grid cell is a label set on four per-VM series (converges, seconds, passes,
+# bytes). 64 x 64 is the most a reader can still scan; 1,024 cells x 4 = 4,096 series per VM, so a
+# thousand VMs stay at a few million series, about what one Prometheus server can hold.
+MAX_GRID_AXIS: Final = 64
+MAX_GRID_CELLS: Final = 1024
+# QEMU refuses a downtime-limit above 2,000 s (MAX_MIGRATE_DOWNTIME_SECONDS in migration/options.c).
+MAX_DOWNTIME_SECONDS: Final = 2000.0
+# calc-dirty-rate: calc-time-unit millisecond takes 50 ms .. 60 s (8.2+); 7.2 whole seconds 1 .. 60.
+MIN_PERIOD_MS, MAX_PERIOD_MS = 50.0, 60000.0
+# Each period becomes a `period` label value of migpredictd_dirty_rate_bytes_per_second.
+MAX_PERIODS: Final = 32
+# calc-dirty-rate's own limits for sample-pages (per GiB).
+MIN_SAMPLE, MAX_SAMPLE = 128, 16384
+# Below a second the scheduler would only queue runs that cannot finish: one sweep samples for seconds.
+MIN_INTERVAL_SECONDS: Final = 1.0
+# Hundreds of concurrent QMP sessions is already more than any host serves; this catches typos.
+MAX_CONCURRENT: Final = 1024
+# Names and labels end up in every series of the target: keep them bounded.
+MAX_NAME_LENGTH: Final = 128
+MAX_LABELS: Final = 16
+MAX_LABEL_VALUE_LENGTH: Final = 256
+# Label names our metrics use, the scraper's target labels, and exposition-reserved ones.
+RESERVED_LABELS: Final = frozenset(
+    {
+        "vm", "bandwidth", "max_downtime", "period", "reason", "strategy", "qemu_version",
+        "zero_pages_method", "version", "job", "instance", "le", "quantile",
+    }
+)  # fmt: skip
+_LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A YAML document expands aliases; this caps the nodes walked (a "billion laughs" file stops here).
+MAX_NODES: Final = 2_000_000
+MAX_DEPTH: Final = 64
+
+DEFAULT_MEASUREMENT: Final = MeasurementConfig()
+DEFAULT_PREDICTION: Final = PredictorSettings()
+STRATEGIES: Final = ("auto", "extended", "sweep-ms", "sweep-s")
+ZERO_PAGE_METHODS: Final = ("auto", "host-smaps", "guest-sample", "none")
+PREDICTION_MODES: Final = ("qemu", "seed")
+
+
+def _default_grid() -> Grid:
+    return Grid(
+        bandwidths=tuple(parse_bandwidth(b) for b in DEFAULT_BANDWIDTHS),
+        downtimes=tuple(parse_duration(d, allow_unlimited=True) for d in DEFAULT_DOWNTIMES),
+        bandwidth_labels=DEFAULT_BANDWIDTHS,
+        downtime_labels=DEFAULT_DOWNTIMES,
+    )
+
+
+DEFAULT_GRID: Final = _default_grid()
+
+# --- YAML with line numbers ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Y:
+    """A YAML value with its line: ``value`` is a scalar, ``dict[str, _Y]`` or ``list[_Y]``.
+
+    ``line`` is where the value's key (in a mapping) or item (in a sequence) starts: what a reader of
+    ``targets[3].interval`` looks for.
+    """
+
+    value: Any
+    line: int
+
+
+class _Problems:
+    """Collects problems for one file; never stops at the first."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.items: list[ConfigProblem] = []
+
+    def add(self, line: int | None, key: str, message: str) -> None:
+        self.items.append(ConfigProblem(self.file, line, key, message))
+
+    def sorted(self) -> list[ConfigProblem]:
+        """In file order, as a reader fixes them (YAML problems are found before schema ones)."""
+        return sorted(self.items, key=lambda x: x.line or 0)
+
+
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: about 10x faster on big files
+_STANDARD_TAGS: Final = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null", "merge")
+)
+
+
+def _read_text(path: Path, problems: _Problems) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        problems.add(None, "", f"cannot read: {e.strerror or e}")
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        problems.add(data[: e.start].count(b"\n") + 1, "", f"not UTF-8: byte 0x{data[e.start]:02x}")
+        return None
+
+
+def _compose(text: str, problems: _Problems) -> _Y | None:
+    """Parse ``text`` into line-tagged values; YAML errors, duplicate keys and odd tags become problems."""
+    try:
+        too_deep = _too_deep(text)
+        if too_deep is not None:
+            problems.add(too_deep, "", f"invalid YAML: nested more than {MAX_DEPTH} levels deep")
+            return None
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        problems.add(mark.line + 1 if mark else None, "", f"invalid YAML: {what}")
+        return None
+    except yaml.YAMLError as e:
+        problems.add(None, "", f"invalid YAML: {e}")
+        return None
+    except RecursionError:
+        problems.add(None, "", "invalid YAML: nested too deeply")
+        return None
+    if node is None:
+        return None
+    converter = _Converter(problems)
+    y = converter.convert(node, node.start_mark.line + 1, "", 0)
+    return None if converter.aborted else y  # a half-converted tree would only add noise
+
+
+def _too_deep(text: str) -> int | None:
+    """The line where nesting first exceeds MAX_DEPTH, from the (iterative) event stream.
+
+    libyaml's composer recurses in C: a file of 100,000 ``[`` crashes the process instead of raising.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return event.start_mark.line + 1 if event.start_mark else 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
+
+
+class _Converter:
+    """YAML nodes -> :class:`_Y`, recording duplicate keys, odd tags and alias abuse as problems."""
+
+    def __init__(self, problems: _Problems) -> None:
+        self.problems = problems
+        self.constructor = yaml.SafeLoader("")
+        self.budget = MAX_NODES
+        self.open: set[int] = set()  # ids of the collections being converted: an alias to one is a cycle
+        self.aborted = False
+
+    def convert(self, node: yaml.Node, line: int, key: str, depth: int) -> _Y:
+        self.budget -= 1
+        if self.aborted or self.budget < 0 or depth > MAX_DEPTH:
+            if not self.aborted:
+                what = "nested too deeply" if depth > MAX_DEPTH else "too many nodes after expanding aliases"
+                self.problems.add(line, key, f"invalid YAML: {what}")
+            self.aborted = True
+            return _Y(None, line)
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return _Y(self.constructor.construct_object(node), line)
+            except yaml.YAMLError as e:  # e.g. !!python/object: SafeLoader refuses it
+                self.problems.add(line, key, f"invalid YAML: {getattr(e, 'problem', e)}")
+                return _Y(None, line)
+        if node.tag not in _STANDARD_TAGS:
+            self.problems.add(line, key, f"unsupported YAML tag {node.tag!r}")
+        if id(node) in self.open:
+            self.problems.add(line, key, "invalid YAML: an alias refers to itself")
+            return _Y(None, line)
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                items = [
+                    self.convert(n, n.start_mark.line + 1, f"{key}[{i}]", depth + 1)
+                    for i, n in enumerate(node.value)
+                ]
+                return _Y(items, line)
+            assert isinstance(node, yaml.MappingNode)
+            return _Y(self._mapping(node, key, depth), line)
+        finally:
+            self.open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, path: str, depth: int) -> dict[str, _Y]:
+        own: dict[str, _Y] = {}
+        merged: dict[str, _Y] = {}
+        for key_node, value_node in node.value:
+            if self.aborted:
+                break
+            key_line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`; own keys win, first merge wins
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for source in sources:
+                    converted = self.convert(source, key_line, path, depth + 1)
+                    if not isinstance(converted.value, dict):
+                        self.problems.add(
+                            key_line, _join(path, "<<"), "invalid YAML: '<<' merges only mappings"
+                        )
+                        continue
+                    for k, v in converted.value.items():
+                        merged.setdefault(k, v)
+                continue
+            key = self.convert(key_node, key_line, path, depth + 1).value
+            if not isinstance(key, str):
+                message = f"mapping keys must be strings, not {_type_name(key)} {key!r}"
+                self.problems.add(key_line, path, message)
+                continue
+            if key in own:
+                message = f"duplicate key {key!r} (first at line {own[key].line})"
+                self.problems.add(key_line, _join(path, key), message)
+                continue
+            own[key] = self.convert(value_node, key_line, _join(path, key), depth + 1)
+        return {**merged, **own}
+
+
+# --- schema helpers ----------------------------------------------------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def _join(key: str, child: str) -> str:
+    return f"{key}.{child}" if key else child
+
+
+def _mapping(
+    y: _Y, key: str, allowed: Sequence[str], p: _Problems, *, extensions: bool = False
+) -> dict[str, _Y] | None:
+    """The mapping's entries, reporting unknown keys (with a did-you-mean) and a non-mapping value.
+
+    With ``extensions``, keys starting with ``x-`` are ignored: a place for YAML anchors, as in Compose files.
+    """
+    if not isinstance(y.value, dict):
+        p.add(y.line, key, f"must be a mapping, not {_type_name(y.value)}")
+        return None
+    for k, v in y.value.items():
+        if k not in allowed and not (extensions and k.startswith("x-")):
+            close = difflib.get_close_matches(k, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(allowed)}"
+            p.add(v.line, _join(key, k), f"unknown key{hint}")
+    return {k: v for k, v in y.value.items() if k in allowed}
+
+
+def _string(y: _Y, key: str, p: _Problems) -> str | None:
+    if isinstance(y.value, str):
+        return y.value
+    hint = f" (quote it: '{y.value}')" if isinstance(y.value, int | float | bool) else ""
+    p.add(y.line, key, f"must be a string, not {_type_name(y.value)}{hint}")
+    return None
+
+
+def _with_unit(y: _Y, key: str, what: str, example: str, p: _Problems) -> str | None:
+    """The text of a value that must carry a unit: a bare ``30`` is ambiguous (ms? s?), so it is refused."""
+    if isinstance(y.value, int | float) and not isinstance(y.value, bool):
+        p.add(y.line, key, f"{what} {y.value!r} needs a unit, e.g. {example!r}")
+        return None
+    text = _string(y, key, p)
+    if text is None:
+        return None
+    if not re.search(r"[A-Za-z/]\s*$", text):
+        p.add(y.line, key, f"{what} {text!r} needs a unit, e.g. {example!r}")
+        return None
+    return text.strip()
+
+
+def _duration(
+    y: _Y, key: str, p: _Problems, *, minimum: float = 0.0, strict: bool = False, unlimited: bool = False
+) -> float | None:
+    """Seconds from ``30s``/``5m``/``500ms`` (``unlim`` when allowed), at least (or above) ``minimum``."""
+    text = _with_unit(y, key, "duration", "30s", p)
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text, allow_unlimited=unlimited)
+    except UnitError as e:
+        p.add(y.line, key, str(e))
+        return None
+    if seconds < minimum or (strict and seconds == minimum):
+        bound = "greater than" if strict else "at least"
+        p.add(y.line, key, f"must be {bound} {_fmt_seconds(minimum)}, not {text!r}")
+        return None
+    return seconds
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms" if 0 < seconds < 1 else f"{seconds:g}s"
+
+
+def _integer(y: _Y, key: str, p: _Problems, *, low: int, high: int) -> int | None:
+    if not isinstance(y.value, int) or isinstance(y.value, bool):
+        p.add(y.line, key, f"must be an integer, not {_type_name(y.value)}")
+        return None
+    if not low <= y.value <= high:
+        p.add(y.line, key, f"must be in {low}..{high}, not {y.value}")
+        return None
+    return y.value
+
+
+def _number(y: _Y, key: str, p: _Problems, *, low: float, high: float, strict: bool = False) -> float | None:
+    if not isinstance(y.value, int | float) or isinstance(y.value, bool) or not math.isfinite(y.value):
+        p.add(y.line, key, f"must be a finite number, not {_type_name(y.value)} {y.value!r}")
+        return None
+    value = float(y.value)
+    if not (low < value if strict else low <= value) or value > high:
+        p.add(y.line, key, f"must be in {'(' if strict else '['}{low:g}, {high:g}], not {value:g}")
+        return None
+    return value
+
+
+def _choice(y: _Y, key: str, choices: Sequence[str], p: _Problems) -> str | None:
+    text = _string(y, key, p)
+    if text is not None and text not in choices:
+        p.add(y.line, key, f"must be one of {', '.join(choices)}, not {text!r}")
+        return None
+    return text
+
+
+def _list(y: _Y, key: str, p: _Problems, *, high: int, what: str) -> list[_Y] | None:
+    if not isinstance(y.value, list):
+        p.add(y.line, key, f"must be a list, not {_type_name(y.value)}")
+        return None
+    if not y.value:
+        p.add(y.line, key, f"needs at least one {what}")
+        return None
+    if len(y.value) > high:
+        p.add(y.line, key, f"has {len(y.value)} {what}s; at most {high} are allowed (label cardinality)")
+        return None
+    return y.value
+
+
+_Parser = Callable[[_Y, str], object]  # returns the parsed value, or None after recording a problem
+
+
+def _drop_nulls(entries: dict[str, _Y]) -> dict[str, _Y]:
+    """``key:`` with nothing after it (say, every line below commented out) means "the default"."""
+    return {k: v for k, v in entries.items() if v.value is not None}
+
+
+def _fields(entries: dict[str, _Y], key: str, specs: Mapping[str, tuple[str, _Parser]]) -> dict[str, Any]:
+    """``{attribute: value}`` for the YAML keys present that parse; failures are already problems."""
+    out: dict[str, Any] = {}
+    for name, (attr, parse) in specs.items():
+        if name in entries:
+            value = parse(entries[name], _join(key, name))
+            if value is not None:
+                out[attr] = value
+    return out
+
+
+# --- sections ----------------------------------------------------------------------------------------------
+
+_MEASUREMENT_KEYS: Final = (
+    "strategy", "periods", "sample_pages", "zero_pages", "guest_sample_pages", "connect_timeout",
+    "command_timeout", "poll_interval", "settle_timeout",
+)  # fmt: skip
+
+
+def _measurement(y: _Y, key: str, base: MeasurementConfig, p: _Problems) -> MeasurementConfig:
+    """``base`` with the keys given in ``y`` replaced (a target's section merges over the global one)."""
+    entries = _mapping(y, key, _MEASUREMENT_KEYS, p)
+    if entries is None:
+        return base
+    entries = _drop_nulls(entries) | ({"periods": entries["periods"]} if "periods" in entries else {})
+
+    def duration(v: _Y, k: str) -> float | None:
+        return _duration(v, k, p, strict=True)
+
+    out = _fields(entries, key, {
+        "strategy": ("strategy", lambda v, k: _choice(v, k, STRATEGIES, p)),
+        "zero_pages": ("zero_pages", lambda v, k: _choice(v, k, ZERO_PAGE_METHODS, p)),
+        "sample_pages": ("sample_pages", lambda v, k: _integer(v, k, p, low=MIN_SAMPLE, high=MAX_SAMPLE)),
+        "guest_sample_pages": ("guest_sample_pages", lambda v, k: _integer(v, k, p, low=1, high=1 << 20)),
+        "connect_timeout": ("connect_timeout", duration),
+        "command_timeout": ("command_timeout", duration),
+        "poll_interval": ("poll_interval", duration),
+        "settle_timeout": ("settle_timeout", duration),
+    })  # fmt: skip
+    if "periods" in entries:
+        periods_key = _join(key, "periods")
+        if entries["periods"].value is None:  # explicit null: back to the strategy's own periods
+            out["periods_ms"] = None
+        else:
+            periods = _periods(entries["periods"], periods_key, p)
+            if periods is not None:
+                out["periods_ms"] = periods
+    return dataclasses.replace(base, **out)
+
+
+def _periods(y: _Y, key: str, p: _Problems) -> tuple[float, ...] | None:
+    items = _list(y, key, p, high=MAX_PERIODS, what="period")
+    if items is None:
+        return None
+    result: list[float] = []
+    ok = True
+    for i, item in enumerate(items):
+        seconds = _duration(item, f"{key}[{i}]", p)
+        if seconds is None:
+            ok = False
+            continue
+        ms = seconds * 1000.0
+        if not MIN_PERIOD_MS <= ms <= MAX_PERIOD_MS:
+            p.add(
+                item.line, f"{key}[{i}]", f"must be within 50ms..60s (calc-dirty-rate's range), not {ms:g}ms"
+            )
+            ok = False
+        elif result and ms <= result[-1]:
+            p.add(item.line, f"{key}[{i}]", "periods must increase strictly")
+            ok = False
+        result.append(ms)
+    return tuple(result) if ok else None
+
+
+def _check_measurement(m: MeasurementConfig, interval: float, line: int, key: str, p: _Problems) -> None:
+    """Rules that involve more than one key, checked on the merged section."""
+    if m.periods_ms is None:
+        return
+    if m.strategy == "sweep-s" and any(ms % 1000 or ms < 1000 for ms in m.periods_ms):
+        p.add(line, _join(key, "periods"), "strategy sweep-s (QEMU 7.2 .. 8.1) takes whole seconds only")
+    total = sum(m.periods_ms) / 1000.0
+    if total >= interval:
+        p.add(
+            line,
+            _join(key, "periods"),
+            f"one sweep samples for {total:g}s, not less than the interval ({interval:g}s)",
+        )
+
+
+_PREDICTION_KEYS: Final = (
+    "mode", "deadline", "setup", "switchover", "stop_copy_speedup", "transport_overhead", "iteration",
+    "max_syncs",
+)  # fmt: skip
+
+
+def _prediction(y: _Y, key: str, p: _Problems) -> PredictorSettings:
+    entries = _mapping(y, key, _PREDICTION_KEYS, p)
+    if entries is None:
+        return DEFAULT_PREDICTION
+    entries = _drop_nulls(entries)
+
+    def speedup(v: _Y, k: str) -> float | None:
+        return _number(v, k, p, low=0, high=100, strict=True)
+
+    out = _fields(entries, key, {
+        "mode": ("mode", lambda v, k: _choice(v, k, PREDICTION_MODES, p)),
+        "deadline": ("deadline_seconds", lambda v, k: _duration(v, k, p, strict=True)),
+        "setup": ("setup_seconds", lambda v, k: _duration(v, k, p)),
+        "switchover": ("switchover_seconds", lambda v, k: _duration(v, k, p)),
+        "iteration": ("iteration_seconds", lambda v, k: _duration(v, k, p, strict=True)),
+        "stop_copy_speedup": ("stop_copy_speedup", speedup),
+        "transport_overhead": ("transport_overhead", lambda v, k: _number(v, k, p, low=0, high=1)),
+        "max_syncs": ("max_syncs", lambda v, k: _integer(v, k, p, low=2, high=1_000_000)),
+    })  # fmt: skip
+    try:
+        return dataclasses.replace(DEFAULT_PREDICTION, **out)
+    except ValueError as e:  # PredictorSettings' own checks; ours above should have caught it first
+        p.add(y.line, key, str(e))
+        return DEFAULT_PREDICTION
+
+
+def _grid(y: _Y, key: str, p: _Problems) -> Grid:
+    entries = _mapping(y, key, ("bandwidths", "max_downtimes"), p)
+    if entries is None:
+        return DEFAULT_GRID
+    entries = _drop_nulls(entries)
+    bandwidths: tuple[tuple[float, str], ...] | None = tuple(
+        zip(DEFAULT_GRID.bandwidths, DEFAULT_BANDWIDTHS, strict=True)
+    )
+    downtimes: tuple[tuple[float, str], ...] | None = tuple(
+        zip(DEFAULT_GRID.downtimes, DEFAULT_DOWNTIMES, strict=True)
+    )
+    if "bandwidths" in entries:
+        bandwidths = _axis(entries["bandwidths"], _join(key, "bandwidths"), p, _bandwidth, "bandwidth")
+    if "max_downtimes" in entries:
+        downtimes = _axis(entries["max_downtimes"], _join(key, "max_downtimes"), p, _downtime, "max downtime")
+    if bandwidths is None or downtimes is None:
+        return DEFAULT_GRID
+    cells = len(bandwidths) * len(downtimes)
+    if cells > MAX_GRID_CELLS:
+        p.add(
+            y.line,
+            key,
+            f"{len(bandwidths)} x {len(downtimes)} = {cells} cells; at most {MAX_GRID_CELLS}"
+            " (each cell is a label set on four series per VM)",
+        )
+        return DEFAULT_GRID
+    return Grid(
+        bandwidths=tuple(v for v, _ in bandwidths),
+        downtimes=tuple(v for v, _ in downtimes),
+        bandwidth_labels=tuple(label for _, label in bandwidths),
+        downtime_labels=tuple(label for _, label in downtimes),
+    )
+
+
+def _bandwidth(y: _Y, key: str, p: _Problems) -> float | None:
+    text = _with_unit(y, key, "bandwidth", "1Gbps", p)
+    if text is None:
+        return None
+    try:
+        return parse_bandwidth(text)
+    except UnitError as e:
+        p.add(y.line, key, str(e))
+        return None
+
+
+def _downtime(y: _Y, key: str, p: _Problems) -> float | None:
+    seconds = _duration(y, key, p, unlimited=True)
+    if seconds is not None and math.isfinite(seconds) and seconds > MAX_DOWNTIME_SECONDS:
+        p.add(
+            y.line,
+            key,
+            f"QEMU's downtime-limit is at most {MAX_DOWNTIME_SECONDS:g}s; use 'unlim' for no limit",
+        )
+        return None
+    return seconds
+
+
+def _axis(
+    y: _Y, key: str, p: _Problems, parse: Callable[[_Y, str, _Problems], float | None], what: str
+) -> tuple[tuple[float, str], ...] | None:
+    """``(value, label)`` pairs, strictly increasing (no duplicates; tables and derived answers read in
+    order). The label is the text as written: it is the metric label value."""
+    items = _list(y, key, p, high=MAX_GRID_AXIS, what=what)
+    if items is None:
+        return None
+    result: list[tuple[float, str]] = []
+    ok = True
+    for i, item in enumerate(items):
+        value = parse(item, f"{key}[{i}]", p)
+        if value is None:
+            ok = False
+            continue
+        label = str(item.value).strip()
+        if result and value <= result[-1][0]:
+            same = [lbl for v, lbl in result if v == value]
+            why = f"same as {same[0]!r}" if same else f"not above {result[-1][1]!r}"
+            p.add(item.line, f"{key}[{i}]", f"must increase strictly ({why})")
+            ok = False
+        result.append((value, label))
+    return tuple(result) if ok else None
+
+
+# --- targets -----------------------------------------------------------------------------------------------
+
+_TARGET_KEYS: Final = ("name", "qmp", "labels", "interval", "measurement")
+
+
+@dataclass(frozen=True, slots=True)
+class _Defaults:
+    interval: float
+    jitter: float
+    measurement: MeasurementConfig
+
+
+def _qmp_address(y: _Y, key: str, p: _Problems) -> str | None:
+    """Check the syntax ``qmp.parse_address`` accepts (``unix:/path``, ``tcp:HOST:PORT``, ``/path``)."""
+    text = _string(y, key, p)
+    if text is None:
+        return None
+    problem = _qmp_problem(text)
+    if problem:
+        p.add(y.line, key, problem)
+        return None
+    return text
+
+
+def _qmp_problem(text: str) -> str | None:
+    if text.startswith("unix:"):
+        return None if text[5:] else "unix socket path is empty"
+    if text.startswith("tcp:"):
+        host, sep, port = text[4:].rpartition(":")
+        if not sep or not host or not port.isdigit():
+            return f"expected tcp:HOST:PORT, got {text!r}"
+        if not 0 < int(port) < 65536:
+            return f"port {port} out of range 1..65535"
+        return None
+    if text.startswith(("/", "./")):
+        return None
+    return f"expected unix:/path, tcp:HOST:PORT or /path, got {text!r}"
+
+
+def _qmp_identity(text: str) -> str:
+    """One spelling per socket, so two targets on the same monitor are caught however they write it."""
+    if text.startswith("tcp:"):
+        return text.lower()
+    return "unix:" + os.path.normpath(text.removeprefix("unix:"))
+
+
+def _name(y: _Y, key: str, p: _Problems) -> str | None:
+    text = _string(y, key, p)
+    if text is None:
+        return None
+    if not text.strip():
+        p.add(y.line, key, "must not be empty")
+    elif len(text) > MAX_NAME_LENGTH:
+        p.add(y.line, key, f"is {len(text)} characters long; at most {MAX_NAME_LENGTH}")
+    elif text != text.strip() or not text.isprintable():
+        p.add(y.line, key, f"{text!r} has leading/trailing spaces or control characters")
+    else:
+        return text
+    return None
+
+
+def _labels(y: _Y, key: str, p: _Problems) -> Labels | None:
+    if not isinstance(y.value, dict):
+        p.add(y.line, key, f"must be a mapping of label names to strings, not {_type_name(y.value)}")
+        return None
+    if len(y.value) > MAX_LABELS:
+        p.add(y.line, key, f"has {len(y.value)} labels; at most {MAX_LABELS} (each is on every series)")
+        return None
+    out: dict[str, str] = {}
+    ok = True
+    for name, v in y.value.items():
+        k = _join(key, name)
+        if not _LABEL_NAME.match(name) or name.startswith("__"):
+            p.add(
+                v.line, k, f"{name!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, no '__' prefix)"
+            )
+            ok = False
+        elif name in RESERVED_LABELS:
+            p.add(v.line, k, f"{name!r} is a label migpredictd or Prometheus already uses")
+            ok = False
+        value = _string(v, k, p)
+        if value is None:
+            ok = False
+        elif len(value) > MAX_LABEL_VALUE_LENGTH:
+            p.add(v.line, k, f"value is {len(value)} characters long; at most {MAX_LABEL_VALUE_LENGTH}")
+            ok = False
+        else:
+            out[name] = value
+    return Labels(out) if ok else None
+
+
+def _target(y: _Y, key: str, defaults: _Defaults, p: _Problems) -> tuple[TargetConfig | None, dict[str, _Y]]:
+    """The target, or None when it has problems; also its entries, whose lines locate duplicates."""
+    start = len(p.items)
+    entries = _mapping(y, key, _TARGET_KEYS, p)
+    if entries is None:
+        return None, {}
+    entries = _drop_nulls(entries)
+    for required in ("name", "qmp"):
+        if required not in entries:
+            p.add(y.line, key, f"missing required key {required!r}")
+    name = _name(entries["name"], _join(key, "name"), p) if "name" in entries else None
+    qmp = _qmp_address(entries["qmp"], _join(key, "qmp"), p) if "qmp" in entries else None
+    labels: Labels | None = Labels()
+    if "labels" in entries:
+        labels = _labels(entries["labels"], _join(key, "labels"), p)
+    interval: float | None = defaults.interval
+    if "interval" in entries:
+        interval = _duration(entries["interval"], _join(key, "interval"), p, minimum=MIN_INTERVAL_SECONDS)
+        if interval is not None and defaults.jitter >= interval:
+            p.add(
+                entries["interval"].line,
+                _join(key, "interval"),
+                f"must be longer than global.jitter ({defaults.jitter:g}s)",
+            )
+            interval = None
+    before = len(p.items)
+    measurement = defaults.measurement
+    if "measurement" in entries:
+        measurement = _measurement(entries["measurement"], _join(key, "measurement"), measurement, p)
+        if interval is not None and len(p.items) == before:
+            _check_measurement(
+                measurement, interval, entries["measurement"].line, _join(key, "measurement"), p
+            )
+    elif interval is not None and "interval" in entries:
+        _check_measurement(measurement, interval, entries["interval"].line, _join(key, "interval"), p)
+    if len(p.items) > start or name is None or qmp is None or labels is None or interval is None:
+        return None, entries
+    target = TargetConfig(
+        name=name,
+        qmp=qmp,
+        labels=labels,
+        interval_seconds=interval,
+        measurement=measurement,
+        source=f"{p.file}:{y.line}",
+    )
+    return target, entries
+
+
+class _Registry:
+    """Names and QMP sockets seen so far, across files, to report duplicates once with both places."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+        self.sockets: dict[str, tuple[str, str]] = {}
+
+    def add(self, target: TargetConfig, where: str) -> tuple[str | None, str | None]:
+        """Register; return a problem for the name and for the socket (None when fine)."""
+        name_problem = socket_problem = None
+        first = self.names.setdefault(target.name, where)
+        if first != where:
+            name_problem = f"duplicate target name {target.name!r} (first defined at {first})"
+        identity = _qmp_identity(target.qmp)
+        other = self.sockets.setdefault(identity, (target.name, where))
+        if other[1] != where and name_problem is None:
+            socket_problem = (
+                f"target {target.name!r} uses the same QMP socket as {other[0]!r} ({other[1]});"
+                " a monitor serves one client at a time"
+            )
+        return name_problem, socket_problem
+
+    def add_name_only(self, name: str, where: str) -> str | None:
+        first = self.names.setdefault(name, where)
+        return f"duplicate target name {name!r} (first defined at {first})" if first != where else None
+
+
+def _targets(
+    items: list[_Y], key: str, defaults: _Defaults, registry: _Registry, p: _Problems
+) -> list[TargetConfig]:
+    result: list[TargetConfig] = []
+    for i, item in enumerate(items):
+        tkey = f"{key}[{i}]"
+        target, entries = _target(item, tkey, defaults, p)
+        name_node = entries.get("name")
+        if target is not None:
+            name_problem, socket_problem = registry.add(target, target.source)
+            if name_problem:
+                p.add(entries["name"].line, _join(tkey, "name"), name_problem)
+            elif socket_problem:
+                p.add(entries["qmp"].line, _join(tkey, "qmp"), socket_problem)
+            else:
+                result.append(target)
+        elif name_node is not None and isinstance(name_node.value, str) and name_node.value.strip():
+            # A broken target still claims its name: its duplicate elsewhere is a problem of its own.
+            problem = registry.add_name_only(name_node.value, f"{p.file}:{item.line}")
+            if problem:
+                p.add(name_node.line, _join(tkey, "name"), problem)
+    return result
+
+
+# --- files -------------------------------------------------------------------------------------------------
+
+_TOP_KEYS: Final = ("global", "targets_dir", "targets")
+_GLOBAL_KEYS: Final = ("interval", "jitter", "max_concurrent", "measurement", "prediction", "grid")
+
+
+def _document(path: Path, p: _Problems) -> _Y | None:
+    text = _read_text(path, p)
+    if text is None:
+        return None
+    y = _compose(text, p)
+    if y is None and not p.items:
+        p.add(1, "", "the file is empty (write 'targets: []' for no targets)")
+    return y
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the main config file. ``targets`` are the file's own targets only.
+
+    :raises ConfigError: listing every problem found, each with file, line and key.
+    """
+    path = Path(path)
+    p = _Problems(str(path))
+    y = _document(path, p)
+    if y is None:
+        raise ConfigError(p.sorted())
+    top = _mapping(y, "", _TOP_KEYS, p, extensions=True)
+    if top is None:
+        raise ConfigError(p.sorted())
+
+    interval, jitter, max_concurrent = (
+        DEFAULT_INTERVAL_SECONDS,
+        DEFAULT_JITTER_SECONDS,
+        DEFAULT_MAX_CONCURRENT,
+    )
+    measurement, prediction, grid = DEFAULT_MEASUREMENT, DEFAULT_PREDICTION, DEFAULT_GRID
+    top = _drop_nulls(top)
+    g = _drop_nulls(_mapping(top["global"], "global", _GLOBAL_KEYS, p) or {}) if "global" in top else {}
+    if "interval" in g:
+        interval = _duration(g["interval"], "global.interval", p, minimum=MIN_INTERVAL_SECONDS) or interval
+    if "jitter" in g:
+        j = _duration(g["jitter"], "global.jitter", p)
+        if j is not None and j >= interval:
+            p.add(g["jitter"].line, "global.jitter", f"must be shorter than global.interval ({interval:g}s)")
+            jitter = 0.0  # already a problem: do not hold the targets' intervals against it too
+        elif j is not None:
+            jitter = j
+    if "max_concurrent" in g:
+        mc = _integer(g["max_concurrent"], "global.max_concurrent", p, low=1, high=MAX_CONCURRENT)
+        max_concurrent = mc if mc is not None else max_concurrent
+    if "measurement" in g:
+        before = len(p.items)
+        measurement = _measurement(g["measurement"], "global.measurement", DEFAULT_MEASUREMENT, p)
+        if len(p.items) == before:
+            _check_measurement(measurement, interval, g["measurement"].line, "global.measurement", p)
+    if "prediction" in g:
+        prediction = _prediction(g["prediction"], "global.prediction", p)
+    if "grid" in g:
+        grid = _grid(g["grid"], "global.grid", p)
+
+    targets_dir: str | None = None
+    if "targets_dir" in top:
+        text = _string(top["targets_dir"], "targets_dir", p)
+        if text is not None and not text.strip():
+            p.add(top["targets_dir"].line, "targets_dir", "must not be empty (omit it or write null)")
+        elif text is not None:
+            # Relative to the config file, so the daemon's working directory does not matter.
+            targets_dir = str(path.parent / os.path.expanduser(text))
+
+    targets: list[TargetConfig] = []
+    if "targets" in top:
+        if isinstance(top["targets"].value, list):
+            defaults = _Defaults(interval, jitter, measurement)
+            targets = _targets(top["targets"].value, "targets", defaults, _Registry(), p)
+        else:
+            p.add(top["targets"].line, "targets", f"must be a list, not {_type_name(top['targets'].value)}")
+    if p.items:
+        raise ConfigError(p.sorted())
+    return Config(
+        targets=tuple(targets),
+        interval_seconds=interval,
+        jitter_seconds=jitter,
+        max_concurrent=max_concurrent,
+        grid=grid,
+        prediction=prediction,
+        measurement=measurement,
+        targets_dir=targets_dir,
+        source=str(path),
+    )
+
+
+def _target_files(directory: Path) -> list[Path]:
+    # Hidden files are editors' swap files and atomic-write temporaries: never half-written targets.
+    return sorted(
+        f for f in directory.iterdir()
+        if f.suffix in (".yaml", ".yml") and not f.name.startswith(".") and f.is_file()
+    )  # fmt: skip
+
+
+def load_targets_dir(directory: str | Path, defaults: Config) -> tuple[TargetConfig, ...]:
+    """Targets from every ``*.yaml``/``*.yml`` file in ``directory`` (sorted by file name), with
+    ``defaults``' interval and measurement; names must be unique across the files and ``defaults.targets``.
+
+    :raises ConfigError: every problem of every file; a broken file does not hide the others'.
+    """
+    directory = Path(directory)
+    problems: list[ConfigProblem] = []
+    registry = _Registry()
+    for t in defaults.targets:
+        registry.add(t, t.source)
+    try:
+        files = _target_files(directory)
+    except OSError as e:
+        raise ConfigError([ConfigProblem(str(directory), None, "", f"cannot list: {e.strerror or e}")]) from e
+    base = _Defaults(defaults.interval_seconds, defaults.jitter_seconds, defaults.measurement)
+    result: list[TargetConfig] = []
+    for file in files:
+        p = _Problems(str(file))
+        y = _document(file, p)
+        if y is not None:
+            items: list[_Y] | None = None
+            if isinstance(y.value, list):
+                items = y.value
+            else:
+                entries = _mapping(y, "", ("targets",), p, extensions=True)
+                if entries is not None and "targets" not in entries:
+                    p.add(y.line, "", "expected a list of targets or a mapping with 'targets'")
+                elif entries is not None and not isinstance(entries["targets"].value, list):
+                    value = entries["targets"]
+                    p.add(value.line, "targets", f"must be a list, not {_type_name(value.value)}")
+                elif entries is not None:
+                    items = entries["targets"].value
+            if items is not None:
+                result.extend(_targets(items, "targets", base, registry, p))
+        problems.extend(p.sorted())
+    if problems:
+        raise ConfigError(problems)
+    return tuple(result)
+
+
+def load_full_config(path: str | Path) -> Config:
+    """The main file plus ``targets_dir``: one :class:`Config` whose ``targets`` holds all of them.
+
+    :raises ConfigError: the main file's problems, or else every problem of the targets directory.
+    """
+    config = load_config(path)
+    if config.targets_dir is None:
+        return config
+    extra = load_targets_dir(config.targets_dir, config)
+    return dataclasses.replace(config, targets=config.targets + extra)
+
+
+def check_config_main(argv: list[str]) -> int:
+    """``migpredictd check-config FILE``: print every problem (exit 1) or ``ok: N targets`` (exit 0)."""
+    parser = argparse.ArgumentParser(
+        prog="migpredictd check-config", description="Validate a migpredictd config file and its targets_dir."
+    )
+    parser.add_argument("file", help="the YAML config file")
+    args = parser.parse_args(argv)
+    try:
+        config = load_full_config(args.file)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(e.problems)} problem{'s' if len(e.problems) != 1 else ''}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(config.targets)} targets")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(check_config_main(sys.argv[1:]))
