@@ -122,30 +122,39 @@ def _add_predict(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=_cmd_predict)
 
 
-def _lazy(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
-    """Import an edge only when its subcommand runs, so ``predict`` never loads QMP or HTTP code."""
-
-    def handler(args: argparse.Namespace) -> int:
-        import importlib
-
-        fn: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), attr)
-        return fn(args)
-
-    return handler
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migpredictd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"migpredictd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_predict(sub)
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    _add_edges(sub)
     return parser
 
 
-# Subcommands defined by edge modules register themselves here (see _register_edges below).
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+def _add_edges(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Subcommands that live in edge modules (QMP, HTTP, the rig)."""
+    from migpredictd.daemon import add_run_arguments, run_command
+    from migpredictd.demo import add_demo_arguments, demo_command
+    from migpredictd.measure import add_measure_arguments, measure_command
+
+    p = sub.add_parser("measure", help="measure one VM over QMP and print the measurement JSON")
+    add_measure_arguments(p)
+    p.set_defaults(handler=measure_command)
+    p = sub.add_parser("run", help="run the daemon: measure every target, serve Prometheus metrics")
+    add_run_arguments(p)
+    p.set_defaults(handler=run_command)
+    p = sub.add_parser("check-config", help="validate a config file; print every problem")
+    p.add_argument("file")
+    p.set_defaults(handler=lambda a: _check_config(a.file))
+    p = sub.add_parser("demo", help="boot two small real QEMU guests (the rig) and run the daemon on them")
+    add_demo_arguments(p)
+    p.set_defaults(handler=demo_command)
+
+
+def _check_config(file: str) -> int:
+    from migpredictd.config import check_config_main
+
+    return check_config_main([file])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,9 @@
      +-- InputError             bad user input: a measurement file, a CLI value (names the field)
      |    +-- UnitError         a bandwidth, duration or size that does not parse
      +-- ConfigError            a YAML config with problems (each names file, line and key)
+     |    +-- WebConfigError    the --web.config.file (web.py)
+     +-- WebListenError         the listen address cannot be bound (web.py)
+     +-- RigError               the lab rig cannot give a guest (rig/)
      +-- TargetError            measuring one VM failed (names the target and the QMP command)
           +-- QMPConnectError   cannot connect or negotiate
           +-- QMPTimeoutError   a command did not answer within its timeout

@@ -1,0 +1,324 @@
+"""``migpredictd run``: config + scheduler + measurements + predictions + state + HTTP, wired together.
+
+Measurements run on the asyncio loop (QMP is async); predictions are batched and run in a worker
+thread (numpy), so one slow VM or one big batch never blocks another target or a scrape. A reload
+(SIGHUP, ``POST /-/reload``, or a change in ``targets_dir``) with a bad config keeps the old one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import html
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
+
+from migpredictd import __version__
+from migpredictd.collector import DaemonCollector, MetricsRenderer
+from migpredictd.config import Config, TargetConfig, load_full_config
+from migpredictd.errors import ConfigError, InputError, TargetError
+from migpredictd.logs import setup_logging
+from migpredictd.measure import MeasureSettings, measure
+from migpredictd.measurement import Measurement
+from migpredictd.model import build_model
+from migpredictd.predictor import predict_grid
+from migpredictd.scheduler import MeasurementScheduler, Schedule
+from migpredictd.state import State
+from migpredictd.web import WebListenError, WebServer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = ":9842"
+TARGETS_DIR_POLL_SECONDS = 5.0
+PREDICTION_BATCH_DELAY = 0.2  # seconds to gather measurements that finish together into one batch
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``K/N`` with 0 <= K < N, as Prometheus' hashmod numbers its shards."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError as e:
+        raise InputError(f"expected K/N, got {text!r}", field="--shard") from e
+    if not (n >= 1 and 0 <= k < n):
+        raise InputError(f"need 0 <= K < N, got {text!r}", field="--shard")
+    return k, n
+
+
+def in_shard(name: str, shard: tuple[int, int]) -> bool:
+    """Prometheus' hashmod: the low 8 bytes of md5(name), big-endian, modulo N."""
+    k, n = shard
+    digest = hashlib.md5(name.encode(), usedforsecurity=False).digest()
+    return int.from_bytes(digest[8:], "big") % n == k
+
+
+def measure_settings(target: TargetConfig) -> MeasureSettings:
+    """The config's measurement section as the measure edge's settings (same field names)."""
+    names = {f.name for f in dataclasses.fields(MeasureSettings)}
+    values = {k: v for k, v in dataclasses.asdict(target.measurement).items() if k in names}
+    if isinstance(values.get("periods_ms"), list):
+        values["periods_ms"] = tuple(values["periods_ms"])
+    return MeasureSettings(**values)
+
+
+class Daemon:
+    """The long-running process; also the :class:`~migpredictd.web.WebApp` the HTTP server serves."""
+
+    def __init__(self, config_file: str, *, shard: tuple[int, int] = (0, 1)) -> None:
+        self.config_file = config_file
+        self.shard = shard
+        self.state = State()
+        self.registry = CollectorRegistry()
+        for c in (process_collector.ProcessCollector, platform_collector.PlatformCollector):
+            c(registry=self.registry)
+        gc_collector.GCCollector(registry=self.registry)
+        self.registry.register(DaemonCollector(self.state))
+        self.renderer = MetricsRenderer(self.state, self.registry)
+        self.config: Config | None = None
+        self._targets: dict[str, TargetConfig] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduler: MeasurementScheduler | None = None
+        self._pending: list[tuple[str, Measurement, float, float]] = []
+        self._batch_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._targets_dir_signature: object = None
+        self._ready = False
+
+    # --- config -----------------------------------------------------------------------------------
+
+    def load(self) -> Config:
+        """Load and validate the config and targets_dir.
+
+        :raises ConfigError: with every problem; nothing changes.
+        """
+        return load_full_config(self.config_file)
+
+    def apply(self, config: Config) -> None:
+        """Make ``config`` current: targets of this shard, their jobs and their (empty) state."""
+        targets = {t.name: t for t in config.targets if in_shard(t.name, self.shard)}
+        self.config = config
+        self._targets = targets
+        self.state.set_targets({t.name: (t.qmp, t.labels) for t in targets.values()})
+        if self._scheduler is not None:
+            self._scheduler.set_limit(config.max_concurrent)
+            self._scheduler.sync(
+                {n: Schedule(t.interval_seconds, config.jitter_seconds) for n, t in targets.items()}
+            )
+        self._targets_dir_signature = self._dir_signature()
+        self.state.record_reload(True, at=time.time())
+        log.info("config loaded", extra={"file": self.config_file, "targets": len(targets)})
+
+    def reload(self) -> tuple[bool, str]:
+        """Reload the config; a bad one is reported and the old one kept."""
+        try:
+            config = self.load()
+        except ConfigError as e:
+            self.state.record_reload(False, at=time.time())
+            for p in e.problems:
+                log.error("config reload failed, keeping the old config", extra={"problem": str(p)})
+            return False, str(e)
+        self.apply(config)
+        return True, f"config reloaded: {len(self._targets)} targets"
+
+    def _dir_signature(self) -> object:
+        d = self.config.targets_dir if self.config else None
+        if not d:
+            return None
+        try:
+            files = [
+                p for p in Path(d).iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+            ]
+            return sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+        except OSError as e:
+            return str(e)
+
+    async def _watch_targets_dir(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), TARGETS_DIR_POLL_SECONDS)
+            if (
+                self.config
+                and self.config.targets_dir
+                and self._dir_signature() != self._targets_dir_signature
+            ):
+                log.info("targets_dir changed, reloading", extra={"dir": self.config.targets_dir})
+                self.reload()
+
+    # --- measuring and predicting -----------------------------------------------------------------
+
+    async def measure_target(self, name: str) -> None:
+        target = self._targets.get(name)
+        if target is None:
+            return
+        started, t0 = time.time(), time.monotonic()
+        try:
+            m = await measure(target.qmp, target=name, settings=measure_settings(target))
+        except TargetError as e:
+            self.state.record_failure(name, e.reason, str(e), at=time.time(), duration=time.monotonic() - t0)
+            log.warning("measurement failed", extra={"target": name, "reason": e.reason, "error": str(e)})
+            return
+        except InputError as e:  # settings the measure edge refused: a config problem of this target
+            self.state.record_failure(
+                name, "internal", str(e), at=time.time(), duration=time.monotonic() - t0
+            )
+            log.error(  # a config problem of this target, not a bug: no traceback
+                "measurement settings rejected", extra={"target": name, "error": str(e)}
+            )
+            return
+        except Exception as e:  # a bug must not take the daemon down or hide other targets
+            self.state.record_failure(
+                name, "internal", repr(e), at=time.time(), duration=time.monotonic() - t0
+            )
+            log.exception("measurement crashed", extra={"target": name})
+            return
+        self._pending.append((name, m, started, time.monotonic() - t0))
+        if self._batch_task is None or self._batch_task.done():
+            self._batch_task = asyncio.create_task(self._predict_batch())
+
+    async def _predict_batch(self) -> None:
+        await asyncio.sleep(PREDICTION_BATCH_DELAY)
+        batch, self._pending = self._pending, []
+        config = self.config
+        if not batch or config is None:
+            return
+        try:
+            models = [build_model(m) for _, m, _, _ in batch]
+            predictions = await asyncio.to_thread(predict_grid, models, config.grid, config.prediction)
+        except Exception as e:
+            for name, _, _, duration in batch:
+                self.state.record_failure(
+                    name, "internal", f"prediction failed: {e!r}", at=time.time(), duration=duration
+                )
+            log.exception("prediction failed", extra={"targets": len(batch)})
+            return
+        for (name, m, _, duration), p in zip(batch, predictions, strict=True):
+            self.state.record_success(name, m, p, config.grid, at=time.time(), duration=duration)
+            log.info(
+                "measured", extra={"target": name, "strategy": m.strategy, "seconds": round(duration, 3)}
+            )
+        if self._pending and not self._stop.is_set():
+            self._batch_task = asyncio.create_task(self._predict_batch())
+
+    # --- WebApp -----------------------------------------------------------------------------------
+
+    def metrics(self) -> bytes:
+        return self.renderer.render()
+
+    def healthy(self) -> bool:
+        return not self._stop.is_set()
+
+    def ready(self) -> bool:
+        return self._ready and not self._stop.is_set()
+
+    def reload_from_web(self) -> tuple[bool, str]:
+        loop = self._loop
+        if loop is None:
+            return False, "not running"
+        future = asyncio.run_coroutine_threadsafe(_call(self.reload), loop)
+        return future.result(timeout=60)
+
+    def landing_page(self) -> str:
+        rows = []
+        for t in sorted(self.state.snapshot().values(), key=lambda t: t.name):
+            age = f"{time.time() - t.last_success:.0f}s ago" if t.last_success else "never"
+            status = "up" if t.up else ("pending" if t.last_attempt is None else "down")
+            rows.append(
+                f"<tr><td>{html.escape(t.name)}</td><td>{html.escape(t.qmp)}</td><td>{status}</td>"
+                f"<td>{age}</td><td>{html.escape(t.last_error or '')}</td></tr>"
+            )
+        reload_state = "ok" if self.state.reload_ok else "FAILED (old config kept)"
+        return (
+            "<!doctype html><html><head><title>migpredictd</title></head><body>"
+            f"<h1>migpredictd {html.escape(__version__)}</h1>"
+            '<p><a href="/metrics">Metrics</a> &middot; <a href="/-/healthy">Health</a> &middot; '
+            '<a href="/-/ready">Ready</a></p>'
+            f"<p>Config: {html.escape(self.config_file)} (last reload: {reload_state}); "
+            f"shard {self.shard[0]}/{self.shard[1]}</p>"
+            "<table border=1 cellpadding=4><tr><th>target</th><th>QMP</th><th>status</th>"
+            f"<th>last success</th><th>last error</th></tr>{''.join(rows)}</table></body></html>"
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def run(self, listen: str, web_config_file: str | None) -> int:
+        self._loop = asyncio.get_running_loop()
+        config = self.load()  # a bad config at start-up is fatal: there is nothing to keep
+        scheduler = MeasurementScheduler(self.measure_target, max_concurrent=config.max_concurrent)
+        self._scheduler = scheduler
+        self.apply(config)
+        server = WebServer(_WebAdapter(self), listen, web_config_file)
+        server.start()
+        scheduler.start()
+        self._ready = True
+        host, port = server.address
+        log.info("listening", extra={"address": f"{host}:{port}", "version": __version__})
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._stop.set)
+        self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+        watcher = asyncio.create_task(self._watch_targets_dir())
+        await self._stop.wait()
+        log.info("shutting down")
+        await scheduler.shutdown(grace_seconds=3.0)
+        watcher.cancel()
+        server.stop(timeout=2.0)
+        return 0
+
+
+async def _call(fn: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
+    return fn()
+
+
+class _WebAdapter:
+    """Adapts the daemon to the web server's small WebApp protocol."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+
+    def metrics(self) -> bytes:
+        return self._d.metrics()
+
+    def landing_page(self) -> str:
+        return self._d.landing_page()
+
+    def healthy(self) -> bool:
+        return self._d.healthy()
+
+    def ready(self) -> bool:
+        return self._d.ready()
+
+    def reload(self) -> tuple[bool, str]:
+        return self._d.reload_from_web()
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config.file", dest="config_file", default="/etc/migpredictd/config.yaml")
+    parser.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN)
+    parser.add_argument("--web.config.file", dest="web_config_file", default=None)
+    parser.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
+    parser.add_argument(
+        "--log.level", dest="log_level", choices=("debug", "info", "warning", "error"), default="info"
+    )
+    parser.add_argument(
+        "--shard", default="0/1", help="K/N: measure only targets whose name hashes to shard K"
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    setup_logging(args.log_format, args.log_level)
+    daemon = Daemon(args.config_file, shard=parse_shard(args.shard))
+    try:
+        return asyncio.run(daemon.run(args.listen, args.web_config_file))
+    except ConfigError as e:  # the config or the web config: nothing to fall back on at start-up
+        for p in e.problems:
+            log.error("invalid config", extra={"problem": str(p)})
+        return 1
+    except (InputError, WebListenError) as e:
+        log.error("cannot start", extra={"error": str(e)})
+        return 1

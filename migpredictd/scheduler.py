@@ -1,0 +1,97 @@
+"""When each target is measured: APScheduler 3 jobs, one per target, with jitter and a global limit.
+
+The first run of a target comes within ``jitter`` of its being added (so a thousand VMs are not
+sampled in the same second), then every ``interval`` (plus up to ``jitter``). A target's runs never
+overlap (``max_instances=1``, missed runs coalesce), and at most ``max_concurrent`` measurements run
+at once across all targets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    interval_seconds: float
+    jitter_seconds: float
+
+
+class MeasurementScheduler:
+    """Keeps one APScheduler job per target in step with the config."""
+
+    def __init__(self, run: Callable[[str], Awaitable[None]], *, max_concurrent: int) -> None:
+        self._run = run
+        self._limit = asyncio.Semaphore(max_concurrent)
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._schedules: dict[str, Schedule] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def set_limit(self, max_concurrent: int) -> None:
+        self._limit = asyncio.Semaphore(max_concurrent)
+
+    def sync(self, schedules: Mapping[str, Schedule]) -> None:
+        """Add, remove and reschedule jobs so there is exactly one per entry."""
+        for name in list(self._schedules):
+            if name not in schedules:
+                self._scheduler.remove_job(name)
+                del self._schedules[name]
+                log.info("target removed", extra={"target": name})
+        now = datetime.now(UTC)
+        for name, sched in schedules.items():
+            if self._schedules.get(name) == sched:
+                continue
+            first = now + timedelta(seconds=random.uniform(0, sched.jitter_seconds))
+            self._scheduler.add_job(
+                self._job,
+                IntervalTrigger(seconds=sched.interval_seconds, jitter=sched.jitter_seconds or None),
+                args=[name],
+                id=name,
+                name=name,
+                replace_existing=True,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, int(sched.interval_seconds)),
+                next_run_time=first,
+            )
+            if name not in self._schedules:
+                log.info("target added", extra={"target": name})
+            self._schedules[name] = sched
+
+    async def _job(self, name: str) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            async with self._limit:
+                if name in self._schedules:  # removed while waiting for a slot
+                    await self._run(name)
+        finally:
+            if task is not None:
+                self._running.discard(task)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def shutdown(self, grace_seconds: float = 3.0) -> None:
+        """Stop scheduling, cancel running measurements (their QMP sessions close), wait briefly."""
+        self._scheduler.shutdown(wait=False)
+        tasks = list(self._running)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_seconds)

@@ -1,0 +1,124 @@
+"""The latest result of every target: what the collector reads and the landing page shows.
+
+Writers (the scheduler's jobs) replace a target's immutable :class:`TargetState`; readers take a
+:meth:`State.snapshot`, a plain dict they can walk without locks. A scrape therefore never waits on a
+VM, and a target removed from the config disappears from the next snapshot with all its series.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from migpredictd.measurement import Measurement
+from migpredictd.predictor import Grid, VMPrediction
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """What we know about one target. ``measurement``/``prediction`` are from the last success."""
+
+    name: str
+    qmp: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    up: bool = False
+    measurement: Measurement | None = None
+    prediction: VMPrediction | None = None
+    grid: Grid | None = None
+    last_success: float | None = None
+    last_attempt: float | None = None
+    last_duration: float | None = None
+    last_error: str | None = None
+    failures: Mapping[str, int] = field(default_factory=dict)
+    version: int = 0
+
+
+class State:
+    """Thread-safe map of target name -> :class:`TargetState`, with a version that changes on every write."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._targets: dict[str, TargetState] = {}
+        self._version = 0
+        self.reload_ok = True
+        self.reload_success_time: float | None = None
+        self.started = time.time()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def snapshot(self) -> Mapping[str, TargetState]:
+        with self._lock:
+            return MappingProxyType(dict(self._targets))
+
+    def set_targets(self, targets: Mapping[str, tuple[str, Mapping[str, str]]]) -> None:
+        """Keep exactly these targets (name -> (qmp, labels)); new ones start unknown, gone ones vanish."""
+        with self._lock:
+            kept: dict[str, TargetState] = {}
+            for name, (qmp, labels) in targets.items():
+                old = self._targets.get(name)
+                if old is None:
+                    kept[name] = TargetState(name=name, qmp=qmp, labels=dict(labels))
+                elif old.qmp != qmp or dict(old.labels) != dict(labels):
+                    kept[name] = replace(old, qmp=qmp, labels=dict(labels), version=old.version + 1)
+                else:
+                    kept[name] = old
+            self._targets = kept
+            self._version += 1
+
+    def record_success(
+        self,
+        name: str,
+        measurement: Measurement,
+        prediction: VMPrediction,
+        grid: Grid,
+        *,
+        at: float,
+        duration: float,
+    ) -> None:
+        with self._lock:
+            old = self._targets.get(name)
+            if old is None:  # removed by a reload while it was being measured
+                return
+            self._targets[name] = replace(
+                old,
+                up=True,
+                measurement=measurement,
+                prediction=prediction,
+                grid=grid,
+                last_success=at,
+                last_attempt=at,
+                last_duration=duration,
+                last_error=None,
+                version=old.version + 1,
+            )
+            self._version += 1
+
+    def record_failure(self, name: str, reason: str, error: str, *, at: float, duration: float) -> None:
+        with self._lock:
+            old = self._targets.get(name)
+            if old is None:
+                return
+            failures = dict(old.failures)
+            failures[reason] = failures.get(reason, 0) + 1
+            self._targets[name] = replace(
+                old,
+                up=False,
+                last_attempt=at,
+                last_duration=duration,
+                last_error=error,
+                failures=failures,
+                version=old.version + 1,
+            )
+            self._version += 1
+
+    def record_reload(self, ok: bool, *, at: float) -> None:
+        with self._lock:
+            self.reload_ok = ok
+            if ok:
+                self.reload_success_time = at
+            self._version += 1

@@ -1,0 +1,109 @@
+"""The exposition: fixed metric names, bounded labels, no stale series, cached text == collector."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
+from migpredictd.collector import DaemonCollector, MetricsRenderer, TargetCollector
+from migpredictd.measurement import parse_measurement
+from migpredictd.model import build_model
+from migpredictd.predictor import PredictorSettings, predict_grid
+from migpredictd.state import State
+
+DATA = Path(__file__).parent / "data"
+GRID = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
+
+
+def _state() -> State:
+    m = parse_measurement(json.loads((DATA / "cover_letter_sample.json").read_text()))
+    (p,) = predict_grid([build_model(m)], GRID, PredictorSettings(mode="seed"))
+    state = State()
+    state.set_targets({"vm1": ("unix:/run/vm1.qmp", {"team": "db"}), "vm2": ("unix:/run/vm2.qmp", {})})
+    state.record_success("vm1", m, p, GRID, at=1000.0, duration=62.5)
+    state.record_failure("vm2", "connect", "target vm2: refused", at=1001.0, duration=0.01)
+    state.record_failure("vm2", "connect", "target vm2: refused", at=1002.0, duration=0.01)
+    return state
+
+
+def _registry(state: State) -> CollectorRegistry:
+    reg = CollectorRegistry()
+    reg.register(TargetCollector(state))
+    return reg
+
+
+def test_fixed_names_and_values_follow_the_prediction() -> None:
+    reg = _registry(_state())
+    assert reg.get_sample_value("migpredictd_up", {"vm": "vm1"}) == 1.0
+    assert reg.get_sample_value("migpredictd_up", {"vm": "vm2"}) == 0.0
+    cell = {"vm": "vm1", "bandwidth": "100Mbps", "max_downtime": "unlim"}
+    # The cover letter's 16m59s cell: converges, 1019 s (seed mode ceil to ms).
+    assert reg.get_sample_value("migpredictd_migration_converges", cell) == 1.0
+    secs = reg.get_sample_value("migpredictd_predicted_migration_seconds", cell)
+    assert secs is not None
+    assert math.ceil(secs) == 16 * 60 + 59
+    no = {"vm": "vm1", "bandwidth": "1Gbps", "max_downtime": "125ms"}
+    assert reg.get_sample_value("migpredictd_migration_converges", no) == 0.0
+    assert reg.get_sample_value("migpredictd_predicted_migration_seconds", no) is None  # absent, not NaN
+    assert (
+        reg.get_sample_value("migpredictd_measurement_failures_total", {"vm": "vm2", "reason": "connect"})
+        == 2
+    )
+    assert reg.get_sample_value("migpredictd_guest_memory_bytes", {"vm": "vm1"}) == 8392704 * 4096
+    assert reg.get_sample_value("migpredictd_last_success_timestamp_seconds", {"vm": "vm1"}) == 1000.0
+
+
+def test_grid_labels_are_bounded_by_the_grid() -> None:
+    reg = _registry(_state())
+    fams = {f.name: f for f in reg.collect()}
+    conv = fams["migpredictd_migration_converges"].samples
+    assert len(conv) == len(GRID.bandwidths) * len(GRID.downtimes)  # vm2 never succeeded: no grid
+    assert {s.labels["bandwidth"] for s in conv} == set(GRID.bandwidth_labels)
+    assert {s.labels["max_downtime"] for s in conv} == {
+        "125ms",
+        "250ms",
+        "500ms",
+        "1000ms",
+        "5000ms",
+        "unlim",
+    }
+
+
+def test_removed_target_leaves_no_series() -> None:
+    state = _state()
+    state.set_targets({"vm2": ("unix:/run/vm2.qmp", {})})
+    text = generate_latest(_registry(state)).decode()
+    assert 'vm="vm1"' not in text
+    assert 'vm="vm2"' in text
+
+
+def test_cached_rendering_equals_the_collector_and_parses() -> None:
+    state = _state()
+    reg = CollectorRegistry()
+    reg.register(DaemonCollector(state))
+    fast = MetricsRenderer(state, reg).render().decode()
+    slow = generate_latest(_registry(state)).decode() + generate_latest(reg).decode()
+
+    def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    assert samples(fast) == samples(slow)
+    assert len(samples(fast)) > 48 * 4
+
+
+def test_renderer_caches_until_the_state_changes() -> None:
+    state = _state()
+    r = MetricsRenderer(state, CollectorRegistry())
+    first = r.render()
+    assert r.render() == first
+    state.record_failure("vm2", "timeout", "slow", at=1003.0, duration=5.0)
+    assert b'reason="timeout"' in r.render()
