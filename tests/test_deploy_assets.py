@@ -536,7 +536,7 @@ def _kubernetes_validate() -> Any:
 
     Imported here rather than at the top so that its absence fails only the schema tests.
     """
-    import kubernetes_validate  # type: ignore[import-untyped]
+    import kubernetes_validate
 
     return kubernetes_validate
 

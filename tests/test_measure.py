@@ -33,7 +33,7 @@ from migpredictd.measure import (
     plan_runs,
 )
 from migpredictd.qmp import QMPSession
-from migpredictd.testing import FakeQMPFleet, FakeVM, Fault, FaultParams
+from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
 from migpredictd.zeropages import (
     ZeroPagesUnavailableError,
     find_guest_ram,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_deploy_assets import ALERTS, DEPLOY, EXPECTED_ALERTS, deploy_exprs
+from tests.test_deploy_assets import ALERTS, DEPLOY, EXPECTED_ALERTS, deploy_exprs
 
 pytestmark = pytest.mark.prometheus
 
@@ -110,7 +110,7 @@ def _panel_expr(title_prefix: str, vm: str = ".+") -> str:
     (expr,) = [
         e.expr for e in deploy_exprs({"vm": vm}) if e.source.startswith(f"grafana panel '{title_prefix}")
     ]
-    return expr
+    return str(expr)
 
 
 def _grid_series(vm: str, grid: Mapping[tuple[str, str], float | None]) -> list[dict[str, str]]:

@@ -29,7 +29,7 @@ from migpredictd.qmp import (
     format_address,
     parse_address,
 )
-from migpredictd.testing import FakeQMPFleet, FakeVM, Fault, FaultParams
+from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
 
 pytestmark = pytest.mark.timeout(30)
 

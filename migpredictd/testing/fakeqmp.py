@@ -76,8 +76,30 @@ MAX_PENDING_CHARS: Final = 64 * MiB
 MAX_NESTING: Final = 1024
 _SHM: Final = "/dev/shm"  # noqa: S108 - only a parent for mkdtemp, which makes a private 0700 directory
 # Periods (ms) of the unmerged 2023 extended calc-dirty-rate output, as in its cover letter.
-EXTENDED_PERIODS_MS: Final = (125, 250, 375, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 10000,
-                              15000, 20000, 25000, 30000, 35000, 40000, 45000, 50000, 60000)
+EXTENDED_PERIODS_MS: Final = (
+    125,
+    250,
+    375,
+    500,
+    750,
+    1000,
+    1500,
+    2000,
+    3000,
+    4000,
+    6000,
+    8000,
+    10000,
+    15000,
+    20000,
+    25000,
+    30000,
+    35000,
+    40000,
+    45000,
+    50000,
+    60000,
+)
 
 
 class Fault(enum.Flag):
@@ -125,8 +147,14 @@ class Fault(enum.Flag):
     PAUSED = enum.auto()
 
 
-_REPLY_FAULTS: Final = (Fault.GARBAGE | Fault.TRUNCATED | Fault.HUGE_LINE | Fault.DISCONNECT_MID_REPLY
-                        | Fault.COMMAND_ERROR | Fault.SLOW)
+_REPLY_FAULTS: Final = (
+    Fault.GARBAGE
+    | Fault.TRUNCATED
+    | Fault.HUGE_LINE
+    | Fault.DISCONNECT_MID_REPLY
+    | Fault.COMMAND_ERROR
+    | Fault.SLOW
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +210,7 @@ class FakeVM:
 # --------------------------------------------------------------------------------------------------
 # Streaming JSON parser
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ParseError:
@@ -306,7 +335,7 @@ class JSONStreamParser:
     def _emit(self, out: list[Any], end: int) -> None:
         """Parse ``buf[start:end]``, append the value or error, and drop it from the buffer."""
         assert self._start is not None
-        text = self._buf[self._start:end]
+        text = self._buf[self._start : end]
         try:
             value, used = self._json.raw_decode(text)
         except json.JSONDecodeError as exc:
@@ -322,6 +351,7 @@ class JSONStreamParser:
 # --------------------------------------------------------------------------------------------------
 # Command argument checking, worded like QEMU's QAPI visitor
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Param:
@@ -399,9 +429,17 @@ def qmp_schema(vm: FakeVM) -> list[JSONObject]:
     Enough to tell whether calc-dirty-rate takes ``calc-time-unit``; the names of 7.2's own entries are
     the ones QEMU 7.2.22 reports here.
     """
-    builtin = [{"name": n, "json-type": j, "meta-type": "builtin"}
-               for n, j in (("str", "string"), ("int", "int"), ("bool", "boolean"), ("number", "number"),
-                            ("any", "value"), ("null", "null"))]
+    builtin = [
+        {"name": n, "json-type": j, "meta-type": "builtin"}
+        for n, j in (
+            ("str", "string"),
+            ("int", "int"),
+            ("bool", "boolean"),
+            ("number", "number"),
+            ("any", "value"),
+            ("null", "null"),
+        )
+    ]
     calc_args: list[JSONObject] = [{"name": "calc-time", "type": "int"}]
     info_members: list[JSONObject] = [
         {"name": "dirty-rate", "default": None, "type": "int"},
@@ -416,32 +454,62 @@ def qmp_schema(vm: FakeVM) -> list[JSONObject]:
         info_members.append({"name": "calc-time-unit", "type": "610"})
         query_arg = "611"
         extra += [
-            {"name": "610", "members": [{"name": v} for v in _TIME_UNIT], "meta-type": "enum",
-             "values": list(_TIME_UNIT)},
-            {"name": "611", "members": [{"name": "calc-time-unit", "default": None, "type": "610"}],
-             "meta-type": "object"},
+            {
+                "name": "610",
+                "members": [{"name": v} for v in _TIME_UNIT],
+                "meta-type": "enum",
+                "values": list(_TIME_UNIT),
+            },
+            {
+                "name": "611",
+                "members": [{"name": "calc-time-unit", "default": None, "type": "610"}],
+                "meta-type": "object",
+            },
         ]
-    calc_args += [{"name": "sample-pages", "default": None, "type": "int"},
-                  {"name": "mode", "default": None, "type": "412"}]
+    calc_args += [
+        {"name": "sample-pages", "default": None, "type": "int"},
+        {"name": "mode", "default": None, "type": "412"},
+    ]
     info_members += [
         {"name": "sample-pages", "type": "int"},
         {"name": "mode", "type": "412"},
         {"name": "vcpu-dirty-rate", "default": None, "type": "[414]"},
     ]
     if vm.extended_output:
-        info_members += [{"name": n, "default": None, "type": "int"}
-                         for n in ("page-size", "n-total-pages", "n-sampled-pages", "n-zero-pages")]
+        info_members += [
+            {"name": n, "default": None, "type": "int"}
+            for n in ("page-size", "n-total-pages", "n-sampled-pages", "n-zero-pages")
+        ]
         info_members += [{"name": n, "default": None, "type": "[int]"} for n in ("periods", "n-dirty-pages")]
-    status_enum = ["debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate", "prelaunch",
-                   "finish-migrate", "restore-vm", "running", "save-vm", "shutdown", "suspended", "watchdog",
-                   "guest-panicked", "colo"]
+    status_enum = [
+        "debug",
+        "inmigrate",
+        "internal-error",
+        "io-error",
+        "paused",
+        "postmigrate",
+        "prelaunch",
+        "finish-migrate",
+        "restore-vm",
+        "running",
+        "save-vm",
+        "shutdown",
+        "suspended",
+        "watchdog",
+        "guest-panicked",
+        "colo",
+    ]
 
     def command(name: str, arg: str, ret: str) -> JSONObject:
         return {"name": name, "ret-type": ret, "meta-type": "command", "arg-type": arg}
 
     def enum_type(name: str, values: Sequence[str]) -> JSONObject:
-        return {"name": name, "members": [{"name": v} for v in values], "meta-type": "enum",
-                "values": list(values)}
+        return {
+            "name": name,
+            "members": [{"name": v} for v in values],
+            "meta-type": "enum",
+            "values": list(values),
+        }
 
     return [
         command("query-status", "0", "1"),
@@ -455,56 +523,133 @@ def qmp_schema(vm: FakeVM) -> list[JSONObject]:
         command("query-dirty-rate", query_arg, "161"),
         command("query-qmp-schema", "0", "[175]"),
         {"name": "0", "members": [], "meta-type": "object"},
-        {"name": "1", "members": [{"name": "running", "type": "bool"}, {"name": "singlestep", "type": "bool"},
-                                  {"name": "status", "type": "262"}], "meta-type": "object"},
+        {
+            "name": "1",
+            "members": [
+                {"name": "running", "type": "bool"},
+                {"name": "singlestep", "type": "bool"},
+                {"name": "status", "type": "262"},
+            ],
+            "meta-type": "object",
+        },
         enum_type("262", status_enum),
-        {"name": "140", "members": [{"name": "status", "default": None, "type": "402"},
-                                    {"name": "ram", "default": None, "type": "403"},
-                                    {"name": "total-time", "default": None, "type": "int"},
-                                    {"name": "expected-downtime", "default": None, "type": "int"},
-                                    {"name": "downtime", "default": None, "type": "int"},
-                                    {"name": "setup-time", "default": None, "type": "int"}],
-         "meta-type": "object"},
-        enum_type("402", ["none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
-                          "postcopy-paused", "postcopy-recover", "completed", "failed", "colo",
-                          "pre-switchover", "device", "wait-unplug"]),
-        {"name": "403", "members": [{"name": n, "type": "number" if n == "mbps" else "int"}
-                                    for n in _RAM_KEYS], "meta-type": "object"},
+        {
+            "name": "140",
+            "members": [
+                {"name": "status", "default": None, "type": "402"},
+                {"name": "ram", "default": None, "type": "403"},
+                {"name": "total-time", "default": None, "type": "int"},
+                {"name": "expected-downtime", "default": None, "type": "int"},
+                {"name": "downtime", "default": None, "type": "int"},
+                {"name": "setup-time", "default": None, "type": "int"},
+            ],
+            "meta-type": "object",
+        },
+        enum_type(
+            "402",
+            [
+                "none",
+                "setup",
+                "cancelling",
+                "cancelled",
+                "active",
+                "postcopy-active",
+                "postcopy-paused",
+                "postcopy-recover",
+                "completed",
+                "failed",
+                "colo",
+                "pre-switchover",
+                "device",
+                "wait-unplug",
+            ],
+        ),
+        {
+            "name": "403",
+            "members": [{"name": n, "type": "number" if n == "mbps" else "int"} for n in _RAM_KEYS],
+            "meta-type": "object",
+        },
         {"name": "160", "members": calc_args, "meta-type": "object"},
         {"name": "161", "members": info_members, "meta-type": "object"},
         enum_type("412", _MODES),
         enum_type("413", ["unstarted", "measuring", "measured"]),
         {"name": "[414]", "element-type": "414", "meta-type": "array"},
-        {"name": "414", "members": [{"name": "id", "type": "int"}, {"name": "dirty-rate", "type": "int"}],
-         "meta-type": "object"},
+        {
+            "name": "414",
+            "members": [{"name": "id", "type": "int"}, {"name": "dirty-rate", "type": "int"}],
+            "meta-type": "object",
+        },
         {"name": "[int]", "element-type": "int", "meta-type": "array"},
-        {"name": "172", "members": [{"name": "enable", "default": None, "type": "[418]"}],
-         "meta-type": "object"},
+        {
+            "name": "172",
+            "members": [{"name": "enable", "default": None, "type": "[418]"}],
+            "meta-type": "object",
+        },
         {"name": "[418]", "element-type": "418", "meta-type": "array"},
         enum_type("418", ["oob"]),
-        {"name": "173", "members": [{"name": "qemu", "type": "419"}, {"name": "package", "type": "str"}],
-         "meta-type": "object"},
-        {"name": "419", "members": [{"name": "major", "type": "int"}, {"name": "minor", "type": "int"},
-                                    {"name": "micro", "type": "int"}], "meta-type": "object"},
-        {"name": "196", "members": [{"name": "enabled", "type": "bool"}, {"name": "present", "type": "bool"}],
-         "meta-type": "object"},
-        {"name": "205", "members": [{"name": "base-memory", "type": "int"},
-                                    {"name": "plugged-memory", "default": None, "type": "int"}],
-         "meta-type": "object"},
-        {"name": "235", "members": [{"name": "offset", "type": "int"}, {"name": "qom-path", "type": "str"}],
-         "meta-type": "object"},
+        {
+            "name": "173",
+            "members": [{"name": "qemu", "type": "419"}, {"name": "package", "type": "str"}],
+            "meta-type": "object",
+        },
+        {
+            "name": "419",
+            "members": [
+                {"name": "major", "type": "int"},
+                {"name": "minor", "type": "int"},
+                {"name": "micro", "type": "int"},
+            ],
+            "meta-type": "object",
+        },
+        {
+            "name": "196",
+            "members": [{"name": "enabled", "type": "bool"}, {"name": "present", "type": "bool"}],
+            "meta-type": "object",
+        },
+        {
+            "name": "205",
+            "members": [
+                {"name": "base-memory", "type": "int"},
+                {"name": "plugged-memory", "default": None, "type": "int"},
+            ],
+            "meta-type": "object",
+        },
+        {
+            "name": "235",
+            "members": [{"name": "offset", "type": "int"}, {"name": "qom-path", "type": "str"}],
+            "meta-type": "object",
+        },
         {"name": "[175]", "element-type": "175", "meta-type": "array"},
-        {"name": "175", "members": [{"name": "name", "type": "str"}, {"name": "meta-type", "type": "str"}],
-         "meta-type": "object"},
+        {
+            "name": "175",
+            "members": [{"name": "name", "type": "str"}, {"name": "meta-type", "type": "str"}],
+            "meta-type": "object",
+        },
         *extra,
         *builtin,
     ]
 
 
-_RAM_KEYS: Final = ("transferred", "remaining", "total", "duplicate", "skipped", "normal", "normal-bytes",
-                    "dirty-pages-rate", "mbps", "dirty-sync-count", "postcopy-requests", "page-size",
-                    "multifd-bytes", "pages-per-second", "precopy-bytes", "downtime-bytes", "postcopy-bytes",
-                    "dirty-sync-missed-zero-copy")
+_RAM_KEYS: Final = (
+    "transferred",
+    "remaining",
+    "total",
+    "duplicate",
+    "skipped",
+    "normal",
+    "normal-bytes",
+    "dirty-pages-rate",
+    "mbps",
+    "dirty-sync-count",
+    "postcopy-requests",
+    "page-size",
+    "multifd-bytes",
+    "pages-per-second",
+    "precopy-bytes",
+    "downtime-bytes",
+    "postcopy-bytes",
+    "dirty-sync-missed-zero-copy",
+)
 
 
 def default_migration(vm: FakeVM) -> JSONObject:
@@ -512,11 +657,21 @@ def default_migration(vm: FakeVM) -> JSONObject:
     total = vm.memory_bytes
     normal = total // vm.page_size // 4
     ram: dict[str, float] = dict.fromkeys(_RAM_KEYS, 0)
-    ram.update({"transferred": normal * (vm.page_size + 8), "remaining": total // 2, "total": total,
-                "duplicate": total // vm.page_size // 4, "normal": normal,
-                "normal-bytes": normal * vm.page_size,
-                "mbps": 1073.741824, "dirty-sync-count": 1, "page-size": vm.page_size,
-                "pages-per-second": 32768, "precopy-bytes": normal * (vm.page_size + 8)})
+    ram.update(
+        {
+            "transferred": normal * (vm.page_size + 8),
+            "remaining": total // 2,
+            "total": total,
+            "duplicate": total // vm.page_size // 4,
+            "normal": normal,
+            "normal-bytes": normal * vm.page_size,
+            "mbps": 1073.741824,
+            "dirty-sync-count": 1,
+            "page-size": vm.page_size,
+            "pages-per-second": 32768,
+            "precopy-bytes": normal * (vm.page_size + 8),
+        }
+    )
     return {"expected-downtime": 300, "status": "active", "setup-time": 12, "total-time": 2071, "ram": ram}
 
 
@@ -535,6 +690,7 @@ def _binomial(rng: random.Random, n: int, p: float) -> int:
 # --------------------------------------------------------------------------------------------------
 # Endpoints and sessions
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _DirtyRateRun:
@@ -579,8 +735,16 @@ class Endpoint:
     the fleet's event loop; reading from another thread is safe enough for counters and list snapshots.
     """
 
-    def __init__(self, fleet: FakeQMPFleet, name: str, vm: FakeVM, faults: Fault, params: FaultParams,
-                 *, exclusive: bool) -> None:
+    def __init__(
+        self,
+        fleet: FakeQMPFleet,
+        name: str,
+        vm: FakeVM,
+        faults: Fault,
+        params: FaultParams,
+        *,
+        exclusive: bool,
+    ) -> None:
         self.name = name
         self.vm = vm
         self.faults = faults
@@ -665,8 +829,10 @@ class Endpoint:
             "query-status": self._query_status,
             "query-kvm": lambda _: {"enabled": self.vm.kvm_enabled, "present": self.vm.kvm_present},
             "query-migrate": self._query_migrate,
-            "query-memory-size-summary": lambda _: {"base-memory": self._reported_memory(),
-                                                    "plugged-memory": 0},
+            "query-memory-size-summary": lambda _: {
+                "base-memory": self._reported_memory(),
+                "plugged-memory": 0,
+            },
             "query-qmp-schema": lambda _: qmp_schema(self.vm),
             "calc-dirty-rate": self._calc_dirty_rate,
             "query-dirty-rate": lambda a: self._query_dirty_rate(a.get("calc-time-unit", "second")),
@@ -728,9 +894,14 @@ class Endpoint:
             raise _CommandError("mode dirty-ring is not enabled, use other method instead.")
         now = self._fleet.clock()
         start_time = int(time.time()) if vm.version >= (8, 2, 0) else int(now)
-        self._run = _DirtyRateRun(status="measuring", calc_ms=calc_ms, mode=mode, start_time=start_time,
-                                  sample_pages=sample_pages if mode == "page-sampling" else 0,
-                                  finish_at=now + calc_ms / 1000 * self._fleet.time_scale)
+        self._run = _DirtyRateRun(
+            status="measuring",
+            calc_ms=calc_ms,
+            mode=mode,
+            start_time=start_time,
+            sample_pages=sample_pages if mode == "page-sampling" else 0,
+            finish_at=now + calc_ms / 1000 * self._fleet.time_scale,
+        )
         return {}
 
     def _settle(self) -> None:
@@ -773,14 +944,16 @@ class Endpoint:
         if vm.extended_output:
             zero_p = vm.zero_bytes / vm.memory_bytes if vm.memory_bytes else 0.0
             zero = _binomial(rng, n, zero_p) if vm.noise else round(n * zero_p)
-            result.update({
-                "page-size": vm.page_size,
-                "periods": periods,
-                "n-dirty-pages": [-c for c in counts] if negative else counts,
-                "n-sampled-pages": n,
-                "n-zero-pages": zero,
-                "n-total-pages": self._reported_memory() // vm.page_size,
-            })
+            result.update(
+                {
+                    "page-size": vm.page_size,
+                    "periods": periods,
+                    "n-dirty-pages": [-c for c in counts] if negative else counts,
+                    "n-sampled-pages": n,
+                    "n-zero-pages": zero,
+                    "n-total-pages": self._reported_memory() // vm.page_size,
+                }
+            )
         return result
 
     def _query_dirty_rate(self, unit: str) -> JSONObject:
@@ -819,8 +992,9 @@ def _error(cls: str, desc: str) -> JSONObject:
 class _Session:
     """One client connection: greeting, negotiation state, and fault-shaped replies."""
 
-    def __init__(self, endpoint: Endpoint, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, endpoint: Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.endpoint = endpoint
         self.reader = reader
         self.writer = writer
@@ -836,8 +1010,10 @@ class _Session:
         if not self.negotiated or self.writer.is_closing():
             return
         now = time.time()
-        msg: JSONObject = {"timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
-                           "event": event}
+        msg: JSONObject = {
+            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+            "event": event,
+        }
         if data is not None:
             msg["data"] = data
         self.writer.write(_line(msg))
@@ -850,9 +1026,19 @@ class _Session:
                 pass
             return
         major, minor, micro = ep.vm.version
-        self.writer.write(_line({"QMP": {"version": {"qemu": {"micro": micro, "minor": minor, "major": major},
-                                                     "package": ep.vm.package},
-                                         "capabilities": ["oob"]}}))
+        self.writer.write(
+            _line(
+                {
+                    "QMP": {
+                        "version": {
+                            "qemu": {"micro": micro, "minor": minor, "major": major},
+                            "package": ep.vm.package,
+                        },
+                        "capabilities": ["oob"],
+                    }
+                }
+            )
+        )
         await self.writer.drain()
         while True:
             data = await self.reader.read(65536)
@@ -936,6 +1122,7 @@ class _Session:
 # The fleet
 # --------------------------------------------------------------------------------------------------
 
+
 class FakeQMPFleet:
     """Many fake QMP endpoints served by one event loop, on unix sockets or 127.0.0.1 ports.
 
@@ -944,9 +1131,15 @@ class FakeQMPFleet:
     time: a second client connects but gets no greeting until the first leaves.
     """
 
-    def __init__(self, *, transport: Transport = "unix", directory: Path | str | None = None,
-                 time_scale: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 exclusive: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        transport: Transport = "unix",
+        directory: Path | str | None = None,
+        time_scale: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        exclusive: bool = True,
+    ) -> None:
         if transport not in ("unix", "tcp"):
             raise ValueError(f"transport must be 'unix' or 'tcp', not {transport!r}")
         if time_scale <= 0:
@@ -963,19 +1156,39 @@ class FakeQMPFleet:
 
     # ---- building --------------------------------------------------------------------------------
 
-    def add(self, name: str, vm: FakeVM | None = None, *, faults: Fault = Fault.NONE,
-            params: FaultParams | None = None) -> Endpoint:
+    def add(
+        self,
+        name: str,
+        vm: FakeVM | None = None,
+        *,
+        faults: Fault = Fault.NONE,
+        params: FaultParams | None = None,
+    ) -> Endpoint:
         """Declare an endpoint (before start; use :meth:`spawn` on a running fleet)."""
         if self._running:
             raise RuntimeError("fleet is running: use 'await fleet.spawn(...)'")
         return self._declare(name, vm, faults, params)
 
-    def add_many(self, count: int, *, prefix: str = "vm", vm_factory: Callable[[int], FakeVM] | None = None,
-                 faults: Fault = Fault.NONE, params: FaultParams | None = None) -> list[Endpoint]:
+    def add_many(
+        self,
+        count: int,
+        *,
+        prefix: str = "vm",
+        vm_factory: Callable[[int], FakeVM] | None = None,
+        faults: Fault = Fault.NONE,
+        params: FaultParams | None = None,
+    ) -> list[Endpoint]:
         """Declare ``count`` endpoints named ``{prefix}0000``...; ``vm_factory(i)`` builds each VM."""
         width = max(4, len(str(count - 1)))
-        return [self.add(f"{prefix}{i:0{width}d}", vm_factory(i) if vm_factory else FakeVM(seed=i),
-                         faults=faults, params=params) for i in range(count)]
+        return [
+            self.add(
+                f"{prefix}{i:0{width}d}",
+                vm_factory(i) if vm_factory else FakeVM(seed=i),
+                faults=faults,
+                params=params,
+            )
+            for i in range(count)
+        ]
 
     def _declare(self, name: str, vm: FakeVM | None, faults: Fault, params: FaultParams | None) -> Endpoint:
         if name in self._endpoints:
@@ -1026,8 +1239,14 @@ class FakeQMPFleet:
             await self.stop()
             raise
 
-    async def spawn(self, name: str, vm: FakeVM | None = None, *, faults: Fault = Fault.NONE,
-                    params: FaultParams | None = None) -> Endpoint:
+    async def spawn(
+        self,
+        name: str,
+        vm: FakeVM | None = None,
+        *,
+        faults: Fault = Fault.NONE,
+        params: FaultParams | None = None,
+    ) -> Endpoint:
         """Add and start an endpoint on a running fleet (a VM that appears later)."""
         ep = self._declare(name, vm, faults, params)
         await self._listen(ep)
@@ -1173,6 +1392,7 @@ class FakeQMPFleet:
 # CLI
 # --------------------------------------------------------------------------------------------------
 
+
 def _parse_version(text: str) -> Version:
     parts = [int(p) for p in text.split(".")]
     if len(parts) != 3:
@@ -1189,16 +1409,22 @@ def _parse_fault(text: str) -> Fault:
 
 
 async def _serve_cli(args: argparse.Namespace) -> None:
-    fleet = FakeQMPFleet(transport="tcp" if args.tcp else "unix", directory=args.dir,
-                         time_scale=args.time_scale)
+    fleet = FakeQMPFleet(
+        transport="tcp" if args.tcp else "unix", directory=args.dir, time_scale=args.time_scale
+    )
     faults = Fault.NONE
     for fault in args.fault:
         faults |= fault
     params = FaultParams(command=args.fault_command, delay_seconds=args.delay)
 
     def make_vm(i: int) -> FakeVM:
-        return FakeVM(memory_bytes=args.memory_mib * MiB, version=args.qemu_version,
-                      package=args.package, extended_output=args.extended, seed=i)
+        return FakeVM(
+            memory_bytes=args.memory_mib * MiB,
+            version=args.qemu_version,
+            package=args.package,
+            extended_output=args.extended,
+            seed=i,
+        )
 
     fleet.add_many(args.count, prefix=args.prefix, vm_factory=make_vm, faults=faults, params=params)
     stop = asyncio.Event()
@@ -1215,8 +1441,11 @@ async def _serve_cli(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m migpredictd.testing.fakeqmp``: serve N fake VMs until SIGINT/SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m migpredictd.testing.fakeqmp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m migpredictd.testing.fakeqmp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--count", type=int, default=1, help="number of endpoints")
     parser.add_argument("--dir", type=Path, help="directory for the unix sockets (default: a temp dir)")
     parser.add_argument("--tcp", action="store_true", help="listen on 127.0.0.1 ephemeral ports instead")
@@ -1225,10 +1454,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--qemu-version", type=_parse_version, default=(7, 2, 22))
     parser.add_argument("--package", default="Debian 1:7.2+dfsg-7+deb12u7")
     parser.add_argument("--memory-mib", type=int, default=512)
-    parser.add_argument("--extended", action="store_true",
-                        help="extended calc-dirty-rate output (the unmerged 2023 patch)")
-    parser.add_argument("--fault", type=_parse_fault, action="append", default=[],
-                        help="inject a fault into every endpoint (repeatable), e.g. slow, garbage")
+    parser.add_argument(
+        "--extended", action="store_true", help="extended calc-dirty-rate output (the unmerged 2023 patch)"
+    )
+    parser.add_argument(
+        "--fault",
+        type=_parse_fault,
+        action="append",
+        default=[],
+        help="inject a fault into every endpoint (repeatable), e.g. slow, garbage",
+    )
     parser.add_argument("--fault-command", help="reply faults hit only this command")
     parser.add_argument("--delay", type=float, default=1.0, help="seconds of delay for --fault slow")
     args = parser.parse_args(argv)
