@@ -34,10 +34,16 @@ from migpredictd.testing.fakeqmp import (
     main,
 )
 
-GREETING_7_2 = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22},
-                                    "package": "Debian 1:7.2+dfsg-7+deb12u7"}, "capabilities": ["oob"]}}
-NOT_NEGOTIATED = {"class": "CommandNotFound",
-                  "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}
+GREETING_7_2 = {
+    "QMP": {
+        "version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "Debian 1:7.2+dfsg-7+deb12u7"},
+        "capabilities": ["oob"],
+    }
+}
+NOT_NEGOTIATED = {
+    "class": "CommandNotFound",
+    "desc": "Expecting capabilities negotiation with 'qmp_capabilities'",
+}
 COVER_LETTER_SAMPLE = Path("/work/shared/seed/cover_letter_sample.json")
 QUICK = 0.5  # seconds to wait for something that must not arrive
 
@@ -124,8 +130,14 @@ async def fleet(tmp_path: Path) -> AsyncIterator[FakeQMPFleet]:
         yield f
 
 
-async def session(fleet: FakeQMPFleet, vm: FakeVM | None = None, *, faults: Fault = Fault.NONE,
-                  params: FaultParams | None = None, name: str = "vm") -> tuple[Endpoint, Client]:
+async def session(
+    fleet: FakeQMPFleet,
+    vm: FakeVM | None = None,
+    *,
+    faults: Fault = Fault.NONE,
+    params: FaultParams | None = None,
+    name: str = "vm",
+) -> tuple[Endpoint, Client]:
     ep = await fleet.spawn(name, vm, faults=faults, params=params)
     return ep, await Client.connect(ep.address)
 
@@ -133,6 +145,7 @@ async def session(fleet: FakeQMPFleet, vm: FakeVM | None = None, *, faults: Faul
 # ---------------------------------------------------------------------------------------------------
 # Protocol
 # ---------------------------------------------------------------------------------------------------
+
 
 async def test_greeting_is_qemu_7_2_and_ends_with_crlf(fleet: FakeQMPFleet) -> None:
     _, client = await session(fleet)
@@ -145,8 +158,10 @@ async def test_greeting_version_is_configurable(fleet: FakeQMPFleet) -> None:
     vm = FakeVM(version=(10, 0, 2), package="Debian 1:10.0.2+ds-1~bpo12+1")
     _, client = await session(fleet, vm)
     greeting = await client.read()
-    assert greeting["QMP"]["version"] == {"qemu": {"major": 10, "minor": 0, "micro": 2},
-                                          "package": "Debian 1:10.0.2+ds-1~bpo12+1"}
+    assert greeting["QMP"]["version"] == {
+        "qemu": {"major": 10, "minor": 0, "micro": 2},
+        "package": "Debian 1:10.0.2+ds-1~bpo12+1",
+    }
     assert (await client.cmd("qmp_capabilities"))["return"] == {}
     reply = await client.cmd("query-version")
     assert reply["return"]["qemu"] == {"major": 10, "minor": 0, "micro": 2}
@@ -159,8 +174,12 @@ async def test_every_command_before_negotiation_is_refused_with_id(fleet: FakeQM
     assert await client.cmd("no-such-command") == {"error": NOT_NEGOTIATED}
     assert await client.cmd("qmp_capabilities", id=5) == {"return": {}, "id": 5}
     again = await client.cmd("qmp_capabilities")
-    assert again == {"error": {"class": "CommandNotFound",
-                               "desc": "Capabilities negotiation is already complete, command ignored"}}
+    assert again == {
+        "error": {
+            "class": "CommandNotFound",
+            "desc": "Capabilities negotiation is already complete, command ignored",
+        }
+    }
     assert ep.commands == ["query-status", "no-such-command", "qmp_capabilities", "qmp_capabilities"]
 
 
@@ -171,8 +190,10 @@ async def test_id_is_echoed_verbatim_on_success_and_error(fleet: FakeQMPFleet, i
     ok = await client.cmd("query-kvm", id=ident)
     assert ok == {"return": {"enabled": False, "present": True}, "id": ident}
     err = await client.cmd("nope", id=ident)
-    assert err == {"id": ident, "error": {"class": "CommandNotFound",
-                                          "desc": "The command nope has not been found"}}
+    assert err == {
+        "id": ident,
+        "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"},
+    }
 
 
 async def test_no_newline_several_commands_per_packet_and_split_packets(fleet: FakeQMPFleet) -> None:
@@ -183,7 +204,7 @@ async def test_no_newline_several_commands_per_packet_and_split_packets(fleet: F
     assert await client.read() == {"return": {}, "id": 1}
     assert (await client.read())["id"] == 2
     # One command split across packets, including inside a string and a multi-byte UTF-8 character.
-    ident = "caf\u00e9 \"quoted\" \\ {brace}"
+    ident = 'caf\u00e9 "quoted" \\ {brace}'
     raw = json.dumps({"execute": "query-status", "id": ident}, ensure_ascii=False).encode()
     cut = raw.index(b"\xc3") + 1  # between the two bytes of the e-acute
     for piece in (raw[:5], raw[5:cut], raw[cut:]):
@@ -193,31 +214,48 @@ async def test_no_newline_several_commands_per_packet_and_split_packets(fleet: F
     assert reply == {"return": {"status": "running", "singlestep": False, "running": True}, "id": ident}
 
 
-@pytest.mark.parametrize(("request_", "desc"), [
-    ({"execute": "calc-dirty-rate"}, "Parameter 'calc-time' is missing"),
-    ({"execute": "calc-dirty-rate", "arguments": {"calc-time": "x"}},
-     "Invalid parameter type for 'calc-time', expected: integer"),
-    ({"execute": "calc-dirty-rate", "arguments": {"calc-time": True}},
-     "Invalid parameter type for 'calc-time', expected: integer"),
-    ({"execute": "calc-dirty-rate", "arguments": {"calc-time": 1, "calc-time-unit": "millisecond"}},
-     "Parameter 'calc-time-unit' is unexpected"),
-    ({"execute": "calc-dirty-rate", "arguments": {"calc-time": 0}}, "calc-time is out of range[1, 60]."),
-    ({"execute": "calc-dirty-rate", "arguments": {"calc-time": 61}}, "calc-time is out of range[1, 60]."),
-    ({"execute": "calc-dirty-rate", "arguments": {"calc-time": 1, "sample-pages": 5}},
-     "sample-pages is out of range[128, 16384]."),
-    ({"execute": "calc-dirty-rate", "arguments": {"calc-time": 1, "mode": "bogus"}},
-     "Parameter 'mode' does not accept value 'bogus'"),
-    ({"execute": "calc-dirty-rate", "arguments": {"calc-time": 1, "extra": 1}},
-     "Parameter 'extra' is unexpected"),
-    ({"execute": "query-status", "arguments": {"x": 1}}, "Parameter 'x' is unexpected"),
-    ({"execute": "query-status", "arguments": []}, "QMP input member 'arguments' must be an object"),
-    ({"execute": 5}, "QMP input member 'execute' must be a string"),
-    ({"foo": 5}, "QMP input member 'foo' is unexpected"),
-    ({}, "QMP input lacks member 'execute'"),
-    ([1, 2], "QMP input must be a JSON object"),
-    ({"execute": "query-dirty-rate", "arguments": {"calc-time-unit": "second"}},
-     "Parameter 'calc-time-unit' is unexpected"),
-])
+@pytest.mark.parametrize(
+    ("request_", "desc"),
+    [
+        ({"execute": "calc-dirty-rate"}, "Parameter 'calc-time' is missing"),
+        (
+            {"execute": "calc-dirty-rate", "arguments": {"calc-time": "x"}},
+            "Invalid parameter type for 'calc-time', expected: integer",
+        ),
+        (
+            {"execute": "calc-dirty-rate", "arguments": {"calc-time": True}},
+            "Invalid parameter type for 'calc-time', expected: integer",
+        ),
+        (
+            {"execute": "calc-dirty-rate", "arguments": {"calc-time": 1, "calc-time-unit": "millisecond"}},
+            "Parameter 'calc-time-unit' is unexpected",
+        ),
+        ({"execute": "calc-dirty-rate", "arguments": {"calc-time": 0}}, "calc-time is out of range[1, 60]."),
+        ({"execute": "calc-dirty-rate", "arguments": {"calc-time": 61}}, "calc-time is out of range[1, 60]."),
+        (
+            {"execute": "calc-dirty-rate", "arguments": {"calc-time": 1, "sample-pages": 5}},
+            "sample-pages is out of range[128, 16384].",
+        ),
+        (
+            {"execute": "calc-dirty-rate", "arguments": {"calc-time": 1, "mode": "bogus"}},
+            "Parameter 'mode' does not accept value 'bogus'",
+        ),
+        (
+            {"execute": "calc-dirty-rate", "arguments": {"calc-time": 1, "extra": 1}},
+            "Parameter 'extra' is unexpected",
+        ),
+        ({"execute": "query-status", "arguments": {"x": 1}}, "Parameter 'x' is unexpected"),
+        ({"execute": "query-status", "arguments": []}, "QMP input member 'arguments' must be an object"),
+        ({"execute": 5}, "QMP input member 'execute' must be a string"),
+        ({"foo": 5}, "QMP input member 'foo' is unexpected"),
+        ({}, "QMP input lacks member 'execute'"),
+        ([1, 2], "QMP input must be a JSON object"),
+        (
+            {"execute": "query-dirty-rate", "arguments": {"calc-time-unit": "second"}},
+            "Parameter 'calc-time-unit' is unexpected",
+        ),
+    ],
+)
 async def test_bad_input_gets_qemu_7_2_wording(fleet: FakeQMPFleet, request_: Any, desc: str) -> None:
     _, client = await session(fleet)
     await client.negotiated()
@@ -232,25 +270,35 @@ async def test_parse_error_is_answered_and_the_stream_recovers(fleet: FakeQMPFle
     first = await client.read()
     assert first["error"]["class"] == "GenericError"
     assert first["error"]["desc"].startswith("JSON parse error, ")
-    assert await client.read() == {"error": {"class": "GenericError",
-                                             "desc": "QMP input must be a JSON object"}}
+    assert await client.read() == {
+        "error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}
+    }
     assert (await client.read())["id"] == 3
 
 
 async def test_query_shapes_match_qemu(fleet: FakeQMPFleet) -> None:
     ep, client = await session(fleet, FakeVM(memory_bytes=256 * MiB))
     await client.negotiated()
-    assert await client.cmd("query-status") == {"return": {"status": "running", "singlestep": False,
-                                                           "running": True}}
+    assert await client.cmd("query-status") == {
+        "return": {"status": "running", "singlestep": False, "running": True}
+    }
     assert await client.cmd("query-kvm") == {"return": {"enabled": False, "present": True}}
     assert await client.cmd("query-migrate") == {"return": {}}
-    assert await client.cmd("query-memory-size-summary") == {"return": {"base-memory": 268435456,
-                                                                        "plugged-memory": 0}}
-    assert await client.cmd("query-version") == {"return": {"qemu": {"micro": 22, "minor": 2, "major": 7},
-                                                            "package": "Debian 1:7.2+dfsg-7+deb12u7"}}
-    assert await client.cmd("query-dirty-rate") == {"return": {"status": "unstarted", "sample-pages": 0,
-                                                               "mode": "page-sampling", "start-time": 0,
-                                                               "calc-time": 0}}
+    assert await client.cmd("query-memory-size-summary") == {
+        "return": {"base-memory": 268435456, "plugged-memory": 0}
+    }
+    assert await client.cmd("query-version") == {
+        "return": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u7"}
+    }
+    assert await client.cmd("query-dirty-rate") == {
+        "return": {
+            "status": "unstarted",
+            "sample-pages": 0,
+            "mode": "page-sampling",
+            "start-time": 0,
+            "calc-time": 0,
+        }
+    }
     assert ep.connections == 1
 
 
@@ -273,6 +321,7 @@ async def test_events_only_after_negotiation(fleet: FakeQMPFleet) -> None:
 # The simulated VM and calc-dirty-rate
 # ---------------------------------------------------------------------------------------------------
 
+
 async def poll_dirty_rate(client: Client, **args: Any) -> dict[str, Any]:
     for _ in range(500):
         reply = await client.cmd("query-dirty-rate", args or None)
@@ -285,8 +334,9 @@ async def poll_dirty_rate(client: Client, **args: Any) -> dict[str, Any]:
 
 async def test_calc_dirty_rate_lifecycle_and_truncated_mib_per_second(fleet: FakeQMPFleet) -> None:
     # 512 MiB, 20 MiB/s over a 64 MiB working set; exact sampling (noise off) reads 20 MiB/s at 1 s.
-    vm = FakeVM(memory_bytes=512 * MiB, dirty_bytes_per_second=20 * MiB, working_set_bytes=64 * MiB,
-                noise=False)
+    vm = FakeVM(
+        memory_bytes=512 * MiB, dirty_bytes_per_second=20 * MiB, working_set_bytes=64 * MiB, noise=False
+    )
     _, client = await session(fleet, vm)
     await client.negotiated()
     t0 = time.monotonic()
@@ -332,8 +382,9 @@ async def test_calc_time_unit_only_from_8_2(fleet: FakeQMPFleet) -> None:
     ep, client = await session(fleet, vm)
     await client.negotiated()
     short = await client.cmd("calc-dirty-rate", {"calc-time": 40, "calc-time-unit": "millisecond"})
-    assert short == {"error": {"class": "GenericError",
-                               "desc": "Calculation time is out of range [50ms, 60000ms]."}}
+    assert short == {
+        "error": {"class": "GenericError", "desc": "Calculation time is out of range [50ms, 60000ms]."}
+    }
     # 125 ms dirties 2.5 MiB of 512: at the default 512 pages/GiB that is 1.25 of 256 samples (reads 16);
     # 16384 pages/GiB resolve it exactly, as on real QEMU.
     args = {"calc-time": 125, "calc-time-unit": "millisecond", "sample-pages": 16384}
@@ -353,10 +404,12 @@ def calc_dirty_rate_args(schema: list[dict[str, Any]]) -> list[str]:
     return [m["name"] for m in arg_type["members"]]
 
 
-@pytest.mark.parametrize(("version", "has_unit"), [((7, 2, 22), False), ((8, 1, 0), False),
-                                                   ((8, 2, 0), True), ((10, 0, 2), True)])
-async def test_schema_tells_whether_calc_time_unit_exists(fleet: FakeQMPFleet, version: tuple[int, int, int],
-                                                          has_unit: bool) -> None:
+@pytest.mark.parametrize(
+    ("version", "has_unit"), [((7, 2, 22), False), ((8, 1, 0), False), ((8, 2, 0), True), ((10, 0, 2), True)]
+)
+async def test_schema_tells_whether_calc_time_unit_exists(
+    fleet: FakeQMPFleet, version: tuple[int, int, int], has_unit: bool
+) -> None:
     _, client = await session(fleet, FakeVM(version=version))
     await client.negotiated()
     schema = (await client.cmd("query-qmp-schema"))["return"]
@@ -375,8 +428,14 @@ async def test_schema_tells_whether_calc_time_unit_exists(fleet: FakeQMPFleet, v
 
 async def test_extended_output_is_shaped_like_the_cover_letter(fleet: FakeQMPFleet) -> None:
     sample = read_json(COVER_LETTER_SAMPLE)
-    vm = FakeVM(memory_bytes=32 * 1024 * MiB, extended_output=True, working_set_bytes=12 * 1024 * MiB,
-                dirty_bytes_per_second=100 * MiB, zero_bytes=20 * 1024 * MiB, seed=7)
+    vm = FakeVM(
+        memory_bytes=32 * 1024 * MiB,
+        extended_output=True,
+        working_set_bytes=12 * 1024 * MiB,
+        dirty_bytes_per_second=100 * MiB,
+        zero_bytes=20 * 1024 * MiB,
+        seed=7,
+    )
     _, client = await session(fleet, vm)
     await client.negotiated()
     await client.cmd("calc-dirty-rate", {"calc-time": 60})
@@ -400,8 +459,11 @@ async def test_extended_output_is_shaped_like_the_cover_letter(fleet: FakeQMPFle
 async def test_kvm_modes_without_kvm_crash_the_fake_like_qemu_7_2(fleet: FakeQMPFleet) -> None:
     ep, client = await session(fleet)
     await client.negotiated()
-    await client.send_raw(json.dumps({"execute": "calc-dirty-rate",
-                                      "arguments": {"calc-time": 1, "mode": "dirty-bitmap"}}).encode())
+    await client.send_raw(
+        json.dumps(
+            {"execute": "calc-dirty-rate", "arguments": {"calc-time": 1, "mode": "dirty-bitmap"}}
+        ).encode()
+    )
     assert await client.at_eof()
     assert ep.crashed
     assert ep.commands == ["qmp_capabilities", "calc-dirty-rate"]
@@ -427,7 +489,8 @@ async def test_tcp_crash_refuses_further_connects(tmp_path: Path) -> None:
         assert ep.address[0] == "127.0.0.1"
         await client.negotiated()
         await client.send_raw(
-            b'{"execute":"calc-dirty-rate","arguments":{"calc-time":1,"mode":"dirty-ring"}}')
+            b'{"execute":"calc-dirty-rate","arguments":{"calc-time":1,"mode":"dirty-ring"}}'
+        )
         assert await client.at_eof()
         with pytest.raises(ConnectionRefusedError):
             await Client.connect(ep.address)
@@ -464,6 +527,7 @@ async def test_crash_api_drops_clients_and_refuses_reconnects(fleet: FakeQMPFlee
 # ---------------------------------------------------------------------------------------------------
 # Faults
 # ---------------------------------------------------------------------------------------------------
+
 
 async def test_fault_refuse_connect(fleet: FakeQMPFleet) -> None:
     ep = await fleet.spawn("dead", faults=Fault.REFUSE_CONNECT)
@@ -512,8 +576,9 @@ async def test_fault_truncated_then_closed(fleet: FakeQMPFleet) -> None:
 
 
 async def test_fault_disconnect_mid_reply(fleet: FakeQMPFleet) -> None:
-    _, client = await session(fleet, faults=Fault.DISCONNECT_MID_REPLY,
-                              params=FaultParams(command="query-memory-size-summary"))
+    _, client = await session(
+        fleet, faults=Fault.DISCONNECT_MID_REPLY, params=FaultParams(command="query-memory-size-summary")
+    )
     await client.negotiated()
     await client.send_raw(b'{"execute": "query-memory-size-summary"}')
     data, reset = b"", False
@@ -529,8 +594,9 @@ async def test_fault_disconnect_mid_reply(fleet: FakeQMPFleet) -> None:
 
 async def test_fault_huge_line_is_streamed_with_bounded_server_memory(fleet: FakeQMPFleet) -> None:
     size = 100 * 1000 * 1000
-    ep, client = await session(fleet, faults=Fault.HUGE_LINE,
-                               params=FaultParams(command="query-kvm", huge_line_bytes=size))
+    ep, client = await session(
+        fleet, faults=Fault.HUGE_LINE, params=FaultParams(command="query-kvm", huge_line_bytes=size)
+    )
     await client.negotiated()
     tracemalloc.start()
     try:
@@ -558,7 +624,9 @@ async def test_fault_command_error_hits_only_the_chosen_command(fleet: FakeQMPFl
     _, client = await session(fleet, faults=Fault.COMMAND_ERROR, params=params)
     await client.negotiated()
     assert await client.cmd("calc-dirty-rate", {"calc-time": 1}, id=1) == {
-        "id": 1, "error": {"class": "GenericError", "desc": "no way"}}
+        "id": 1,
+        "error": {"class": "GenericError", "desc": "no way"},
+    }
     assert "return" in await client.cmd("query-dirty-rate")
 
 
@@ -576,8 +644,9 @@ async def test_fault_measuring_forever(fleet: FakeQMPFleet) -> None:
 async def test_fault_absurd_memory_sizes(fleet: FakeQMPFleet, fault: Fault, memory: int) -> None:
     _, client = await session(fleet, faults=fault)
     await client.negotiated()
-    assert await client.cmd("query-memory-size-summary") == {"return": {"base-memory": memory,
-                                                                        "plugged-memory": 0}}
+    assert await client.cmd("query-memory-size-summary") == {
+        "return": {"base-memory": memory, "plugged-memory": 0}
+    }
 
 
 async def test_fault_negative_dirty_rate(fleet: FakeQMPFleet) -> None:
@@ -618,8 +687,9 @@ async def test_fault_migrating_and_paused(fleet: FakeQMPFleet) -> None:
     assert migration["status"] == "active"
     assert migration["ram"]["total"] == 256 * MiB
     assert {"expected-downtime", "setup-time", "total-time"} <= set(migration)
-    assert await client.cmd("query-status") == {"return": {"status": "paused", "singlestep": False,
-                                                           "running": False}}
+    assert await client.cmd("query-status") == {
+        "return": {"status": "paused", "singlestep": False, "running": False}
+    }
 
 
 async def test_custom_migration_and_status_on_the_vm(fleet: FakeQMPFleet) -> None:
@@ -633,6 +703,7 @@ async def test_custom_migration_and_status_on_the_vm(fleet: FakeQMPFleet) -> Non
 # ---------------------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_parser_byte_by_byte_and_scalars() -> None:
     parser = JSONStreamParser()
@@ -657,6 +728,7 @@ def test_parser_errors_and_overflow() -> None:
 # ---------------------------------------------------------------------------------------------------
 # Clients, threads, scale, CLI
 # ---------------------------------------------------------------------------------------------------
+
 
 async def test_qemu_qmp_client_negotiates_and_executes(fleet: FakeQMPFleet) -> None:
     from qemu.qmp import QMPClient  # only here: the daemon's own QMP code lives in migpredictd/qmp.py
@@ -695,8 +767,9 @@ def test_run_in_thread_serves_blocking_clients_over_tcp() -> None:
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 async def test_thousand_endpoints_in_one_loop(tmp_path: Path, transport: Literal["unix", "tcp"]) -> None:
     count = 1000
-    fleet = FakeQMPFleet(transport=transport, directory=tmp_path if transport == "unix" else None,
-                         time_scale=0.01)
+    fleet = FakeQMPFleet(
+        transport=transport, directory=tmp_path if transport == "unix" else None, time_scale=0.01
+    )
     fleet.add_many(count)
     async with fleet:
         limit = asyncio.Semaphore(250)
@@ -713,8 +786,10 @@ async def test_thousand_endpoints_in_one_loop(tmp_path: Path, transport: Literal
         t0 = time.perf_counter()
         statuses = await asyncio.gather(*(probe(ep) for ep in fleet.endpoints))
         elapsed = time.perf_counter() - t0
-    print(f"\n{count} {transport} endpoints: connect+negotiate+query-status in {elapsed:.2f} s "
-          f"({elapsed / count * 1e3:.2f} ms each, client and server in one loop)")
+    print(
+        f"\n{count} {transport} endpoints: connect+negotiate+query-status in {elapsed:.2f} s "
+        f"({elapsed / count * 1e3:.2f} ms each, client and server in one loop)"
+    )
     assert statuses == ["running"] * count
     assert all(ep.commands == ["qmp_capabilities", "query-status"] for ep in fleet.endpoints)
     assert all(ep.connections == 1 and ep.concurrent == 0 for ep in fleet.endpoints)
@@ -723,9 +798,20 @@ async def test_thousand_endpoints_in_one_loop(tmp_path: Path, transport: Literal
 
 def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "migpredictd.testing.fakeqmp", "--count", "3", "--dir", str(tmp_path),
-         "--qemu-version", "8.2.0"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "migpredictd.testing.fakeqmp",
+            "--count",
+            "3",
+            "--dir",
+            str(tmp_path),
+            "--qemu-version",
+            "8.2.0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline().strip() for _ in range(4)]
