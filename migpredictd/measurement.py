@@ -141,7 +141,9 @@ def parse_measurement(data: object, *, source: str | None = None) -> Measurement
     except InputError as e:
         if source is None or e.source is not None:
             raise
-        raise InputError(str(e), field=None, source=source) from e
+        located = InputError(str(e), source=source)
+        located.field = e.field  # keep the field for callers; the message already names it
+        raise located from e
 
 
 def _from_canonical(data: Mapping[str, Any]) -> Measurement:
@@ -334,6 +336,9 @@ def isotonic_increasing(values: Sequence[float], weights: Sequence[float]) -> li
 
 # --- field readers: each names the field it rejects -------------------------------------------------
 
+# The model computes in float64: integers above 2**53 would silently lose precision (or overflow).
+_MAX_EXACT_INT: Final = 2**53
+
 
 def _require(data: Mapping[str, Any], key: str, name: str | None = None) -> Any:
     if key not in data:
@@ -344,6 +349,9 @@ def _require(data: Mapping[str, Any], key: str, name: str | None = None) -> Any:
 def _check_number(name: str, value: object, *, positive: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"must be a number, got {value!r}", field=name)
+    # JSON integers are unbounded; math.isfinite() would raise OverflowError beyond float range.
+    if isinstance(value, int) and abs(value) > _MAX_EXACT_INT:
+        raise InputError(f"too large, got {value!r}", field=name)
     if not math.isfinite(value):
         raise InputError(f"must be finite, got {value!r}", field=name)
     if value < 0 or (positive and value == 0):
@@ -355,6 +363,8 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise InputError(f"must be an integer, got {value!r}", field=name)
     if value < minimum:
         raise InputError(f"must be >= {minimum}, got {value!r}", field=name)
+    if value > _MAX_EXACT_INT:
+        raise InputError(f"too large, got {value!r}", field=name)
 
 
 def _number(data: Mapping[str, Any], key: str, name: str | None = None) -> float:

@@ -61,6 +61,10 @@ def build_model(m: Measurement) -> MemoryModel:
     # A sampled count can exceed what is possible when zero pages are estimated separately; clamp so the
     # curve stays monotone (a no-op for consistent input, so seed mode is unaffected).
     ys = [min(p.dirty_pages, ceiling) for p in m.points]
+    # A longer window sees at least the pages a shorter one saw: a noisy measurement that dips is read
+    # as its running maximum (pessimistic, and a no-op for monotone input, so seed mode is unaffected).
+    for i in range(1, len(ys)):
+        ys[i] = max(ys[i], ys[i - 1])
     if len(xs) == 1:
         # One window only: assume the rate it saw, from a clean start (a line through the origin).
         xs.insert(0, 0.0)
@@ -70,8 +74,10 @@ def build_model(m: Measurement) -> MemoryModel:
         xs.insert(0, 0.0)
         ys.insert(0, max(intercept, 0.0))
     slope, intercept = _line(xs[-2], ys[-2], xs[-1], ys[-1])
-    if slope > 0.0 and (ceiling - intercept) / slope > xs[-1]:
-        xs.append((ceiling - intercept) / slope)
+    # A denormal slope puts the saturation point at inf; the breakpoint at inf below covers that case.
+    saturation = (ceiling - intercept) / slope if slope > 0.0 else math.inf
+    if math.isfinite(saturation) and saturation > xs[-1]:
+        xs.append(saturation)
         ys.append(ceiling)
     xs.append(math.inf)
     ys.append(ceiling)

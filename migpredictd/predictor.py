@@ -145,7 +145,9 @@ class ModelBatch:
         idx = np.count_nonzero(xs < ms[:, None], axis=1)
         idx = np.minimum(idx, xs.shape[1] - 1)
         hit = xs[np.arange(len(vm)), idx] == ms
-        return np.where(hit, self.y[vm, idx], self.offset[vm, idx] + self.slope[vm, idx] * ms), idx
+        with np.errstate(invalid="ignore"):  # 0 * inf on the last, flat segment; `hit` picks y there
+            line = self.offset[vm, idx] + self.slope[vm, idx] * ms
+        return np.where(hit, self.y[vm, idx], line), idx
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,8 +386,10 @@ class VMPrediction:
     min_downtime: FloatArray  # per bandwidth: smallest max-downtime (s) that converges (nan: none)
 
 
-# Derived answers search these ranges (bytes/s and seconds).
+# Derived answers search these ranges: bytes/s, and seconds from a floor up to the deadline (a downtime
+# that converges at the floor but not at 0 is reported as the floor).
 MIN_BANDWIDTH_SEARCH: Final = (1e3, 1e13)
+MIN_DOWNTIME_FLOOR: Final = 1e-6
 
 
 def predict_grid(
@@ -441,12 +445,16 @@ def _min_downtime(batch: ModelBatch, bandwidths: FloatArray, settings: Predictor
     nv = len(batch)
     vm = np.repeat(np.arange(nv), len(bandwidths))
     bw = np.tile(bandwidths, nv)
-    lo = np.zeros(vm.size)
-    hi = np.full(vm.size, settings.deadline_seconds)
-    ok_hi = simulate(batch, vm, bw, hi, settings).converges
+    # Bisect the logarithm, as for bandwidths: a linear bisection of [0, deadline] would only resolve
+    # deadline / 2**20 (3.4 ms for an hour), coarser than the downtimes people ask about.
+    floor, cap = MIN_DOWNTIME_FLOOR, max(settings.deadline_seconds, MIN_DOWNTIME_FLOOR)
+    lo = np.full(vm.size, math.log(floor))
+    hi = np.full(vm.size, math.log(cap))
+    ok_zero = simulate(batch, vm, bw, np.zeros(vm.size), settings).converges
+    ok_hi = simulate(batch, vm, bw, np.full(vm.size, cap), settings).converges
     for _ in range(_BISECTION_STEPS):
         mid = (lo + hi) / 2.0
-        ok = simulate(batch, vm, bw, mid, settings).converges
+        ok = simulate(batch, vm, bw, np.exp(mid), settings).converges
         hi = np.where(ok, mid, hi)
         lo = np.where(ok, lo, mid)
-    return np.where(ok_hi, hi, np.nan)
+    return np.where(ok_zero, 0.0, np.where(ok_hi, np.exp(hi), np.nan))

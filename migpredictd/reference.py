@@ -18,13 +18,20 @@ def seed_cell_ms(model: MemoryModel, bandwidth: float, downtime_ms: float, deadl
     normal = model.total_pages - model.zero_pages
     zero = model.zero_pages
     elapsed = 0.0
+    previous = math.nan
     while True:
         pass_bytes = normal * (model.page_size_bytes + PAGE_HEADER_BYTES) + zero * PAGE_HEADER_BYTES
         pass_ms = pass_bytes * 1000.0 / bandwidth
-        elapsed += pass_ms
+        before, elapsed = elapsed, elapsed + pass_ms
         if pass_ms <= downtime_ms:
             return math.ceil(elapsed)
         if elapsed > deadline_ms:
             return None
+        # The script checks only the deadline, which a pass too small to change `elapsed` never brings
+        # closer: it hangs (e.g. the cover letter at 5 Gbps and 0 ms, where passes shrink to a denormal
+        # fixed point). The next pass depends only on this one, so such a repeat is forever: no answer.
+        if elapsed == before and pass_ms == previous:
+            return None
+        previous = pass_ms
         zero = 0.0
         normal = model.dirty(pass_ms)

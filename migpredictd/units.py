@@ -86,12 +86,18 @@ def parse_duration(text: str | float, *, default_unit: str = "ms", allow_unlimit
 def parse_size(text: str | int) -> int:
     """Bytes from ``512MiB``, ``2G`` (binary), ``4096``."""
     if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise UnitError(f"{text!r}: a size must be non-negative")
         return text
     value, unit = _split(str(text), "size")
     unit = {"k": "kib", "m": "mib", "g": "gib", "t": "tib"}.get(unit, unit)
     if unit not in ("", *_BYTES):
         raise UnitError(f"{text!r}: unknown size unit {unit!r} (use KiB, MiB, GiB)")
-    return int(value * _BYTES.get(unit, 1))
+    result = value * _BYTES.get(unit, 1)
+    # A finite number times a unit can still overflow (1e300TiB); int(inf) would raise OverflowError.
+    if not math.isfinite(result):
+        raise UnitError(f"{text!r} is not a finite size")
+    return int(result)
 
 
 def _trim(value: float) -> str:

@@ -1,0 +1,157 @@
+"""The memory model: monotone, saturating, the seed's extrapolation rules, and one formula in two places."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from migpredictd.measurement import DirtyPoint, Measurement, parse_measurement
+from migpredictd.model import MemoryModel, build_model
+from migpredictd.predictor import ModelBatch
+
+DATA = Path(__file__).parent / "data"
+
+
+def _measurement(
+    points: list[tuple[float, float]], total: int = 1000, zero: float | None = None
+) -> Measurement:
+    return Measurement(
+        page_size_bytes=4096,
+        total_pages=total,
+        points=tuple(DirtyPoint(p, d) for p, d in points),
+        zero_pages=zero,
+    )
+
+
+@st.composite
+def measurements(draw: st.DrawFn) -> Measurement:
+    """Random measurements, including noisy non-monotone counts and counts above the non-zero pages."""
+    total = draw(st.integers(1, 10**7))
+    n = draw(st.integers(1, 8))
+    periods = sorted(draw(st.sets(st.floats(0.5, 1e6, allow_nan=False), min_size=n, max_size=n)))
+    dirty = draw(st.lists(st.floats(0, total, allow_nan=False), min_size=n, max_size=n))
+    zero = draw(st.one_of(st.none(), st.floats(0, total, allow_nan=False)))
+    return Measurement(
+        page_size_bytes=4096,
+        total_pages=total,
+        points=tuple(DirtyPoint(p, d) for p, d in zip(periods, dirty, strict=True)),
+        zero_pages=zero,
+    )
+
+
+def _probe_times(model: MemoryModel) -> list[float]:
+    finite = [x for x in model.period_ms if math.isfinite(x)]
+    out = [0.0, math.inf, 1e12]
+    for x in finite:
+        out += [x, x * 0.5, x * 1.5, math.nextafter(x, 0.0), math.nextafter(x, math.inf)]
+    return sorted(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(measurements())
+def test_monotone_and_saturating(m: Measurement) -> None:
+    model = build_model(m)
+    ceiling = m.total_pages - (m.zero_pages or 0.0)
+    values = [model.dirty(t) for t in _probe_times(model)]
+    assert all(v >= 0 for v in values)
+    # monotone up to the rounding of offset + slope * t
+    assert all(b >= a - 1e-9 * max(1.0, abs(a)) for a, b in itertools.pairwise(values))
+    assert all(v <= ceiling * (1 + 1e-12) for v in values)
+    assert model.normal_pages == ceiling
+    assert model.dirty(math.inf) == model.dirty_pages[-1]
+    # saturation: the curve ends flat; at the ceiling whenever the last measured segment rises
+    assert model.slopes[-1] == 0.0
+    assert model.period_ms[-1] == math.inf
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(measurements(), min_size=1, max_size=5),
+    st.lists(st.floats(0, 1e8, allow_nan=False), max_size=20),
+)
+def test_dirty_equals_batch_dirty_bit_for_bit(ms: list[Measurement], extra: list[float]) -> None:
+    models = [build_model(m) for m in ms]
+    batch = ModelBatch.of(models)
+    vm_list: list[int] = []
+    ts: list[float] = []
+    for i, model in enumerate(models):
+        for t in [*_probe_times(model), *extra]:
+            vm_list.append(i)
+            ts.append(t)
+    got = batch.dirty(np.array(vm_list, dtype=np.int64), np.array(ts))
+    want = [models[i].dirty(t) for i, t in zip(vm_list, ts, strict=True)]
+    assert got.tolist() == want
+
+
+def test_seed_extrapolation_rules() -> None:
+    # Two points on a line that would cross zero at t = 50: to the left, the line cut at zero (clamped).
+    model = build_model(_measurement([(100.0, 100.0), (200.0, 300.0)], total=1000))
+    assert model.period_ms[0] == 0.0
+    assert model.dirty_pages[0] == 0.0
+    # to the right: the last slope (2 pages/ms) until the 1000 pages are dirty, at t = 550, then flat
+    assert model.dirty(300.0) == 500.0
+    assert model.dirty(550.0) == 1000.0
+    assert model.dirty(10_000.0) == 1000.0
+    assert model.period_ms[-2] == 550.0
+
+    # A concave curve: the first segment's line meets t = 0 above zero, a jump at zero (pessimistic).
+    model = build_model(_measurement([(100.0, 300.0), (200.0, 400.0)], total=1000))
+    assert model.dirty_pages[0] == 200.0
+    assert model.dirty(0.0) == 200.0
+    assert model.dirty(50.0) == 250.0
+
+
+def test_saturates_at_total_minus_zero_pages() -> None:
+    model = build_model(_measurement([(100.0, 10.0), (200.0, 20.0)], total=1000, zero=600.0))
+    assert model.normal_pages == 400.0
+    assert model.dirty(4000.0) == 400.0
+    assert model.dirty(3900.0) == 390.0
+    # counts above what can be dirty (zero pages estimated separately) are clamped to the ceiling
+    model = build_model(_measurement([(100.0, 500.0)], total=1000, zero=600.0))
+    assert model.dirty(100.0) == 400.0
+    assert model.dirty(1e9) == 400.0
+
+
+def test_single_point_is_a_line_through_the_origin() -> None:
+    model = build_model(_measurement([(250.0, 50.0)], total=1000))
+    assert model.dirty(0.0) == 0.0
+    assert model.dirty(125.0) == 25.0
+    assert model.dirty(250.0) == 50.0
+    assert model.dirty(1000.0) == 200.0
+    assert model.dirty(5000.0) == 1000.0
+    assert model.dirty(6000.0) == 1000.0
+    # an idle single point stays at zero forever
+    idle = build_model(_measurement([(1000.0, 0.0)], total=1000))
+    assert idle.dirty(1e9) == 0.0
+
+
+def test_last_flat_segment_stays_flat() -> None:
+    # the seed extrapolates the last slope: zero slope means the working set is fully seen
+    model = build_model(_measurement([(100.0, 50.0), (200.0, 50.0)], total=1000))
+    assert model.dirty(1e9) == 50.0
+
+
+def test_noisy_dip_reads_as_running_maximum() -> None:
+    model = build_model(_measurement([(100.0, 500.0), (200.0, 300.0), (300.0, 600.0)], total=1000))
+    assert model.dirty(200.0) == 500.0
+    assert model.dirty(150.0) == 500.0
+    assert model.dirty(0.0) <= model.dirty(100.0)
+
+
+def test_cover_letter_model() -> None:
+    model = build_model(parse_measurement(json.loads((DATA / "cover_letter_sample.json").read_text())))
+    assert model.zero_pages == 5150720.0
+    assert model.normal_pages == 3241984.0
+    assert model.dirty(125.0) == 16896.0
+    assert model.dirty(0.0) == 0.0  # the line through the first two points crosses below zero
+    assert model.dirty(62.5) == pytest.approx(16896.0 / 2)
+    # beyond 60 s: the last slope (14.4896 pages/ms) until all 3241984 non-zero pages are dirty
+    assert model.period_ms[-2] == pytest.approx(179222.6148409894)
+    assert model.dirty(1e6) == 3241984.0

@@ -1,0 +1,410 @@
+"""The predictor: seed mode reproduces the 2023 script, qemu mode is pinned and obeys the properties an
+operator relies on, and the shortcuts that detect non-convergence early agree with plain iteration."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
+from migpredictd.measurement import DirtyPoint, Measurement, parse_measurement
+from migpredictd.model import MemoryModel, build_model
+from migpredictd.predictor import (
+    PAGE_HEADER_BYTES,
+    ZERO_PAGE_BYTES,
+    Grid,
+    ModelBatch,
+    PredictorSettings,
+    predict_grid,
+    simulate,
+)
+from migpredictd.reference import seed_cell_ms
+from migpredictd.table import render_table
+
+DATA = Path(__file__).parent / "data"
+SEED = PredictorSettings(mode="seed")
+QEMU = PredictorSettings(mode="qemu")
+MIB = float(1 << 20)
+
+
+def cover_letter_model() -> MemoryModel:
+    return build_model(parse_measurement(json.loads((DATA / "cover_letter_sample.json").read_text())))
+
+
+def model_of(points: list[tuple[float, float]], total: int = 65536, zero: float | None = None) -> MemoryModel:
+    return build_model(
+        Measurement(
+            page_size_bytes=4096,
+            total_pages=total,
+            points=tuple(DirtyPoint(p, d) for p, d in points),
+            zero_pages=zero,
+        )
+    )
+
+
+@st.composite
+def models(draw: st.DrawFn) -> MemoryModel:
+    """Small guests (4-512 MiB) whose dirtying ranges from idle to everything-at-once."""
+    total = draw(st.sampled_from([1024, 16384, 65536, 131072]))
+    n = draw(st.integers(1, 5))
+    periods = sorted(
+        draw(
+            st.sets(
+                st.sampled_from([50.0, 100.0, 125.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0]),
+                min_size=n,
+                max_size=n,
+            )
+        )
+    )
+    scale = draw(st.sampled_from([0.001, 0.01, 0.1, 0.5, 1.0]))
+    dirty = sorted(draw(st.lists(st.floats(0, total * scale, allow_nan=False), min_size=n, max_size=n)))
+    zero = draw(st.one_of(st.none(), st.floats(0, total * 0.9, allow_nan=False)))
+    return model_of(list(zip(periods, dirty, strict=True)), total=total, zero=zero)
+
+
+BANDWIDTHS = st.floats(0.5 * MIB, 2048 * MIB, allow_nan=False)
+DOWNTIMES = st.one_of(st.floats(0.0, 10.0, allow_nan=False), st.just(math.inf))
+
+
+def one(model: MemoryModel, bw: list[float], dt: list[float], cfg: PredictorSettings) -> np.ndarray:
+    """Seconds for each (bw[i], dt[i]) cell of one VM (nan: does not converge)."""
+    res = simulate(ModelBatch.of([model]), np.zeros(len(bw), dtype=np.int64), np.array(bw), np.array(dt), cfg)
+    return res.seconds
+
+
+# --- seed mode: the 2023 script -----------------------------------------------------------------------
+
+
+def test_cover_letter_table_seed_byte_for_byte() -> None:
+    grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
+    [pred] = predict_grid([cover_letter_model()], grid, SEED, derived=False)
+    assert render_table(pred, grid) == (DATA / "cover_letter_table.txt").read_text()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(models(), min_size=1, max_size=3),
+    st.lists(BANDWIDTHS, min_size=1, max_size=4),
+    st.lists(st.one_of(st.floats(1e-3, 10.0), st.just(math.inf)), min_size=1, max_size=4),
+)
+def test_seed_mode_equals_the_reference_cell_for_cell(
+    ms: list[MemoryModel], bws: list[float], dts: list[float]
+) -> None:
+    cfg = PredictorSettings(mode="seed", deadline_seconds=600.0)
+    grid = Grid(bandwidths=tuple(bws), downtimes=tuple(dts))
+    preds = predict_grid(ms, grid, cfg, derived=False)
+    for model, pred in zip(ms, preds, strict=True):
+        for i, bw in enumerate(bws):
+            for j, dt in enumerate(dts):
+                want = seed_cell_ms(model, bw, dt * 1000.0, 600_000.0)
+                got = pred.seconds[i, j]
+                assert (None if math.isnan(got) else round(got * 1000.0)) == want
+
+
+def test_seed_idle_vm_is_one_pass() -> None:
+    model = model_of([(1000.0, 0.0), (5000.0, 0.0)], total=65536, zero=1000.0)
+    bw = 10 * MIB
+    res = simulate(
+        ModelBatch.of([model]),
+        np.zeros(3, dtype=np.int64),
+        np.full(3, bw),
+        np.array([0.0, 0.1, math.inf]),
+        SEED,
+    )
+    pass_bytes = 64536 * (4096 + PAGE_HEADER_BYTES) + 1000 * PAGE_HEADER_BYTES
+    # Every byte goes in the first pass (26 s here). If that pass fits in the downtime (unlim) it is the
+    # only one; otherwise the seed runs a second, empty pass (0 pages, 0 ms <= any downtime): 2 passes.
+    # Either way the time is the first pass's bytes / bandwidth, rounded up to a millisecond.
+    assert res.passes.tolist() == [2, 2, 1]
+    assert res.seconds.tolist() == [math.ceil(pass_bytes * 1000.0 / bw) / 1000.0] * 3
+    assert res.bytes_sent.tolist() == [pass_bytes] * 3
+
+
+# --- qemu mode ----------------------------------------------------------------------------------------
+
+# The cover letter in qemu mode. Where it differs from the seed's table, and why (QEMU's rules):
+# - 2 Gbps and 2.5 Gbps at 5000 ms: the seed converges (1m41s, 1m07s) because it compares a whole pass's
+#   time with the downtime, headers included; QEMU compares the *pending* pages x page size with
+#   bandwidth x downtime at a sync, and here pending never drops below that (docs/model.md, the
+#   non-convergence rules): "-".
+# - 5 Gbps, 125-1000 ms: QEMU does not need a whole pass to fit in the downtime, only the remainder after
+#   a sync, so at 125 ms it finishes sooner (45s vs 48s); but it keeps syncing every few windows,
+#   re-sending the hot set, instead of the seed's few long passes (500 ms: 45s vs 31s; 1000 ms: 46s vs
+#   28s). The 125/250/500/1000 ms cells (45s, 46s, 45s, 46s)
+#   are the rate-limiter sawtooth (see test_qemu_time_is_monotone_in_downtime_known_counterexample).
+# - 10 Gbps at 250/500 ms and 25 Gbps at 5000 ms: a second more than the seed, by the same mechanism
+#   (passes end at the threshold, so there are more, shorter passes, each re-sending the hot set).
+# - unlimited downtime: the same as the seed (one pass, everything sent in the stop-and-copy).
+QEMU_COVER_LETTER_TABLE = "".join(
+    f"{line}\n"
+    for line in [
+        "Downtime> |   125ms |   250ms |   500ms |  1000ms |  5000ms |   unlim |",
+        "-----------------------------------------------------------------------",
+        " 100 Mbps |        - |        - |        - |        - |        - |   16m59s |  ",
+        "   1 Gbps |        - |        - |        - |        - |        - |    1m40s |  ",
+        "   2 Gbps |        - |        - |        - |        - |        - |      50s |  ",
+        " 2.5 Gbps |        - |        - |        - |        - |        - |      40s |  ",
+        "   5 Gbps |      45s |      46s |      45s |      46s |      25s |      20s |  ",
+        "  10 Gbps |      13s |      13s |      13s |      12s |      12s |      10s |  ",
+        "  25 Gbps |       5s |       5s |       5s |       5s |       5s |       4s |  ",
+        "  40 Gbps |       3s |       3s |       3s |       3s |       3s |       3s |  ",
+    ]
+)
+
+
+def test_cover_letter_table_qemu_snapshot() -> None:
+    grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
+    [pred] = predict_grid([cover_letter_model()], grid, QEMU, derived=False)
+    assert render_table(pred, grid) == QEMU_COVER_LETTER_TABLE
+    # unlimited downtime: one pass, all of it in the stop-and-copy; the time is the first pass's bytes
+    normal, zero = 3241984, 5150720
+    wire = normal * (4096 + PAGE_HEADER_BYTES) + zero * ZERO_PAGE_BYTES
+    assert pred.passes[:, -1].tolist() == [1] * 8
+    assert pred.seconds[0, -1] == pytest.approx(wire / (100 * MIB / 8), rel=1e-12)
+    assert pred.bytes_sent[0, -1] == pytest.approx(wire, rel=1e-12)
+
+
+@pytest.mark.parametrize("downtime", [0.0, 0.05, 0.3, math.inf])
+def test_qemu_idle_vm_is_one_pass_plus_stop_and_copy(downtime: float) -> None:
+    # Nothing dirtied: the first pass sends every page (zero pages as 9 bytes), the sync finds nothing,
+    # the stop-and-copy is empty: passes == 2. Unless the whole RAM is below the threshold from the
+    # start (total pages x page size < bandwidth x downtime, e.g. unlimited): then passes == 1 and it
+    # all goes in the stop-and-copy. Either way, at stop_copy_speedup 1 the time is bytes / bandwidth.
+    model = model_of([(1000.0, 0.0)], total=65536, zero=40000.0)
+    bw = 100 * MIB
+    res = simulate(
+        ModelBatch.of([model]), np.zeros(1, dtype=np.int64), np.array([bw]), np.array([downtime]), QEMU
+    )
+    wire = (65536 - 40000) * (4096 + PAGE_HEADER_BYTES) + 40000 * ZERO_PAGE_BYTES
+    below_threshold = bw * downtime > 65536 * 4096
+    assert res.passes.tolist() == [1 if below_threshold else 2]
+    assert res.seconds[0] == pytest.approx(wire / bw, rel=1e-12)
+    assert res.bytes_sent[0] == pytest.approx(wire, rel=1e-12)
+    # The first pass ends at the first window boundary with fewer than threshold pages pending: those
+    # go in the stop-and-copy, which therefore stays within the limit (0 for a 0 ms limit).
+    if below_threshold:
+        assert res.downtime_seconds[0] == pytest.approx(wire / bw, rel=1e-12)
+    else:
+        assert 0.0 <= res.downtime_seconds[0] <= downtime
+    if downtime == 0.0:
+        assert res.downtime_seconds[0] == 0.0
+
+
+def test_qemu_settings_setup_switchover_overhead() -> None:
+    model = model_of([(1000.0, 0.0)], total=65536, zero=0.0)
+    bw = 100 * MIB
+    wire = 65536 * (4096 + PAGE_HEADER_BYTES)
+    cfg = PredictorSettings(
+        setup_seconds=0.5, switchover_seconds=0.02, transport_overhead=0.05, stop_copy_speedup=4.0
+    )
+    [t] = one(model, [bw], [math.inf], cfg)
+    assert t == pytest.approx(0.5 + wire * 1.05 / bw / 4.0 + 0.02, rel=1e-12)
+
+
+# --- properties, both modes ---------------------------------------------------------------------------
+
+
+def _slower(a: float, b: float) -> bool:
+    """Is ``b`` a worse outcome than ``a`` (nan = does not converge)?"""
+    if math.isnan(b):
+        return not math.isnan(a)
+    return not math.isnan(a) and b > a * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("mode", ["seed", "qemu"])
+@settings(max_examples=120, deadline=None)
+@given(m=models(), bw=BANDWIDTHS, k=st.floats(1.0, 8.0), dt=DOWNTIMES)
+def test_more_bandwidth_never_stops_convergence(
+    mode: str, m: MemoryModel, bw: float, k: float, dt: float
+) -> None:
+    lo, hi = one(m, [bw, bw * k], [dt, dt], PredictorSettings(mode=mode))  # type: ignore[arg-type]
+    assert not (math.isnan(hi) and not math.isnan(lo))
+    if mode == "seed":
+        assert not _slower(lo, hi)
+
+
+@pytest.mark.parametrize("mode", ["seed", "qemu"])
+@settings(max_examples=120, deadline=None)
+@given(m=models(), bw=BANDWIDTHS, dt=st.floats(0.0, 10.0), k=st.floats(1.0, 8.0), unlim=st.booleans())
+def test_larger_downtime_never_stops_convergence(
+    *, mode: str, m: MemoryModel, bw: float, dt: float, k: float, unlim: bool
+) -> None:
+    small, large = one(m, [bw, bw], [dt, math.inf if unlim else dt * k], PredictorSettings(mode=mode))  # type: ignore[arg-type]
+    assert not (math.isnan(large) and not math.isnan(small))
+    if mode == "seed":
+        assert not _slower(small, large)
+
+
+# Known failures of qemu mode's *time* monotonicity, minimal found (a 256 MiB guest, two points). Both
+# come from QEMU's rule that a pass ends at the first 100 ms window after pending < threshold, followed by
+# a bitmap sync: a larger threshold (or a faster link) changes where the passes end, and a pass of one
+# window re-counts the hot set (D(100 ms) = 1000 pages here) more often than a pass of two windows does.
+# Convergence itself stays monotone (the properties above). See docs/model.md, "Known limitation".
+@pytest.mark.xfail(strict=True, reason="qemu mode: rate-limiter sawtooth in downtime (docs/model.md)")
+def test_qemu_time_is_monotone_in_downtime_known_counterexample() -> None:
+    m = model_of([(100.0, 250.0), (1000.0, 500.0)])
+    t100, t200 = one(m, [16 * MIB, 16 * MIB], [0.1, 0.2], QEMU)
+    assert t200 <= t100  # fails: 17.370 s in 4 passes at 100 ms, 17.479 s in 6 at 200 ms
+
+
+@pytest.mark.xfail(strict=True, reason="qemu mode: rate-limiter sawtooth in bandwidth (docs/model.md)")
+def test_qemu_time_is_monotone_in_bandwidth_known_counterexample() -> None:
+    m = model_of([(100.0, 1000.0), (1000.0, 1500.0)])
+    slow, fast = one(m, [64 * MIB, 64.64 * MIB], [0.1, 0.1], QEMU)
+    assert fast <= slow  # fails: 4.266 s in 3 passes at 64 MiB/s, 4.281 s in 4 at 64.64 MiB/s
+
+
+@pytest.mark.parametrize("mode", ["seed", "qemu"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=models())
+def test_derived_answers_match_the_grid(mode: str, m: MemoryModel) -> None:
+    cfg = PredictorSettings(mode=mode, deadline_seconds=600.0)  # type: ignore[arg-type]
+    downtimes = (0.05, 0.5, math.inf)
+    bandwidths = (4 * MIB, 64 * MIB, 1024 * MIB)
+    [pred] = predict_grid([m], Grid(bandwidths=bandwidths, downtimes=downtimes), cfg)
+    for j, dt in enumerate(downtimes):
+        b = pred.min_bandwidth[j]
+        if math.isnan(b):
+            assert np.all(np.isnan(pred.seconds[:, j]))  # no grid bandwidth converges either
+            continue
+        at, below = one(m, [b, 0.99 * b], [dt, dt], cfg)
+        assert not math.isnan(at)
+        if b > 1e3 * 1.0001:  # the search floor converges: nothing below it is tried
+            assert math.isnan(below)
+        # the grid agrees: every grid bandwidth >= b converges, every one < 0.99 b does not
+        for i, bw in enumerate(bandwidths):
+            if bw >= b:
+                assert not math.isnan(pred.seconds[i, j])
+            elif bw < 0.99 * b:
+                assert math.isnan(pred.seconds[i, j])
+    for i, bw in enumerate(bandwidths):
+        d = pred.min_downtime[i]
+        if math.isnan(d):
+            assert np.all(np.isnan(pred.seconds[i, :-1]))
+            continue
+        at, below = one(m, [bw, bw], [d, 0.99 * d], cfg)
+        assert not math.isnan(at)
+        if d > 1e-6 * 1.0001:
+            assert math.isnan(below)
+        for j, dt in enumerate(downtimes):
+            if dt >= d:
+                assert not math.isnan(pred.seconds[i, j])
+            elif dt < 0.99 * d:
+                assert math.isnan(pred.seconds[i, j])
+
+
+@pytest.mark.parametrize("mode", ["seed", "qemu"])
+def test_non_convergence_is_nan_never_an_exception(mode: str) -> None:
+    # 64 MiB guest rewriting all of it within 100 ms, 1 MiB/s link, 10 ms downtime: hopeless.
+    m = model_of([(100.0, 16384.0)], total=16384)
+    cfg = PredictorSettings(mode=mode)  # type: ignore[arg-type]
+    grid = Grid(bandwidths=(MIB,), downtimes=(0.01,))
+    [pred] = predict_grid([m], grid, cfg)
+    assert math.isnan(pred.seconds[0, 0])
+    assert math.isnan(pred.downtime_seconds[0, 0])
+    assert pred.passes[0, 0] >= 1
+    assert pred.bytes_sent[0, 0] > 0
+    assert pred.min_bandwidth[0] > MIB
+    # only a downtime that fits all 64 MiB at 1 MiB/s converges: the whole guest in the stop-and-copy
+    # (seed: one 64.0156 s pass, headers included; qemu: 64 s of pending pages, headers not counted)
+    assert pred.min_downtime[0] == pytest.approx(64.0 * (4104 / 4096 if mode == "seed" else 1.0), rel=1e-4)
+
+
+def test_bad_arguments_raise_value_error() -> None:
+    m = model_of([(100.0, 1.0)])
+    batch = ModelBatch.of([m])
+    vm = np.zeros(1, dtype=np.int64)
+    with pytest.raises(ValueError, match="same length"):
+        simulate(batch, vm, np.array([1.0, 2.0]), np.array([0.1]), QEMU)
+    with pytest.raises(ValueError, match="positive"):
+        simulate(batch, vm, np.array([0.0]), np.array([0.1]), QEMU)
+    with pytest.raises(ValueError, match="non-negative"):
+        simulate(batch, vm, np.array([1.0]), np.array([-0.1]), QEMU)
+    with pytest.raises(ValueError, match="mode"):
+        PredictorSettings(mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_syncs"):
+        PredictorSettings(max_syncs=1)
+    with pytest.raises(ValueError, match="grid"):
+        Grid(bandwidths=(), downtimes=(0.1,))
+    with pytest.raises(ValueError, match="no models"):
+        ModelBatch.of([])
+
+
+# --- the shortcuts agree with plain iteration ---------------------------------------------------------
+
+
+def plain_qemu(model: MemoryModel, bw: float, dt: float, cfg: PredictorSettings) -> tuple[float, int]:
+    """qemu mode re-stated one cell and one sync at a time, without the barrier and emptied shortcuts:
+    it iterates until the migration converges, the deadline passes or max_syncs is reached."""
+    page = float(model.page_size_bytes)
+    nw = page + PAGE_HEADER_BYTES
+    rate = bw / (1.0 + cfg.transport_overhead)
+    threshold = math.inf if math.isinf(dt) else rate * dt / page
+    step = rate * cfg.iteration_seconds
+    total, zero = float(model.total_pages), model.zero_pages
+    cw = ((total - zero) * nw + zero * ZERO_PAGE_BYTES) / total
+    cold, hot = total, 0.0
+    since = elapsed = cfg.setup_seconds
+    syncs = 0
+    while True:
+        pending = cold + hot
+        wire = cold * cw + hot * nw
+        if pending < threshold or pending == 0:
+            return elapsed + wire / (rate * cfg.stop_copy_speedup) + cfg.switchover_seconds, syncs + 1
+        excess = pending - threshold
+        cold_part = min(excess, cold)
+        needed = cold_part * cw + (excess - cold_part) * nw
+        pass_bytes = min((math.floor(needed / step) + 1.0) * step, wire)
+        pass_s = pass_bytes / rate
+        cold_sent = min(cold, pass_bytes / cw)
+        hot_left = hot - min(hot, (pass_bytes - cold_sent * cw) / nw)
+        cold -= cold_sent
+        if hot_left <= 0.0:
+            since = elapsed
+        sync_at = elapsed + pass_s
+        hot = min(
+            hot_left + model.dirty(pass_s * 1000.0), model.dirty((sync_at - since) * 1000.0), total - cold
+        )
+        elapsed = sync_at
+        syncs += 1
+        if elapsed > cfg.deadline_seconds or syncs >= cfg.max_syncs:
+            return math.nan, syncs
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=models(),
+    bws=st.lists(BANDWIDTHS, min_size=1, max_size=4),
+    dts=st.lists(DOWNTIMES, min_size=1, max_size=4),
+)
+def test_qemu_shortcuts_match_plain_iteration(m: MemoryModel, bws: list[float], dts: list[float]) -> None:
+    cfg = PredictorSettings(mode="qemu", deadline_seconds=600.0, max_syncs=500)
+    [pred] = predict_grid([m], Grid(bandwidths=tuple(bws), downtimes=tuple(dts)), cfg, derived=False)
+    for i, bw in enumerate(bws):
+        for j, dt in enumerate(dts):
+            want, syncs = plain_qemu(m, bw, dt, cfg)
+            got = pred.seconds[i, j]
+            if math.isnan(want):
+                assert math.isnan(got)
+            else:
+                assert got == pytest.approx(want, rel=1e-9)
+                assert pred.passes[i, j] == syncs
+
+
+def test_qemu_shortcuts_answer_early_on_the_cover_letter() -> None:
+    # Non-converging cells stop at the barrier / emptied rule, long before max_syncs (2000).
+    grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
+    [pred] = predict_grid([cover_letter_model()], grid, QEMU, derived=False)
+    stuck = np.isnan(pred.seconds)
+    assert stuck.sum() == 20  # 100 Mbps to 2.5 Gbps at every finite downtime
+    assert pred.passes[stuck].max() < 20
+    for i, bw in enumerate(grid.bandwidths):
+        for j, dt in enumerate(grid.downtimes):
+            if stuck[i, j]:
+                assert math.isnan(plain_qemu(cover_letter_model(), bw, dt, QEMU)[0])
