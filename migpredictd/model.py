@@ -46,6 +46,16 @@ class MemoryModel:
                 return self.offsets[i] + self.slopes[i] * ms
         return self.dirty_pages[-1]
 
+    def age(self, pages: float) -> float:
+        """The inverse of :meth:`dirty`: the shortest window (ms) within which ``pages`` pages get
+        dirtied; 0 for what the jump at t = 0 covers, inf beyond the ceiling."""
+        for i, y in enumerate(self.dirty_pages):
+            if y >= pages:
+                if i == 0:
+                    return 0.0
+                return self.period_ms[i - 1] + (pages - self.dirty_pages[i - 1]) / self.slopes[i]
+        return math.inf
+
 
 def _line(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float]:
     """Slope and intercept of the line through two points (intercept taken at the left point)."""

@@ -139,6 +139,19 @@ class ModelBatch:
         as :meth:`MemoryModel.dirty` (exact breakpoint hit, else ``offset + slope * t``)."""
         return self.dirty_segment(vm, ms)[0]
 
+    def age(self, vm: IntArray, pages: FloatArray) -> FloatArray:
+        """The inverse of :meth:`dirty`: the shortest window (ms) within which ``pages`` pages get
+        dirtied (0 for what the jump at t = 0 covers, inf beyond the ceiling)."""
+        ys = self.y[vm]
+        rows = np.arange(len(vm))
+        idx = np.count_nonzero(ys < pages[:, None], axis=1)
+        inside = (idx > 0) & (idx < ys.shape[1])
+        j = np.where(inside, idx, 1)
+        x0, y0 = self.x[vm, j - 1], ys[rows, j - 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = x0 + (pages - y0) / self.slope[vm, j]
+        return np.where(idx == 0, 0.0, np.where(inside, t, np.inf))
+
     def dirty_segment(self, vm: IntArray, ms: FloatArray) -> tuple[FloatArray, IntArray]:
         """:meth:`dirty`, plus the index of the breakpoint that ends each point's segment."""
         xs = self.x[vm]
@@ -254,10 +267,12 @@ def _simulate_qemu(
     """QEMU's loop, one bitmap sync per step of the vectorised loop.
 
     The dirty bitmap holds "cold" pages (first-pass pages not sent yet, zero pages among them) and
-    "hot" pages (dirtied since the window start ``since``). Pages go out oldest first (the scan goes
-    on where it stopped), so cold pages leave before hot ones. At a sync the hot set is at most the
-    unsent hot pages plus what was dirtied during the pass, and at most every page dirtied since
-    ``since``: a hot working set is not counted twice. Sending happens in rate-limiter windows of
+    "hot" pages (dirtied since an earlier sync). Pages go out oldest first (the scan goes on where it
+    stopped), so cold pages leave before hot ones, and the ``h`` hot pages still unsent at a sync are
+    the most recently dirtied ones: those of the last ``age(h)`` ms. The next sync then holds at most
+    ``h`` plus what the pass dirtied, and at most every page dirtied within the pass plus ``age(h)``:
+    a hot working set is not counted twice, and the bound moves continuously with ``h`` (so more
+    bandwidth or downtime cannot make it jump up). Sending happens in rate-limiter windows of
     ``iteration_seconds`` (``BUFFER_DELAY``), and the pending check runs after each window
     (``migration_iteration_run``), so a pass ends within one window after the pending bytes drop
     below the threshold.
@@ -277,13 +292,19 @@ def _simulate_qemu(
     stop_rate = rate * settings.stop_copy_speedup
     step_bytes = rate * settings.iteration_seconds
     step_pages = step_bytes / normal_wire
-    # Once only hot pages are left and the threshold exceeds one window, a pass of m windows leaves
-    # between threshold - one window and threshold pages unsent, so if m windows dirty at least m
-    # windows' worth of pages, pending never falls below threshold + (m - 1) windows again
-    # (docs/model.md). `barrier` is the smallest such m (0: none up to _BARRIER_WINDOWS).
+    # Once only hot pages are left and the threshold exceeds one window, a pass of n >= m windows
+    # leaves R >= threshold - one window pages unsent, and the next sync holds at least
+    # min(R + D(m windows), D(m windows + age(threshold - one window))). If both terms are at least
+    # threshold + (m - 1) windows, pending never falls below that again (docs/model.md). `barrier` is
+    # the smallest such m (0: none up to _BARRIER_WINDOWS).
     barrier = np.zeros(n)
+    window_ms = settings.iteration_seconds * 1000.0
+    unsent_age = batch.age(vm, np.maximum(threshold - step_pages, 0.0))
     for m in range(_BARRIER_WINDOWS, 0, -1):
-        hit = batch.dirty(vm, np.full(n, m * settings.iteration_seconds * 1000.0)) >= m * step_pages
+        floor = threshold + (m - 1) * step_pages
+        hit = (batch.dirty(vm, np.full(n, m * window_ms)) >= m * step_pages) & (
+            batch.dirty(vm, m * window_ms + unsent_age) >= floor
+        )
         barrier = np.where(hit, float(m), barrier)
     barrier = np.where(threshold > step_pages, barrier, 0.0)
     barrier_pages = threshold + (barrier - 1.0) * step_pages
@@ -294,7 +315,6 @@ def _simulate_qemu(
     live = np.arange(n)
     cold = total.copy()
     hot = np.zeros(n)
-    since = np.full(n, settings.setup_seconds)
     elapsed = np.full(n, settings.setup_seconds)
     sent = np.zeros(n)
     passes = np.zeros(n, dtype=np.int64)
@@ -323,12 +343,9 @@ def _simulate_qemu(
         cold = cold - cold_sent
         hot_left = hot - hot_sent
         sync_at = elapsed + pass_s
-        # Hot pages all sent: the new bitmap only holds pages dirtied since the previous sync.
-        since = np.where(hot_left <= 0.0, elapsed, since)
         v = vm[live]
-        hot = np.minimum(
-            hot_left + batch.dirty(v, pass_s * 1000.0), batch.dirty(v, (sync_at - since) * 1000.0)
-        )
+        pass_ms = pass_s * 1000.0
+        hot = np.minimum(hot_left + batch.dirty(v, pass_ms), batch.dirty(v, pass_ms + batch.age(v, hot_left)))
         hot = np.minimum(hot, batch.total_pages[v] - cold)
         # The whole bitmap went out and the sync found at least as many pages again: the guest dirties
         # this scale of memory at least as fast as it is sent (sending P pages takes time t(P), and
@@ -349,7 +366,7 @@ def _simulate_qemu(
             out_bytes[i] = sent[stuck]
         keep = ~(done | stuck)
         live, elapsed, sent, passes = live[keep], elapsed[keep], sent[keep], passes[keep]
-        cold, hot, since = cold[keep], hot[keep], since[keep]
+        cold, hot = cold[keep], hot[keep]
     return CellResults(seconds=out_s, passes=out_passes, bytes_sent=out_bytes, downtime_seconds=out_down)
 
 

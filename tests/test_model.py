@@ -155,3 +155,26 @@ def test_cover_letter_model() -> None:
     # beyond 60 s: the last slope (14.4896 pages/ms) until all 3241984 non-zero pages are dirty
     assert model.period_ms[-2] == pytest.approx(179222.6148409894)
     assert model.dirty(1e6) == 3241984.0
+
+
+def test_age_inverts_dirty_and_matches_the_batch() -> None:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from migpredictd.measurement import parse_measurement
+    from migpredictd.model import build_model
+    from migpredictd.predictor import ModelBatch
+
+    data = json.loads((Path(__file__).parent / "data" / "cover_letter_sample.json").read_text())
+    m = build_model(parse_measurement(data))
+    pages = [100.0, 16896.0, 50000.0, 1e6, m.normal_pages * 0.999]
+    for p in pages:
+        assert m.dirty(m.age(p)) == pytest.approx(p, rel=1e-9)
+        assert m.age(p) < m.age(p * 1.001)
+    assert m.age(0.0) == 0.0
+    assert m.age(m.normal_pages * 1.01) == float("inf")
+    batch = ModelBatch.of([m])
+    got = batch.age(np.zeros(len(pages), dtype=np.int64), np.array(pages))
+    assert got.tolist() == pytest.approx([m.age(p) for p in pages], rel=1e-12)

@@ -129,17 +129,14 @@ def test_seed_idle_vm_is_one_pass() -> None:
 # --- qemu mode ----------------------------------------------------------------------------------------
 
 # The cover letter in qemu mode. Where it differs from the seed's table, and why (QEMU's rules):
-# - 2 Gbps and 2.5 Gbps at 5000 ms: the seed converges (1m41s, 1m07s) because it compares a whole pass's
-#   time with the downtime, headers included; QEMU compares the *pending* pages x page size with
-#   bandwidth x downtime at a sync, and here pending never drops below that (docs/model.md, the
-#   non-convergence rules): "-".
-# - 5 Gbps, 125-1000 ms: QEMU does not need a whole pass to fit in the downtime, only the remainder after
-#   a sync, so at 125 ms it finishes sooner (45s vs 48s); but it keeps syncing every few windows,
-#   re-sending the hot set, instead of the seed's few long passes (500 ms: 45s vs 31s; 1000 ms: 46s vs
-#   28s). The 125/250/500/1000 ms cells (45s, 46s, 45s, 46s)
-#   are the rate-limiter sawtooth (see test_qemu_time_is_monotone_in_downtime_known_counterexample).
-# - 10 Gbps at 250/500 ms and 25 Gbps at 5000 ms: a second more than the seed, by the same mechanism
-#   (passes end at the threshold, so there are more, shorter passes, each re-sending the hot set).
+# - 2 and 2.5 Gbps at 5000 ms, 5 Gbps at 125-1000 ms: sooner than the seed (1m27s vs 1m41s, 1m01s vs
+#   1m07s, 44s vs 48s...). The seed needs a whole pass to fit in the downtime; QEMU only needs the
+#   pages pending at a sync (pages x page size, without headers) below bandwidth x downtime, and a sync
+#   happens as soon as the remaining pages drop below it.
+# - 25 Gbps at 5000 ms: a second more (5s vs 4s): with the 100 ms rate-limiter windows the last pass
+#   ends on a window boundary, and the stop-and-copy then sends what is pending.
+# - 1 Gbps and below at every finite downtime: no convergence, as in the seed: one window dirties more
+#   pages than one window sends (the barrier rule, docs/model.md).
 # - unlimited downtime: the same as the seed (one pass, everything sent in the stop-and-copy).
 QEMU_COVER_LETTER_TABLE = "".join(
     f"{line}\n"
@@ -148,10 +145,10 @@ QEMU_COVER_LETTER_TABLE = "".join(
         "-----------------------------------------------------------------------",
         " 100 Mbps |        - |        - |        - |        - |        - |   16m59s |  ",
         "   1 Gbps |        - |        - |        - |        - |        - |    1m40s |  ",
-        "   2 Gbps |        - |        - |        - |        - |        - |      50s |  ",
-        " 2.5 Gbps |        - |        - |        - |        - |        - |      40s |  ",
-        "   5 Gbps |      45s |      46s |      45s |      46s |      25s |      20s |  ",
-        "  10 Gbps |      13s |      13s |      13s |      12s |      12s |      10s |  ",
+        "   2 Gbps |        - |        - |        - |        - |    1m27s |      50s |  ",
+        " 2.5 Gbps |        - |        - |        - |        - |    1m01s |      40s |  ",
+        "   5 Gbps |      44s |      34s |      28s |      26s |      25s |      20s |  ",
+        "  10 Gbps |      13s |      12s |      12s |      12s |      12s |      10s |  ",
         "  25 Gbps |       5s |       5s |       5s |       5s |       5s |       4s |  ",
         "  40 Gbps |       3s |       3s |       3s |       3s |       3s |       3s |  ",
     ]
@@ -210,6 +207,9 @@ def test_qemu_settings_setup_switchover_overhead() -> None:
 # --- properties, both modes ---------------------------------------------------------------------------
 
 
+QEMU_DOWNTIME_SLACK = 0.03
+
+
 def _slower(a: float, b: float) -> bool:
     """Is ``b`` a worse outcome than ``a`` (nan = does not converge)?"""
     if math.isnan(b):
@@ -224,9 +224,7 @@ def test_more_bandwidth_never_stops_convergence(
     mode: str, m: MemoryModel, bw: float, k: float, dt: float
 ) -> None:
     lo, hi = one(m, [bw, bw * k], [dt, dt], PredictorSettings(mode=mode))  # type: ignore[arg-type]
-    assert not (math.isnan(hi) and not math.isnan(lo))
-    if mode == "seed":
-        assert not _slower(lo, hi)
+    assert not _slower(lo, hi)
 
 
 @pytest.mark.parametrize("mode", ["seed", "qemu"])
@@ -236,28 +234,25 @@ def test_larger_downtime_never_stops_convergence(
     *, mode: str, m: MemoryModel, bw: float, dt: float, k: float, unlim: bool
 ) -> None:
     small, large = one(m, [bw, bw], [dt, math.inf if unlim else dt * k], PredictorSettings(mode=mode))  # type: ignore[arg-type]
-    assert not (math.isnan(large) and not math.isnan(small))
-    if mode == "seed":
-        assert not _slower(small, large)
+    # qemu mode: a larger threshold makes QEMU sync the bitmap earlier (migration_iteration_run syncs as
+    # soon as pending < threshold), and pages re-dirtied after being sent are sent again, so a larger
+    # limit can cost a little more time. Convergence stays exactly monotone; time within QEMU_DOWNTIME_SLACK
+    # (measured: 47 of 3000 random cells above 0, worst +2.2%).
+    assert not _slower(small, large if mode == "seed" else large / (1 + QEMU_DOWNTIME_SLACK))
 
 
-# Known failures of qemu mode's *time* monotonicity, minimal found (a 256 MiB guest, two points). Both
-# come from QEMU's rule that a pass ends at the first 100 ms window after pending < threshold, followed by
-# a bitmap sync: a larger threshold (or a faster link) changes where the passes end, and a pass of one
-# window re-counts the hot set (D(100 ms) = 1000 pages here) more often than a pass of two windows does.
-# Convergence itself stays monotone (the properties above). See docs/model.md, "Known limitation".
-@pytest.mark.xfail(strict=True, reason="qemu mode: rate-limiter sawtooth in downtime (docs/model.md)")
-def test_qemu_time_is_monotone_in_downtime_known_counterexample() -> None:
+# Former counterexamples of qemu mode's time monotonicity (a 256 MiB guest, two points), from when the
+# bound on re-counted hot pages only reset once the bitmap emptied (docs/model.md): pinned as regressions.
+def test_qemu_time_is_monotone_in_downtime_former_counterexample() -> None:
     m = model_of([(100.0, 250.0), (1000.0, 500.0)])
     t100, t200 = one(m, [16 * MIB, 16 * MIB], [0.1, 0.2], QEMU)
-    assert t200 <= t100  # fails: 17.370 s in 4 passes at 100 ms, 17.479 s in 6 at 200 ms
+    assert t200 <= t100
 
 
-@pytest.mark.xfail(strict=True, reason="qemu mode: rate-limiter sawtooth in bandwidth (docs/model.md)")
-def test_qemu_time_is_monotone_in_bandwidth_known_counterexample() -> None:
+def test_qemu_time_is_monotone_in_bandwidth_former_counterexample() -> None:
     m = model_of([(100.0, 1000.0), (1000.0, 1500.0)])
     slow, fast = one(m, [64 * MIB, 64.64 * MIB], [0.1, 0.1], QEMU)
-    assert fast <= slow  # fails: 4.266 s in 3 passes at 64 MiB/s, 4.281 s in 4 at 64.64 MiB/s
+    assert fast <= slow
 
 
 @pytest.mark.parametrize("mode", ["seed", "qemu"])
@@ -350,7 +345,7 @@ def plain_qemu(model: MemoryModel, bw: float, dt: float, cfg: PredictorSettings)
     total, zero = float(model.total_pages), model.zero_pages
     cw = ((total - zero) * nw + zero * ZERO_PAGE_BYTES) / total
     cold, hot = total, 0.0
-    since = elapsed = cfg.setup_seconds
+    elapsed = cfg.setup_seconds
     syncs = 0
     while True:
         pending = cold + hot
@@ -365,13 +360,9 @@ def plain_qemu(model: MemoryModel, bw: float, dt: float, cfg: PredictorSettings)
         cold_sent = min(cold, pass_bytes / cw)
         hot_left = hot - min(hot, (pass_bytes - cold_sent * cw) / nw)
         cold -= cold_sent
-        if hot_left <= 0.0:
-            since = elapsed
-        sync_at = elapsed + pass_s
-        hot = min(
-            hot_left + model.dirty(pass_s * 1000.0), model.dirty((sync_at - since) * 1000.0), total - cold
-        )
-        elapsed = sync_at
+        pass_ms = pass_s * 1000.0
+        hot = min(hot_left + model.dirty(pass_ms), model.dirty(pass_ms + model.age(hot_left)), total - cold)
+        elapsed += pass_s
         syncs += 1
         if elapsed > cfg.deadline_seconds or syncs >= cfg.max_syncs:
             return math.nan, syncs
@@ -402,7 +393,7 @@ def test_qemu_shortcuts_answer_early_on_the_cover_letter() -> None:
     grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
     [pred] = predict_grid([cover_letter_model()], grid, QEMU, derived=False)
     stuck = np.isnan(pred.seconds)
-    assert stuck.sum() == 20  # 100 Mbps to 2.5 Gbps at every finite downtime
+    assert stuck.sum() == 18  # 100 Mbps to 2.5 Gbps at every finite downtime but 5000 ms at 2 and 2.5 Gbps
     assert pred.passes[stuck].max() < 20
     for i, bw in enumerate(grid.bandwidths):
         for j, dt in enumerate(grid.downtimes):
