@@ -83,7 +83,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         except OSError as e:
             raise InputError(e.strerror or str(e), source=args.file) from e
     predictions = predict_grid(
-        [build_model(m) for m in measurements], grid, settings, derived=args.format == "json"
+        [build_model(m, mode=settings.mode) for m in measurements],
+        grid,
+        settings,
+        derived=args.format == "json",
     )
     for m, p in zip(measurements, predictions, strict=True):
         if args.format == "table":

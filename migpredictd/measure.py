@@ -501,15 +501,26 @@ def _zero_pages(
             "(prediction assumes no zero pages, so it errs long)"
         )
         return None, "none"
-    try:
-        if method == "guest-sample":
-            est = guest_sample_estimate(
-                pid, memory_bytes=memory_bytes, page_size=PAGE_SIZE, samples=settings.guest_sample_pages
-            )
-        else:
-            est = smaps_estimate(pid, memory_bytes=memory_bytes, page_size=PAGE_SIZE)
-    except ZeroPagesUnavailableError as exc:
-        notes.append(f"zero pages unknown ({method}): {exc} (prediction assumes no zero pages)")
+    # auto: guest-sample first. Measured on held-out real migrations (docs/accuracy.md): it counts zero
+    # pages within -0.6..+3.1% and gives a 1.6% median error on QEMU 7.2, where host-smaps (which counts
+    # pages once touched and later zeroed as non-zero) undercounts by 5-22% and gives 19.6%. It reads
+    # sampled guest pages through /proc/PID/mem only to test them for zero, keeps nothing, writes nothing;
+    # `zero_pages: host-smaps` turns it off (docs/measuring.md).
+    methods = ("guest-sample", "host-smaps") if method == "auto" else (method,)
+    est = None
+    for m in methods:
+        try:
+            if m == "guest-sample":
+                est = guest_sample_estimate(
+                    pid, memory_bytes=memory_bytes, page_size=PAGE_SIZE, samples=settings.guest_sample_pages
+                )
+            else:
+                est = smaps_estimate(pid, memory_bytes=memory_bytes, page_size=PAGE_SIZE)
+            break
+        except ZeroPagesUnavailableError as exc:
+            notes.append(f"zero pages: {m} unavailable: {exc}")
+    if est is None:
+        notes.append("zero pages unknown: prediction assumes no zero pages, so it errs long")
         return None, "none"
     logger.debug("%s: zero pages %s: %s", target, est.method, est.detail)
     return est.zero_pages, est.method

@@ -289,8 +289,7 @@ def measurement_from_sweep(
     periods = sorted(by_period)
     means = [sum(by_period[p]) / len(by_period[p]) for p in periods]
     weights = [float(len(by_period[p])) for p in periods]
-    cap = float(total_pages) - (zero_pages or 0.0)
-    fitted = [min(v, cap) for v in isotonic_increasing(means, weights)]
+    fitted = fit_dirty_curve(periods, means, weights, cap=float(total_pages) - (zero_pages or 0.0))
     if strategy is None:
         strategy = "sweep-ms" if "millisecond" in units else "sweep-s"
     return Measurement(
@@ -317,6 +316,24 @@ def _from_sweep_document(data: Mapping[str, Any]) -> Measurement:
         zero_pages_method=_optional_string(data, "zero_pages_method"),
         target=_optional_string(data, "target"),
     )
+
+
+def fit_dirty_curve(
+    periods_ms: Sequence[float], dirty: Sequence[float], weights: Sequence[float], *, cap: float
+) -> list[float]:
+    """Noisy "pages dirtied within t" readings made physically possible.
+
+    A longer window sees at least as many distinct pages (D non-decreasing) but never a higher rate
+    D(t)/t (a page counts once however often it is rewritten). The rates are fitted non-increasing
+    first, weighted by window length (a long window's rate has less sampling noise), then D
+    non-decreasing, then capped at the pages that can be dirty. On held-out real migrations this took
+    QEMU 10.0's median error from 7.3% to 3.6% (docs/accuracy.md). Idempotent.
+    """
+    rates = [d / p for d, p in zip(dirty, periods_ms, strict=True)]
+    rate_weights = [w * p for w, p in zip(weights, periods_ms, strict=True)]
+    rates = [-r for r in isotonic_increasing([-r for r in rates], rate_weights)]
+    smoothed = [r * p for r, p in zip(rates, periods_ms, strict=True)]
+    return [min(v, cap) for v in isotonic_increasing(smoothed, weights)]
 
 
 def isotonic_increasing(values: Sequence[float], weights: Sequence[float]) -> list[float]:

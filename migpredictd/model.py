@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from migpredictd.measurement import Measurement
 
@@ -63,8 +64,15 @@ def _line(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float]:
     return slope, y0 - slope * x0
 
 
-def build_model(m: Measurement) -> MemoryModel:
-    """Build the model of one VM from its measurement (see the module docstring for the rules)."""
+def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> MemoryModel:
+    """Build the model of one VM from its measurement (see the module docstring for the rules).
+
+    ``mode="qemu"`` extrapolates below the shortest window through the origin at that window's rate
+    instead of the seed's jump at t = 0: on QEMU 7.2 the shortest window is 1 s, a working set that
+    fills within it made the seed's line through the first two points claim the whole set was dirty at
+    once, and four real migrations at 0.35-0.7x of the bandwidth were predicted never to converge
+    (docs/accuracy.md). The seed's rule stays for ``mode="seed"``, which must reproduce it exactly.
+    """
     zero = m.zero_pages if m.zero_pages is not None else 0.0
     ceiling = m.total_pages - zero
     xs = [p.period_ms for p in m.points]
@@ -75,8 +83,8 @@ def build_model(m: Measurement) -> MemoryModel:
     # as its running maximum (pessimistic, and a no-op for monotone input, so seed mode is unaffected).
     for i in range(1, len(ys)):
         ys[i] = max(ys[i], ys[i - 1])
-    if len(xs) == 1:
-        # One window only: assume the rate it saw, from a clean start (a line through the origin).
+    if len(xs) == 1 or mode == "qemu":
+        # The rate the shortest window saw, from a clean start (a line through the origin).
         xs.insert(0, 0.0)
         ys.insert(0, 0.0)
     else:

@@ -107,3 +107,17 @@ def test_renderer_caches_until_the_state_changes() -> None:
     assert r.render() == first
     state.record_failure("vm2", "timeout", "slow", at=1003.0, duration=5.0)
     assert b'reason="timeout"' in r.render()
+
+
+def test_readme_documents_every_metric() -> None:
+    from migpredictd.collector import FAMILIES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    names = [f.name for f in FAMILIES] + [
+        "migpredictd_build_info",
+        "migpredictd_config_last_reload_successful",
+        "migpredictd_config_last_reload_success_timestamp_seconds",
+        "migpredictd_targets",
+    ]
+    missing = [n for n in names if f"`{n}`" not in readme]
+    assert not missing

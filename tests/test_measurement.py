@@ -142,8 +142,11 @@ def test_sweep_in_seconds_only_and_zero_pages() -> None:
     assert m.strategy == "sweep-s"
     assert m.zero_pages == 1000.0
     assert m.zero_pages_method == "host-smaps"
-    # an idle guest's "0 MiB/s" still means half a MiB/s dirtied on average
-    assert m.points == (DirtyPoint(1000.0, 0.5 * 256), DirtyPoint(2000.0, 3.0 * 256))
+    # An idle guest's "0 MiB/s" still means half a MiB/s dirtied on average: 0.5 MiB in 1 s, 3 MiB in
+    # 2 s. A longer window cannot see a higher rate (1.5 > 0.5 MiB/s), so the rates are pooled, weighted
+    # by window length: (0.5 * 1 + 1.5 * 2) / 3 MiB/s for both windows.
+    rate = (0.5 * 1 + 1.5 * 2) / 3 * 256
+    assert m.points == (DirtyPoint(1000.0, pytest.approx(rate)), DirtyPoint(2000.0, pytest.approx(2 * rate)))
 
 
 def test_sweep_caps_at_the_pages_that_are_not_zero() -> None:
@@ -152,7 +155,9 @@ def test_sweep_caps_at_the_pages_that_are_not_zero() -> None:
     doc["zero_pages"] = 600
     doc["runs"] = [{"calc-time": 1, "dirty-rate": 1}, {"calc-time": 4, "dirty-rate": 100}]
     m = parse_measurement(doc)
-    assert m.points == (DirtyPoint(1000.0, 1.5 * 256), DirtyPoint(4000.0, 424.0))
+    # 1.5 MiB/s over 1 s, 100.5 MiB/s over 4 s: a longer window cannot see a higher rate, so both take
+    # the pooled 80.7 MiB/s, and both exceed the 1024 - 600 = 424 pages that can be dirty at all.
+    assert m.points == (DirtyPoint(1000.0, 424.0), DirtyPoint(4000.0, 424.0))
 
 
 @settings(max_examples=200, deadline=None)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from tests.test_deploy_assets import ALERTS, DEPLOY, EXPECTED_ALERTS, deploy_exprs
 
 pytestmark = pytest.mark.prometheus
