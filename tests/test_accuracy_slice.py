@@ -1,0 +1,49 @@
+"""Prediction accuracy on real migrations: the CI slice of benchmarks/accuracy.py (QEMU 7.2 and 10.0).
+
+Four real loopback migrations (about 80 s): each guest is measured by the daemon's own code path,
+predicted, and migrated; the test fails when the ``qemu`` mode's error regresses past the bounds below
+or when any verdict is wrong for a migration far (>20%) from the convergence boundary. Bounds come
+from the committed runs (benchmarks/results/accuracy-summary.md) with margin for a shared, loaded host.
+Fails (never skips) when QEMU or the kernel is missing: the rig raises RigError.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from benchmarks.accuracy import QUICK, error, run_case, summarize, verdict_wrong
+
+# qemu mode with the opt-out zero-page estimate (host-smaps, an upper bound on non-zero pages): median
+# 16.5% on this slice (p90 17.3%); idle guests were 15-25% long in the calibration set. The estimate,
+# not the simulation, dominates (docs/accuracy.md).
+MAX_MEDIAN_ERROR_HOST_SMAPS = 0.30
+# qemu mode as the daemon runs it by default (guest-sampled zero pages): median 1.5% on this slice
+# (worst 5.5%, the 10.0 case); 1.6-3.6% held-out medians.
+MAX_MEDIAN_ERROR_DEFAULT = 0.06
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_qemu_mode_predicts_real_migrations_within_the_committed_bounds() -> None:
+    rows = [run_case(case, "quick", lambda _msg: None) for case in QUICK]
+    table = summarize(rows, "test slice")
+
+    # The slice covers both generations and both verdicts, all far from the boundary.
+    assert {r["guest"]["qemu"] for r in rows} == {"7.2", "10.0"}, table
+    assert {r["outcome"]["converged"] for r in rows} == {True, False}, table
+    assert all(r["boundary"]["far"] for r in rows), table
+
+    for mode in ("qemu", "qemu+host-smaps"):
+        wrong = [r["case"] for r in rows if r["boundary"]["far"] and verdict_wrong(r, mode)]
+        assert not wrong, f"{mode}: wrong verdict far from the boundary in {wrong}\n{table}"
+
+    def median_error(mode: str) -> float:
+        errs = [e for r in rows if (e := error(r, mode)) is not None]
+        assert len(errs) == 3, table
+        return statistics.median(errs)
+
+    assert median_error("qemu") <= MAX_MEDIAN_ERROR_DEFAULT, table
+    assert median_error("qemu+host-smaps") <= MAX_MEDIAN_ERROR_HOST_SMAPS, table
