@@ -3,14 +3,14 @@
 #   - QEMU 7.2 (Debian 12's own), busybox-static, gcc + static libc, prometheus (apt);
 #   - QEMU 10.0 from bookworm-backports, extracted beside 7.2 (never installed over it);
 #   - a Debian cloud kernel image, extracted (never installed into the host's /boot).
-# Layout under ${MIGPREDICTD_RIG_DIR:-/opt/migpredictd}:
+# Layout under ${MIGPREDICTD_RIG_DIR:-/opt/migpredictd-rig}:
 #   qemu-10.0/usr/bin/qemu-system-x86_64   QEMU 10.0 binary (uses the libraries 7.2's install brought)
 #   qemu-10.0/data/                         its -L firmware dir (usr/share/qemu + seabios link)
 #   kernel/vmlinuz                          the guest kernel
 # Every step is skipped when its result is already there; re-running is cheap.
 set -euo pipefail
 
-RIG_DIR="${MIGPREDICTD_RIG_DIR:-/opt/migpredictd}"
+RIG_DIR="${MIGPREDICTD_RIG_DIR:-/opt/migpredictd-rig}"
 QEMU10_DIR="${RIG_DIR}/qemu-10.0"
 KERNEL_DIR="${RIG_DIR}/kernel"
 BACKPORTS_SOURCES=/etc/apt/sources.list.d/migpredictd-bookworm-backports.sources

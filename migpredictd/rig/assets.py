@@ -1,7 +1,7 @@
 """Rig assets: the guest kernel, the QEMU binaries, and the initramfs with busybox and the dirtier.
 
 The kernel and QEMU 10.0 come from `scripts/install-rig.sh` (under `MIGPREDICTD_RIG_DIR`, default
-/opt/migpredictd); QEMU 7.2 is Debian 12's own. The dirtier and the initramfs are built here, into a
+/opt/migpredictd-rig); QEMU 7.2 is Debian 12's own. The dirtier and the initramfs are built here, into a
 cache keyed by the hash of everything that goes into them, so a rebuild happens only when an input
 changes and concurrent test runs never see a half-written file.
 """
@@ -25,7 +25,7 @@ from migpredictd.rig import INSTALL_HINT, RigError
 QemuGeneration = Literal["7.2", "10.0"]
 QEMU_GENERATIONS: Final[tuple[QemuGeneration, ...]] = ("7.2", "10.0")
 
-DEFAULT_RIG_DIR: Final = Path("/opt/migpredictd")
+DEFAULT_RIG_DIR: Final = Path("/opt/migpredictd-rig")
 SYSTEM_QEMU: Final = Path("/usr/bin/qemu-system-x86_64")
 BUSYBOX: Final = Path("/bin/busybox")
 DIRTIER_SOURCE: Final = Path(__file__).resolve().parent / "guest" / "dirtier.c"
@@ -57,7 +57,7 @@ class QemuBinary:
 
 
 def rig_dir() -> Path:
-    """Where install-rig.sh put the kernel and QEMU 10 (`MIGPREDICTD_RIG_DIR`, default /opt/migpredictd)."""
+    """Where install-rig.sh put the kernel and QEMU 10 (`MIGPREDICTD_RIG_DIR`, default /opt/migpredictd-rig)."""
     return Path(os.environ.get("MIGPREDICTD_RIG_DIR", str(DEFAULT_RIG_DIR)))
 
 
