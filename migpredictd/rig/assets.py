@@ -57,7 +57,7 @@ class QemuBinary:
 
 
 def rig_dir() -> Path:
-    """Where install-rig.sh put the kernel and QEMU 10 (`MIGPREDICTD_RIG_DIR`, default /opt/migpredictd-rig)."""
+    """Where install-rig.sh put the kernel and QEMU 10 (`MIGPREDICTD_RIG_DIR`, default above)."""
     return Path(os.environ.get("MIGPREDICTD_RIG_DIR", str(DEFAULT_RIG_DIR)))
 
 
