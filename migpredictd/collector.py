@@ -3,19 +3,25 @@
 :func:`target_samples` is the single definition of every per-target series. Two consumers read it:
 
 - :class:`TargetCollector`, a prometheus_client custom collector (fresh families at each collect());
-- :class:`MetricsRenderer`, which renders each target's text once per result and serves the joined
-  bytes, because 10,000 VMs x 48 grid cells is a million samples and re-rendering them all at each
-  scrape would take seconds (issue 7).
+- :class:`MetricsRenderer`, which renders each target's text once per result, keeps it compact (the
+  grid families as raw-deflate segments) and streams ``/metrics`` family by family, because 10,000 VMs
+  x 48 grid cells are a million samples: re-rendering them at each scrape would take seconds and
+  holding the joined body hundreds of MB (issue 7, docs/performance.md).
 
-Nothing here talks to a VM: a scrape reads a :class:`~migpredictd.state.State` snapshot.
+The per-cell downtime, passes and transferred-bytes families are opt-in (``details``; the daemon takes
+``global.exposition.per_cell_details``). Nothing here talks to a VM: a scrape reads a
+:class:`~migpredictd.state.State` snapshot.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
+import struct
 import threading
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -118,8 +124,55 @@ def _period_label(seconds: float) -> str:
     return f"{seconds:g}s" if seconds >= 1 else f"{seconds * 1000:g}ms"
 
 
-def target_samples(t: TargetState) -> Iterator[Sample]:
-    """Every per-target sample as (family name, labels, value), in family order."""
+# Families with one sample per grid cell that only some users need: opt-in
+# (``global.exposition.per_cell_details``), because each one adds a full grid of series per VM.
+DETAIL_FAMILIES: Final = frozenset(
+    {
+        "migpredictd_predicted_downtime_seconds",
+        "migpredictd_predicted_passes",
+        "migpredictd_predicted_transferred_bytes",
+    }
+)
+# Families whose samples come from the last prediction and measurement only (not the attempt status):
+# the renderer keeps their text until the prediction changes, so a failure re-renders a few lines.
+RESULT_FAMILIES: Final = frozenset(
+    {
+        "migpredictd_migration_converges",
+        "migpredictd_predicted_migration_seconds",
+        "migpredictd_min_converging_bandwidth_bytes_per_second",
+        "migpredictd_min_downtime_seconds",
+        "migpredictd_dirty_rate_bytes_per_second",
+    }
+    | DETAIL_FAMILIES
+)
+
+
+def families(*, details: bool = True) -> tuple[Family, ...]:
+    """The per-target families exposed, in exposition order (detail families only with ``details``)."""
+    return tuple(f for f in FAMILIES if details or f.name not in DETAIL_FAMILIES)
+
+
+def target_samples(t: TargetState, *, details: bool = True) -> Iterator[Sample]:
+    """Every per-target sample as (family name, labels, value), in family order.
+
+    ``details`` adds the per-cell downtime, passes and transferred-bytes families.
+    """
+    yield from _status_samples(t)
+    yield from _result_samples(t, details=details)
+    yield from _memory_samples(t)
+
+
+def _memory_samples(t: TargetState) -> Iterator[Sample]:
+    """Guest memory and zero pages: one line each, from the last measurement."""
+    m = t.measurement
+    if m is not None:
+        yield "migpredictd_guest_memory_bytes", {"vm": t.name}, float(m.memory_bytes)
+        if m.zero_pages is not None:
+            yield "migpredictd_zero_pages_estimate_bytes", {"vm": t.name}, m.zero_pages * m.page_size_bytes
+
+
+def _status_samples(t: TargetState) -> Iterator[Sample]:
+    """The attempt status and target info: small, and new at every attempt."""
     vm = {"vm": t.name}
     yield "migpredictd_up", vm, 1.0 if t.up else 0.0
     if t.last_success is not None:
@@ -143,7 +196,11 @@ def target_samples(t: TargetState) -> Iterator[Sample]:
         )
     info.update({k: v for k, v in t.labels.items() if k not in info})
     yield "migpredictd_target_info", info, 1.0
-    p, g = t.prediction, t.grid
+
+
+def _result_samples(t: TargetState, *, details: bool) -> Iterator[Sample]:
+    """The grid and the dirty rates: one family of :data:`RESULT_FAMILIES` after another."""
+    p, g, m = t.prediction, t.grid, t.measurement
     if p is not None and g is not None:
         bw_labels = g.bandwidth_labels or tuple(format_bandwidth(b) for b in g.bandwidths)
         dt_labels = g.downtime_labels or tuple(format_downtime(d) for d in g.downtimes)
@@ -152,18 +209,24 @@ def target_samples(t: TargetState) -> Iterator[Sample]:
             for i, b in enumerate(bw_labels)
             for j, d in enumerate(dt_labels)
         ]
+        # Plain lists: indexing numpy arrays element by element costs more than the formatting.
+        secs: list[list[float]] = p.seconds.tolist()
         for i, j, lab in cells:
-            yield "migpredictd_migration_converges", lab, 0.0 if math.isnan(p.seconds[i, j]) else 1.0
+            yield "migpredictd_migration_converges", lab, 0.0 if math.isnan(secs[i][j]) else 1.0
         for i, j, lab in cells:
-            if not math.isnan(p.seconds[i, j]):
-                yield "migpredictd_predicted_migration_seconds", lab, float(p.seconds[i, j])
-        for i, j, lab in cells:
-            if not math.isnan(p.downtime_seconds[i, j]):
-                yield "migpredictd_predicted_downtime_seconds", lab, float(p.downtime_seconds[i, j])
-        for i, j, lab in cells:
-            yield "migpredictd_predicted_passes", lab, float(p.passes[i, j])
-        for i, j, lab in cells:
-            yield "migpredictd_predicted_transferred_bytes", lab, float(p.bytes_sent[i, j])
+            if not math.isnan(secs[i][j]):
+                yield "migpredictd_predicted_migration_seconds", lab, secs[i][j]
+        if details:
+            down: list[list[float]] = p.downtime_seconds.tolist()
+            passes: list[list[float]] = p.passes.tolist()
+            sent: list[list[float]] = p.bytes_sent.tolist()
+            for i, j, lab in cells:
+                if not math.isnan(down[i][j]):
+                    yield "migpredictd_predicted_downtime_seconds", lab, down[i][j]
+            for i, j, lab in cells:
+                yield "migpredictd_predicted_passes", lab, float(passes[i][j])
+            for i, j, lab in cells:
+                yield "migpredictd_predicted_transferred_bytes", lab, float(sent[i][j])
         for j, d in enumerate(dt_labels):
             if not math.isnan(p.min_bandwidth[j]):
                 yield (
@@ -185,25 +248,25 @@ def target_samples(t: TargetState) -> Iterator[Sample]:
                 {"vm": t.name, "period": _period_label(period)},
                 rate,
             )
-        yield "migpredictd_guest_memory_bytes", vm, float(m.memory_bytes)
-        if m.zero_pages is not None:
-            yield "migpredictd_zero_pages_estimate_bytes", vm, m.zero_pages * m.page_size_bytes
 
 
 class TargetCollector(Collector):
     """prometheus_client collector over a :class:`State`: fresh families at every collect()."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, *, details: bool = True) -> None:
         self._state = state
+        self._details = details
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         for f in FAMILIES:
+            if not self._details and f.name in DETAIL_FAMILIES:
+                continue
             cls = CounterMetricFamily if f.kind == "counter" else GaugeMetricFamily
             name = f.name.removesuffix("_total") if f.kind == "counter" else f.name
             families[f.name] = cls(name, f.help, labels=None)
         for t in self._state.snapshot().values():
-            for name, labels, value in target_samples(t):
+            for name, labels, value in target_samples(t, details=self._details):
                 fam = families[name]
                 fam.add_sample(name, dict(labels), value)
         yield from families.values()
@@ -240,6 +303,8 @@ class DaemonCollector(Collector):
 
 
 def _escape(value: str) -> str:
+    if "\\" not in value and "\n" not in value and '"' not in value:
+        return value
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
@@ -251,42 +316,193 @@ def _format_value(value: float) -> str:
     return repr(float(value))
 
 
-def _render_target(t: TargetState) -> dict[str, str]:
+def _render(samples: Iterable[Sample]) -> dict[str, str]:
+    """Exposition lines of ``samples``, grouped by family."""
     out: dict[str, list[str]] = {}
-    for name, labels, value in target_samples(t):
-        lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-        out.setdefault(name, []).append(f"{name}{{{lab}}} {_format_value(value)}\n")
+    # The grid's label dicts are shared by five families: format each once. The memo keeps the dict
+    # alive, so its id() cannot be reused by another dict during this call.
+    memo: dict[int, tuple[Mapping[str, str], str]] = {}
+    for name, labels, value in samples:
+        hit = memo.get(id(labels))
+        if hit is None:
+            hit = labels, ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            memo[id(labels)] = hit
+        out.setdefault(name, []).append(f"{name}{{{hit[1]}}} {_format_value(value)}\n")
     return {k: "".join(v) for k, v in out.items()}
 
 
-class MetricsRenderer:
-    """Serves ``/metrics`` bytes: each target is rendered once per change; the body once per state version."""
+def _deflate(text: str) -> bytes:
+    """A raw-deflate segment of ``text`` that decompresses alone and concatenates with others.
 
-    def __init__(self, state: State, registry: CollectorRegistry) -> None:
+    A fresh compressor (no history to refer back to) ended by a sync flush (byte-aligned, not the
+    final block): segments can be spliced one after another into a gzip body without recompressing.
+    """
+    c = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15, 9)
+    return c.compress(text.encode()) + c.flush(zlib.Z_SYNC_FLUSH)
+
+
+def _inflate(segment: bytes) -> bytes:
+    return zlib.decompressobj(-15).decompress(segment)
+
+
+_LEVEL: Final = 6  # paid once per result, not per scrape: favour size (RSS) over speed
+_FLUSH_BYTES: Final = 256 * 1024  # write in pieces of about this size: few syscalls, bounded buffers
+_GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0
+
+
+@dataclass(slots=True)
+class _Rendered:
+    """One target's text: status families as plain bytes, result families as deflate segments."""
+
+    version: int
+    plain: dict[str, bytes]
+    result_key: tuple[object, ...]
+    deflated: dict[str, bytes]
+
+
+class MetricsRenderer:
+    """Serves ``/metrics`` as a stream, each target rendered once per change (issue 7).
+
+    10,000 VMs x 48 grid cells are about a million samples (100-200 MB of text): rendering them at
+    each scrape would take seconds, and holding the body would take that much memory. So each target's
+    text is rendered once when its state changes and kept compact: the few status lines as bytes, the
+    grid families (the bulk) as raw-deflate segments, re-rendered only when the prediction changes. A
+    scrape streams family after family, inflating the segments, or, for gzip, splicing them into the
+    gzip stream as they are (only the CRC needs the inflated bytes).
+    """
+
+    def __init__(self, state: State, registry: CollectorRegistry, *, details: bool = True) -> None:
         self._state = state
         self._registry = registry  # process, build info, reload status
         self._lock = threading.Lock()
-        self._per_target: dict[str, tuple[int, dict[str, str]]] = {}
-        self._body: tuple[int, bytes] | None = None
+        self._cache: dict[str, _Rendered] = {}
+        self._version: int | None = None
+        self._details = details
+
+    @property
+    def details(self) -> bool:
+        return self._details
+
+    @details.setter
+    def details(self, value: bool) -> None:
+        with self._lock:
+            if value != self._details:
+                self._details = value
+                self._cache.clear()
+                self._version = None
+
+    def refresh(self) -> int:
+        """Render every target whose state changed; return how many. Call it off the event loop."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> int:
+        version = self._state.version
+        if version == self._version:
+            return 0
+        snapshot = self._state.snapshot()
+        cache = self._cache
+        for name in [n for n in cache if n not in snapshot]:
+            del cache[name]
+        rendered = 0
+        for name, t in snapshot.items():
+            hit = cache.get(name)
+            if hit is None or hit.version != t.version:
+                cache[name] = self._render_target(t, hit)
+                rendered += 1
+        self._version = version
+        return rendered
+
+    def _render_target(self, t: TargetState, old: _Rendered | None) -> _Rendered:
+        key = (t.prediction, t.grid, t.measurement, self._details)
+        status = _render(itertools.chain(_status_samples(t), _memory_samples(t)))
+        plain = {k: v.encode() for k, v in status.items()}
+        # Identity, not equality: a new result is a new object, and numpy arrays do not compare to a bool.
+        if (
+            old is not None
+            and len(old.result_key) == len(key)
+            and all(a is b for a, b in zip(old.result_key, key, strict=True))
+        ):
+            deflated = old.deflated
+        else:
+            deflated = {k: _deflate(v) for k, v in _render(_result_samples(t, details=self._details)).items()}
+        return _Rendered(t.version, plain, key, deflated)
+
+    def _entries(self) -> tuple[tuple[Family, ...], list[_Rendered]]:
+        with self._lock:
+            self._refresh()
+            return families(details=self._details), list(self._cache.values())
+
+    def chunks(self) -> Iterator[bytes]:
+        """The exposition text in pieces of about 256 KiB, in family order."""
+        fams, entries = self._entries()
+        buf: list[bytes] = []
+        size = 0
+        for f in fams:
+            buf.append(_header(f))
+            result = f.name in RESULT_FAMILIES
+            for e in entries:
+                piece = (e.deflated if result else e.plain).get(f.name)
+                if piece is None:
+                    continue
+                if result:
+                    piece = _inflate(piece)
+                buf.append(piece)
+                size += len(piece)
+                if size >= _FLUSH_BYTES:
+                    yield b"".join(buf)
+                    buf, size = [], 0
+        buf.append(generate_latest(self._registry))
+        yield b"".join(buf)
+
+    def gzip_chunks(self) -> Iterator[bytes]:
+        """The same text as a gzip stream: result segments are spliced in, the rest compressed here."""
+        fams, entries = self._entries()
+        crc, length = 0, 0
+        plain = zlib.compressobj(1, zlib.DEFLATED, -15, 9)  # per-scrape work: favour speed
+        out: list[bytes] = [_GZIP_HEADER]
+        size = 0
+
+        def add_plain(data: bytes) -> None:
+            nonlocal crc, length
+            crc = zlib.crc32(data, crc)
+            length += len(data)
+            out.append(plain.compress(data))
+
+        for f in fams:
+            add_plain(_header(f))
+            if f.name not in RESULT_FAMILIES:
+                for e in entries:
+                    piece = e.plain.get(f.name)
+                    if piece is not None:
+                        add_plain(piece)
+                        size += len(piece)
+            else:
+                # A full flush ends the plain compressor's blocks and forgets its history, so nothing it
+                # writes later refers back across the spliced segments.
+                out.append(plain.flush(zlib.Z_FULL_FLUSH))
+                for e in entries:
+                    segment = e.deflated.get(f.name)
+                    if segment is None:
+                        continue
+                    text = _inflate(segment)
+                    crc = zlib.crc32(text, crc)
+                    length += len(text)
+                    out.append(segment)
+                    size += len(text)
+            if size >= _FLUSH_BYTES:
+                yield b"".join(out)
+                out, size = [], 0
+        add_plain(generate_latest(self._registry))
+        out.append(plain.flush(zlib.Z_FINISH))
+        out.append(struct.pack("<II", crc & 0xFFFFFFFF, length & 0xFFFFFFFF))
+        yield b"".join(out)
 
     def render(self) -> bytes:
-        with self._lock:
-            version = self._state.version
-            if self._body is not None and self._body[0] == version:
-                return self._body[1] + generate_latest(self._registry)
-            snapshot = self._state.snapshot()
-            cache: dict[str, tuple[int, dict[str, str]]] = {}
-            for name, t in snapshot.items():
-                hit = self._per_target.get(name)
-                cache[name] = (
-                    hit if hit is not None and hit[0] == t.version else (t.version, _render_target(t))
-                )
-            self._per_target = cache
-            parts: list[str] = []
-            for f in FAMILIES:
-                parts.append(f"# HELP {f.name.removesuffix('_total')} {f.help}\n")
-                parts.append(f"# TYPE {f.name.removesuffix('_total')} {f.kind}\n")
-                parts.extend(chunks[f.name] for _, chunks in cache.values() if f.name in chunks)
-            body = "".join(parts).encode()
-            self._body = (version, body)
-            return body + generate_latest(self._registry)
+        """The whole exposition text at once (tests, small fleets)."""
+        return b"".join(self.chunks())
+
+
+def _header(f: Family) -> bytes:
+    name = f.name.removesuffix("_total")
+    return f"# HELP {name} {f.help}\n# TYPE {name} {f.kind}\n".encode()

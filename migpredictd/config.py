@@ -113,6 +113,8 @@ class Config:
     measurement: MeasurementConfig
     targets_dir: str | None  # the config file's directory joined with the value: cwd does not matter
     source: str
+    # Also expose predicted downtime, passes and transferred bytes per grid cell (global.exposition).
+    per_cell_details: bool = False
 
 
 # --- limits and defaults ----------------------------------------------------------------------------------
@@ -250,6 +252,11 @@ def _compose(text: str, problems: _Problems) -> _Y | None:
     return None if converter.aborted else y  # a half-converted tree would only add noise
 
 
+def _excerpt(text: str, limit: int = 40) -> str:
+    """A scalar's text for a message, cut short: the offending value may be kilobytes long."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def _too_deep(text: str) -> int | None:
     """The line where nesting first exceeds MAX_DEPTH, from the (iterative) event stream.
 
@@ -287,8 +294,11 @@ class _Converter:
         if isinstance(node, yaml.ScalarNode):
             try:
                 return _Y(self.constructor.construct_object(node), line)
-            except yaml.YAMLError as e:  # e.g. !!python/object: SafeLoader refuses it
-                self.problems.add(line, key, f"invalid YAML: {getattr(e, 'problem', e)}")
+            except (yaml.YAMLError, ValueError) as e:
+                # YAMLError: e.g. !!python/object, which SafeLoader refuses. ValueError (found by
+                # fuzzing): an int of 5,000 digits, a date such as 2001-02-30.
+                what = getattr(e, "problem", None) or str(e).split(";")[0]
+                self.problems.add(line, key, f"invalid YAML value {_excerpt(node.value)}: {what}")
                 return _Y(None, line)
         if node.tag not in _STANDARD_TAGS:
             self.problems.add(line, key, f"unsupported YAML tag {node.tag!r}")
@@ -863,7 +873,10 @@ def _targets(
 # --- files -------------------------------------------------------------------------------------------------
 
 _TOP_KEYS: Final = ("global", "targets_dir", "targets")
-_GLOBAL_KEYS: Final = ("interval", "jitter", "max_concurrent", "measurement", "prediction", "grid")
+_GLOBAL_KEYS: Final = (
+    "interval", "jitter", "max_concurrent", "measurement", "prediction", "grid", "exposition",
+)  # fmt: skip
+_EXPOSITION_KEYS: Final = ("per_cell_details",)
 
 
 def _document(path: Path, p: _Problems) -> _Y | None:
@@ -919,6 +932,15 @@ def load_config(path: str | Path) -> Config:
         prediction = _prediction(g["prediction"], "global.prediction", p)
     if "grid" in g:
         grid = _grid(g["grid"], "global.grid", p)
+    per_cell_details = False
+    if "exposition" in g:
+        e = _drop_nulls(_mapping(g["exposition"], "global.exposition", _EXPOSITION_KEYS, p) or {})
+        if "per_cell_details" in e:
+            y = e["per_cell_details"]
+            if isinstance(y.value, bool):
+                per_cell_details = y.value
+            else:
+                p.add(y.line, "global.exposition.per_cell_details", f"must be true or false, not {y.value!r}")
 
     targets_dir: str | None = None
     if "targets_dir" in top:
@@ -948,6 +970,7 @@ def load_config(path: str | Path) -> Config:
         measurement=measurement,
         targets_dir=targets_dir,
         source=str(path),
+        per_cell_details=per_cell_details,
     )
 
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import html
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from migpredictd import __version__
 from migpredictd.collector import DaemonCollector, MetricsRenderer
@@ -29,16 +33,18 @@ from migpredictd.logs import setup_logging
 from migpredictd.measure import MeasureSettings, measure
 from migpredictd.measurement import Measurement
 from migpredictd.model import build_model
-from migpredictd.predictor import predict_grid
+from migpredictd.predictor import VMPrediction, predict_grid
 from migpredictd.scheduler import MeasurementScheduler, Schedule
 from migpredictd.state import State
-from migpredictd.web import WebListenError, WebServer
+from migpredictd.web import StreamedMetrics, WebListenError, WebServer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = ":9842"
 TARGETS_DIR_POLL_SECONDS = 5.0
 PREDICTION_BATCH_DELAY = 0.2  # seconds to gather measurements that finish together into one batch
+MAX_PREDICTION_BATCH = 500
+LOOP_LAG_PROBE_SECONDS = 0.25
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -80,7 +86,8 @@ class Daemon:
             c(registry=self.registry)
         gc_collector.GCCollector(registry=self.registry)
         self.registry.register(DaemonCollector(self.state))
-        self.renderer = MetricsRenderer(self.state, self.registry)
+        self.registry.register(_RuntimeCollector(self))
+        self.renderer = MetricsRenderer(self.state, self.registry, details=False)
         self.config: Config | None = None
         self._targets: dict[str, TargetConfig] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -90,6 +97,11 @@ class Daemon:
         self._stop = asyncio.Event()
         self._targets_dir_signature: object = None
         self._ready = False
+        # One worker thread for predictions and rendering: they hold the GIL anyway, and each extra
+        # thread would get its own malloc arena (RSS that is never given back).
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migpredictd-predict")
+        self.loop_lag = 0.0  # seconds the event loop answered late at the last check, and the worst
+        self.loop_lag_max = 0.0
 
     # --- config -----------------------------------------------------------------------------------
 
@@ -103,11 +115,16 @@ class Daemon:
     def apply(self, config: Config) -> None:
         """Make ``config`` current: targets of this shard, their jobs and their (empty) state."""
         targets = {t.name: t for t in config.targets if in_shard(t.name, self.shard)}
+        old = self.config
         self.config = config
         self._targets = targets
+        self.renderer.details = config.per_cell_details
         self.state.set_targets({t.name: (t.qmp, t.labels) for t in targets.values()})
         if self._scheduler is not None:
-            self._scheduler.set_limit(config.max_concurrent)
+            # A new limit is a new semaphore: measurements holding the old one would not count against
+            # it, so a storm of reloads must not replace it when the limit did not change.
+            if old is None or old.max_concurrent != config.max_concurrent:
+                self._scheduler.set_limit(config.max_concurrent)
             self._scheduler.sync(
                 {n: Schedule(t.interval_seconds, config.jitter_seconds) for n, t in targets.items()}
             )
@@ -151,6 +168,14 @@ class Daemon:
                 log.info("targets_dir changed, reloading", extra={"dir": self.config.targets_dir})
                 self.reload()
 
+    async def _watch_loop_lag(self) -> None:
+        """How late the loop wakes a sleeper: a starved loop (too much work per tick) shows here."""
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            await asyncio.sleep(LOOP_LAG_PROBE_SECONDS)
+            self.loop_lag = max(0.0, time.monotonic() - t0 - LOOP_LAG_PROBE_SECONDS)
+            self.loop_lag_max = max(self.loop_lag_max, self.loop_lag)
+
     # --- measuring and predicting -----------------------------------------------------------------
 
     async def measure_target(self, name: str) -> None:
@@ -184,13 +209,21 @@ class Daemon:
 
     async def _predict_batch(self) -> None:
         await asyncio.sleep(PREDICTION_BATCH_DELAY)
-        batch, self._pending = self._pending, []
+        # Bounded batches: predicting 10,000 VMs at once peaks at hundreds of MB of numpy temporaries
+        # (and the heap keeps them) and records 10,000 results in one go on the event loop.
+        batch = self._pending[:MAX_PREDICTION_BATCH]
+        self._pending = self._pending[MAX_PREDICTION_BATCH:]
         config = self.config
         if not batch or config is None:
             return
+        loop = asyncio.get_running_loop()
+
+        def predict() -> list[VMPrediction]:
+            models = [build_model(m, mode=config.prediction.mode) for _, m, _, _ in batch]
+            return predict_grid(models, config.grid, config.prediction)
+
         try:
-            models = [build_model(m) for _, m, _, _ in batch]
-            predictions = await asyncio.to_thread(predict_grid, models, config.grid, config.prediction)
+            predictions = await loop.run_in_executor(self._worker, predict)
         except Exception as e:
             for name, _, _, duration in batch:
                 self.state.record_failure(
@@ -203,13 +236,19 @@ class Daemon:
             log.info(
                 "measured", extra={"target": name, "strategy": m.strategy, "seconds": round(duration, 3)}
             )
+        # Render the new results now, off the loop, so no scrape pays for a whole batch.
+        await loop.run_in_executor(self._worker, self._render)
         if self._pending and not self._stop.is_set():
             self._batch_task = asyncio.create_task(self._predict_batch())
 
+    def _render(self) -> None:
+        self.renderer.refresh()
+        _trim_heap()
+
     # --- WebApp -----------------------------------------------------------------------------------
 
-    def metrics(self) -> bytes:
-        return self.renderer.render()
+    def metrics(self) -> StreamedMetrics:
+        return self.renderer
 
     def healthy(self) -> bool:
         return not self._stop.is_set()
@@ -263,12 +302,35 @@ class Daemon:
             self._loop.add_signal_handler(sig, self._stop.set)
         self._loop.add_signal_handler(signal.SIGHUP, self.reload)
         watcher = asyncio.create_task(self._watch_targets_dir())
+        lag = asyncio.create_task(self._watch_loop_lag())
         await self._stop.wait()
         log.info("shutting down")
         await scheduler.shutdown(grace_seconds=3.0)
         watcher.cancel()
+        lag.cancel()
+        self._worker.shutdown(wait=False, cancel_futures=True)
         server.stop(timeout=2.0)
         return 0
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc only).
+
+    A batch of predictions peaks at tens of MB of temporaries; glibc keeps freed memory in its arenas,
+    so without this the daemon's RSS stays at its highest peak.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 async def _call(fn: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
@@ -281,7 +343,7 @@ class _WebAdapter:
     def __init__(self, daemon: Daemon) -> None:
         self._d = daemon
 
-    def metrics(self) -> bytes:
+    def metrics(self) -> StreamedMetrics:
         return self._d.metrics()
 
     def landing_page(self) -> str:
@@ -295,6 +357,37 @@ class _WebAdapter:
 
     def reload(self) -> tuple[bool, str]:
         return self._d.reload_from_web()
+
+
+class _RuntimeCollector(Collector):
+    """The daemon's own load: asyncio tasks, measurements in flight, event-loop lag (issue 7 soak)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        d = self._d
+        loop = d._loop
+        tasks = GaugeMetricFamily("migpredictd_asyncio_tasks", "asyncio tasks alive in the daemon's loop.")
+        # all_tasks() from this (HTTP) thread is safe: it retries if the loop changes the set meanwhile.
+        tasks.add_metric([], float(len(asyncio.all_tasks(loop))) if loop is not None else 0.0)
+        yield tasks
+        flight = GaugeMetricFamily(
+            "migpredictd_measurements_in_flight", "Measurements started or waiting for a slot."
+        )
+        flight.add_metric([], float(d._scheduler.in_flight) if d._scheduler is not None else 0.0)
+        yield flight
+        lag = GaugeMetricFamily(
+            "migpredictd_event_loop_lag_seconds",
+            "How late the event loop woke a 0.25 s sleeper at the last check (a busy loop answers late).",
+        )
+        lag.add_metric([], d.loop_lag)
+        yield lag
+        worst = GaugeMetricFamily(
+            "migpredictd_event_loop_lag_max_seconds", "The largest event-loop lag seen since the start."
+        )
+        worst.add_metric([], d.loop_lag_max)
+        yield worst
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

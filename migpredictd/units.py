@@ -124,7 +124,7 @@ def format_downtime(seconds: float) -> str:
 
 def format_eta(seconds: float) -> str:
     """``16m59s``, ``48s``, ``-`` (does not converge), rounding up to whole seconds like the seed."""
-    if math.isnan(seconds):
+    if not math.isfinite(seconds):  # nan: does not converge; inf (found by fuzzing): never finishes
         return "-"
     total = math.ceil(seconds)
     minutes, secs = divmod(total, 60)

@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import logging
 import os
 import re
@@ -37,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,11 +79,23 @@ class WebListenError(MigpredictdError):
     """The server cannot listen on the requested address (in use, not permitted, no such host)."""
 
 
+class StreamedMetrics(Protocol):
+    """A ``/metrics`` body too big to hold whole (10,000 VMs): produced in pieces as it is sent."""
+
+    def chunks(self) -> Iterator[bytes]:
+        """The exposition text, piece by piece."""
+        ...
+
+    def gzip_chunks(self) -> Iterator[bytes]:
+        """The same text as one gzip stream, piece by piece."""
+        ...
+
+
 class WebApp(Protocol):
     """What the server needs from the daemon: all fast, none may wait on a VM."""
 
-    def metrics(self) -> bytes:
-        """Prometheus text exposition, already rendered."""
+    def metrics(self) -> bytes | StreamedMetrics:
+        """Prometheus text exposition, already rendered (or rendered pieces, streamed)."""
         ...
 
     def landing_page(self) -> str:
@@ -952,10 +965,47 @@ class _Handler(BaseHTTPRequestHandler):
     def _metrics(self, app: WebApp) -> None:
         body = app.metrics()
         headers = {"Vary": "Accept-Encoding"}
-        if _accepts_gzip(self.headers.get("Accept-Encoding")):
-            body = gzip.compress(body, compresslevel=6, mtime=0)
+        gzipped = _accepts_gzip(self.headers.get("Accept-Encoding"))
+        if gzipped:
             headers["Content-Encoding"] = "gzip"
-        self._send(HTTPStatus.OK, body, METRICS_CONTENT_TYPE, headers)
+        if isinstance(body, bytes):
+            if gzipped:
+                body = gzip.compress(body, compresslevel=6, mtime=0)
+            self._send(HTTPStatus.OK, body, METRICS_CONTENT_TYPE, headers)
+            return
+        pieces = body.gzip_chunks() if gzipped else body.chunks()
+        first = next(pieces, b"")  # a failure to start the body is still a clean 500
+        self._stream(first, pieces, headers)
+
+    def _stream(self, first: bytes, rest: Iterator[bytes], headers: Mapping[str, str]) -> None:
+        """Send a body of unknown length: chunked on HTTP/1.1, else until the connection closes.
+
+        The body is never held whole, so a scrape of 10,000 VMs costs pieces of memory, not all of it.
+        """
+        chunked = self.request_version != "HTTP/1.0"
+        self._headers_sent = True
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", METRICS_CONTENT_TYPE)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        # An error after this point can only cut the connection: the client sees a truncated body
+        # (a failed scrape), never a half body that looks complete.
+        close_after, self.close_connection = self.close_connection, True
+        for piece in itertools.chain((first,), rest):
+            if not piece:
+                continue
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = close_after
 
     def _healthy(self, app: WebApp) -> None:
         self._probe(app.healthy())

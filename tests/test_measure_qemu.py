@@ -62,8 +62,8 @@ def test_dirty_rate_matches_the_guest(qemu: QemuGeneration, rate: int, wss: int)
         # 1 s and 2.6 at 250 ms for 20 MiB/s; plus whole-MiB/s truncation and kernel background writes.
         tolerance = max(2.0, 0.15 * truth) if seconds >= 1 else max(4.0, 0.3 * truth)
         assert abs(measured - truth) <= tolerance, (period_ms, measured, truth, m.points)
-    # Zero pages came from this host's view of the QEMU process.
-    assert m.zero_pages_method == "host-smaps"
+    # Zero pages came from this host's view of the QEMU process: auto samples guest pages first.
+    assert m.zero_pages_method == "guest-sample"
     assert m.zero_pages is not None
     assert 0 < m.zero_pages < m.total_pages - 128 * MIB // PAGE
 
