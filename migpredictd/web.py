@@ -365,6 +365,10 @@ def load_web_config(path: str) -> WebConfig:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         raise WebConfigError([ConfigProblem(path, line, "", f"invalid YAML: {exc}")]) from exc
+    except (ValueError, OverflowError) as exc:  # PyYAML's constructors: a 5000-digit int, 2001-02-30
+        raise WebConfigError([ConfigProblem(path, None, "", f"invalid YAML value: {exc}")]) from exc
+    except RecursionError as exc:
+        raise WebConfigError([ConfigProblem(path, None, "", "invalid YAML: nested too deeply")]) from exc
     lines: dict[str, int] = {}
     dups: list[tuple[str, int]] = []
     _key_lines(root, "", lines, dups)
