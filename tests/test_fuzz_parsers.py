@@ -424,5 +424,10 @@ def test_web_config_random_text_raises_only_web_config_error(text: str) -> None:
 )
 def test_web_config_constructor_failures_are_config_errors(text: str) -> None:
     """Found by fuzzing: PyYAML's constructors raised ValueError/RecursionError through load_web_config."""
-    with pytest.raises(MigpredictdError):
-        _load_web(text)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "web.yaml"
+        path.write_text(text)
+        with pytest.raises(WebConfigError) as info:
+            load_web_config(str(path))
+    assert info.value.problems
+    assert all(str(path) in str(p) for p in info.value.problems)
