@@ -26,7 +26,6 @@ from migpredictd.config import load_config
 from migpredictd.errors import (
     ConfigError,
     InputError,
-    MigpredictdError,
     QMPProtocolError,
     TargetError,
 )
