@@ -63,22 +63,20 @@ def wait_for(port: int, predicate: Callable[[Samples], bool], timeout: float) ->
     raise AssertionError(f"condition not met within {timeout}s; last scrape: {sorted(vms(last))}")
 
 
-class DaemonProcess:
-    """`migpredictd run` in a subprocess; stderr (its logs) goes to a file for failure messages."""
+class LoggedProcess:
+    """A server started for a test: stderr goes to ``log`` for failure messages; stopped by PID."""
 
-    def __init__(self, config: Path, port: int, *extra: str) -> None:
-        self.port = port
-        self.log = config.parent / "daemon.log"
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "migpredictd.cli", "run", f"--config.file={config}",
-             f"--web.listen-address=127.0.0.1:{port}", *extra],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("wb"),
-        )  # fmt: skip
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log.open("wb")
+        )
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int:
+        """Terminate (kill after 10 s); return the exit status. Safe to call twice."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -87,3 +85,15 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         return int(self.proc.returncode)
+
+
+class DaemonProcess(LoggedProcess):
+    """`migpredictd run` in a subprocess on 127.0.0.1:``port``."""
+
+    def __init__(self, config: Path, port: int, *extra: str) -> None:
+        self.port = port
+        super().__init__(
+            [sys.executable, "-m", "migpredictd.cli", "run", f"--config.file={config}",
+             f"--web.listen-address=127.0.0.1:{port}", *extra],
+            config.parent / "daemon.log",
+        )  # fmt: skip

@@ -11,7 +11,6 @@ import copy
 import json
 import re
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import yaml
+
+from tests.daemon_helpers import LoggedProcess
 
 POLICY_RECORD: Final = "migpredictd:migration_converges:policy"
 # The one selector the policy rule is allowed to be: metric{bandwidth="...", max_downtime="..."}.
@@ -95,35 +96,20 @@ def write_yaml(path: Path, doc: Mapping[str, Any]) -> Path:
 # -------------------------------------------------------------------------------------------- the process
 
 
-class PrometheusProcess:
+class PrometheusProcess(LoggedProcess):
     """`prometheus` serving 127.0.0.1:`port` with its TSDB under `directory`; logs go to a file."""
 
     def __init__(self, config: Path, directory: Path, port: int) -> None:
         self.port = port
-        self.log = directory / "prometheus.log"
-        self.proc = subprocess.Popen(
+        super().__init__(
             [
                 prometheus_binary(),
                 f"--config.file={config}",
                 f"--storage.tsdb.path={directory / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{port}",
             ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"),
-        )  # fmt: skip
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        """Terminate by PID (kill after 10 s); return the exit status. Safe to call twice."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                return self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return int(self.proc.returncode)
+            directory / "prometheus.log",
+        )
 
     # --- HTTP API ---------------------------------------------------------------------------------
 
