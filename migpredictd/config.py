@@ -26,7 +26,8 @@ from typing import Any, Final
 
 import yaml
 
-from migpredictd.errors import ConfigError, ConfigProblem, UnitError
+from migpredictd.address import parse_address
+from migpredictd.errors import ConfigError, ConfigProblem, InputError, UnitError
 from migpredictd.predictor import Grid, PredictorSettings
 from migpredictd.units import parse_bandwidth, parse_duration
 
@@ -693,7 +694,7 @@ class _Defaults:
 
 
 def _qmp_address(y: _Y, key: str, p: _Problems) -> str | None:
-    """Check the syntax ``qmp.parse_address`` accepts (``unix:/path``, ``tcp:HOST:PORT``, ``/path``)."""
+    """Check the address with the measure edge's own parser (``unix:/path``, ``tcp:HOST:PORT``, ``/path``)."""
     text = _string(y, key, p)
     if text is None:
         return None
@@ -705,18 +706,11 @@ def _qmp_address(y: _Y, key: str, p: _Problems) -> str | None:
 
 
 def _qmp_problem(text: str) -> str | None:
-    if text.startswith("unix:"):
-        return None if text[5:] else "unix socket path is empty"
-    if text.startswith("tcp:"):
-        host, sep, port = text[4:].rpartition(":")
-        if not sep or not host or not port.isdigit():
-            return f"expected tcp:HOST:PORT, got {text!r}"
-        if not 0 < int(port) < 65536:
-            return f"port {port} out of range 1..65535"
-        return None
-    if text.startswith(("/", "./")):
-        return None
-    return f"expected unix:/path, tcp:HOST:PORT or /path, got {text!r}"
+    try:
+        parse_address(text)
+    except InputError as e:
+        return e.message
+    return None
 
 
 def _qmp_identity(text: str) -> str:

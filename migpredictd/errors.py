@@ -35,6 +35,7 @@ class InputError(MigpredictdError):
     """Bad input; ``field`` names what was wrong (``points[2].dirty_pages``)."""
 
     def __init__(self, message: str, *, field: str | None = None, source: str | None = None) -> None:
+        self.message = message
         self.field = field
         self.source = source
         where = ": ".join(x for x in (source, field) if x)

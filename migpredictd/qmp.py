@@ -27,8 +27,8 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.error import ProtocolError
 from qemu.qmp.qmp_client import GreetingError
 
+from migpredictd.address import Address, format_address, parse_address
 from migpredictd.errors import (
-    InputError,
     QMPCommandError,
     QMPConnectError,
     QMPProtocolError,
@@ -40,8 +40,6 @@ from migpredictd.errors import (
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-Address = str | tuple[str, int]
-"""A parsed monitor address: a unix socket path, or ``(host, port)`` for TCP."""
 
 READ_ONLY_COMMANDS: Final = frozenset(
     {
@@ -79,39 +77,6 @@ SAFE_DIRTY_RATE_MODE: Final = "page-sampling"
 CLOSE_TIMEOUT_S: Final = 2.0
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def parse_address(text: str) -> Address:
-    """``unix:/path``, ``tcp:HOST:PORT`` (``tcp:[::1]:4444`` for IPv6) or a plain ``/path``.
-
-    :raises InputError: when the address has none of these forms.
-    """
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if not path:
-            raise InputError("unix socket path is empty", field="address")
-        return path
-    if text.startswith("tcp:"):
-        host, sep, port_text = text[len("tcp:") :].rpartition(":")
-        if not sep or not host or not port_text.isdigit():
-            raise InputError(f"expected tcp:HOST:PORT, got {text!r}", field="address")
-        port = int(port_text)
-        if not 0 < port < 65536:
-            raise InputError(f"port {port} out of range", field="address")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        return host, port
-    if text.startswith("/") or text.startswith("./"):
-        return text
-    raise InputError(f"expected unix:/path, tcp:HOST:PORT or /path, got {text!r}", field="address")
-
-
-def format_address(address: Address) -> str:
-    """The inverse of :func:`parse_address`, for messages."""
-    if isinstance(address, tuple):
-        host, port = address
-        return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
-    return f"unix:{address}"
 
 
 def check_allowed(
