@@ -96,7 +96,8 @@ FAMILIES: Final = (
     ),
     Family(
         "migpredictd_min_converging_bandwidth_bytes_per_second", "gauge",
-        "Smallest bandwidth at which the migration converges with this max downtime; absent if none. " + _AGE,
+        "Smallest bandwidth at which the migration converges with this max downtime; 0 if any does; "
+        "absent if none. " + _AGE,
         ("vm", "max_downtime"),
     ),
     Family(

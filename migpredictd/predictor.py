@@ -450,12 +450,14 @@ def _min_bandwidth(batch: ModelBatch, downtimes: FloatArray, settings: Predictor
     lo = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[0]))
     hi = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[1]))
     ok_hi = simulate(batch, vm, np.exp(hi), dt, settings).converges
+    ok_lo = simulate(batch, vm, np.exp(lo), dt, settings).converges
     for _ in range(_BISECTION_STEPS):
         mid = (lo + hi) / 2.0
         ok = simulate(batch, vm, np.exp(mid), dt, settings).converges
         hi = np.where(ok, mid, hi)
         lo = np.where(ok, lo, mid)
-    return np.where(ok_hi, np.exp(hi), np.nan)
+    # 0: converges even at the search floor (1 kB/s), i.e. at any bandwidth (e.g. unlimited downtime).
+    return np.where(ok_lo, 0.0, np.where(ok_hi, np.exp(hi), np.nan))
 
 
 def _min_downtime(batch: ModelBatch, bandwidths: FloatArray, settings: PredictorSettings) -> FloatArray:

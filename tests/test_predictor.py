@@ -268,10 +268,13 @@ def test_derived_answers_match_the_grid(mode: str, m: MemoryModel) -> None:
         if math.isnan(b):
             assert np.all(np.isnan(pred.seconds[:, j]))  # no grid bandwidth converges either
             continue
+        if b == 0.0:  # converges at any bandwidth, the search floor (1 kB/s) included
+            assert not math.isnan(one(m, [1e3], [dt], cfg)[0])
+            assert not np.any(np.isnan(pred.seconds[:, j]))
+            continue
         at, below = one(m, [b, 0.99 * b], [dt, dt], cfg)
         assert not math.isnan(at)
-        if b > 1e3 * 1.0001:  # the search floor converges: nothing below it is tried
-            assert math.isnan(below)
+        assert math.isnan(below)
         # the grid agrees: every grid bandwidth >= b converges, every one < 0.99 b does not
         for i, bw in enumerate(bandwidths):
             if bw >= b:
