@@ -79,6 +79,10 @@ class MeasurementScheduler:
             async with self._limit:
                 if name in self._schedules:  # removed while waiting for a slot
                     await self._run(name)
+        except asyncio.CancelledError:
+            # Shutdown cancels running measurements on purpose (their QMP sessions close on the way out);
+            # re-raising would make APScheduler log every one of them as "Error running job".
+            log.debug("measurement cancelled", extra={"target": name})
         finally:
             if task is not None:
                 self._running.discard(task)
