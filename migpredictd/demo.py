@@ -1,7 +1,7 @@
 """``migpredictd demo``: boot two small real QEMU guests with the rig and run the daemon against them.
 
-One guest is idle, one rewrites a 48 MiB working set at 24 MiB/s; a third target points at a socket
-nobody listens on, to show a target that is down. Metrics are served on the usual port until Ctrl-C;
+One guest is idle (QEMU 7.2), one rewrites a 48 MiB working set at 24 MiB/s (QEMU 10.0); a third target
+points at a socket nobody listens on, to show a target that is down. Metrics are served on the usual port until Ctrl-C;
 every QEMU started here is killed on the way out.
 """
 
@@ -17,7 +17,7 @@ from migpredictd.rig.guest import Guest, GuestSpec
 
 DEMO_GUESTS = {
     "demo-idle": GuestSpec(qemu="7.2", memory_mib=256, touch_mib=64, wss_mib=0, rate_mib=0),
-    "demo-busy": GuestSpec(qemu="7.2", memory_mib=256, touch_mib=96, wss_mib=48, rate_mib=24),
+    "demo-busy": GuestSpec(qemu="10.0", memory_mib=256, touch_mib=96, wss_mib=48, rate_mib=24),
 }
 
 
