@@ -1,8 +1,8 @@
 """``migpredictd demo``: boot two small real QEMU guests with the rig and run the daemon against them.
 
 One guest is idle (QEMU 7.2), one rewrites a 48 MiB working set at 24 MiB/s (QEMU 10.0); a third target
-points at a socket nobody listens on, to show a target that is down. Metrics are served on the usual port until Ctrl-C;
-every QEMU started here is killed on the way out.
+points at a socket nobody listens on, to show a target that is down. Metrics are served on the usual
+port until Ctrl-C; every QEMU started here is killed on the way out.
 """
 
 from __future__ import annotations
