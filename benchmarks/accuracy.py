@@ -33,11 +33,11 @@ from typing import Any, Final
 
 import numpy as np
 
-from migpredictd.calibration import SEED_PREDICTOR, loopback_predictor
+from migpredictd.calibration import SEED_PREDICTOR, loopback_predictor, rate_limiter_for
 from migpredictd.measure import MeasureSettings, measure
 from migpredictd.measurement import DirtyPoint, Measurement, fit_dirty_curve, parse_measurement
 from migpredictd.model import build_model
-from migpredictd.predictor import ModelBatch, PredictorSettings, simulate
+from migpredictd.predictor import EXACT_RATE_LIMITER, ModelBatch, PredictorSettings, RateLimiter, simulate
 from migpredictd.rig.guest import Guest, GuestSpec, free_tcp_port
 from migpredictd.rig.migration import MigrationResult, migrate
 from migpredictd.zeropages import ZeroPagesUnavailableError, guest_sample_estimate
@@ -49,6 +49,7 @@ BAD_ERROR: Final = 0.25  # a prediction this far off (relative) is "bad"
 BOUNDARY_MARGIN: Final = 0.20  # "far from the boundary": the verdict holds for dirty rates x0.8 .. x1.2
 DEFAULT_CUTOFF_S: Final = 40.0
 Row = dict[str, Any]
+GENERATION_VERSION: Final = {"7.2": "7.2", "10.0": "10.0"}  # the rig's QEMU generations as versions
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,16 @@ SETS: Final = {"calibration": CALIBRATION, "holdout": HOLDOUT, "holdout2": HOLDO
 # --- prediction --------------------------------------------------------------------------------------
 
 
-def predict_cell(m: Measurement, bandwidth: float, downtime_s: float, settings: PredictorSettings) -> Row:
-    """Predict one (bandwidth, downtime) cell for one measurement; ``seconds`` None = does not converge."""
-    batch = ModelBatch.of([build_model(m, mode=settings.mode)])
+def predict_cell(
+    m: Measurement,
+    bandwidth: float,
+    downtime_s: float,
+    settings: PredictorSettings,
+    limiter: RateLimiter = EXACT_RATE_LIMITER,
+) -> Row:
+    """Predict one (max-bandwidth, downtime) cell for one measurement; ``seconds`` None = does not
+    converge."""
+    batch = ModelBatch.of([build_model(m, mode=settings.mode)], [limiter])
     res = simulate(
         batch, np.zeros(1, dtype=np.int64), np.array([bandwidth]), np.array([downtime_s]), settings
     )
@@ -187,11 +195,14 @@ def predict_modes(m: Measurement, zero_gs: float | None, case: Case) -> Row:
         if zero_gs is None
         else dataclasses.replace(fitted, zero_pages=zero_gs, zero_pages_method="guest-sample")
     )
-    bw, settings = loopback_predictor(case.bandwidth, case.spec.qemu)
+    # As the daemon does: the rate limiter of the QEMU version the measurement reported.
+    limiter = rate_limiter_for(m.qemu_version)
+    settings = loopback_predictor(case.bandwidth, limiter)
+    bw = float(case.bandwidth)
     return {
-        "seed": predict_cell(m, float(case.bandwidth), dt, SEED_PREDICTOR),
-        "qemu": predict_cell(m_gs, bw, dt, settings),
-        "qemu+host-smaps": predict_cell(fitted, bw, dt, settings),
+        "seed": predict_cell(m, bw, dt, SEED_PREDICTOR),
+        "qemu": predict_cell(m_gs, bw, dt, settings, limiter),
+        "qemu+host-smaps": predict_cell(fitted, bw, dt, settings, limiter),
     }
 
 
@@ -247,10 +258,13 @@ def boundary(case: Case, zero_pages: float | None) -> Row:
     *true* curve (from the dirtier's parameters) with every dirty count x0.8, x1 and x1.2; ``far`` when
     all three agree. Measurement errors stay tested; only the model's own boundary is taken as given."""
     dt = case.downtime_ms / 1000.0
-    bw, settings = loopback_predictor(case.bandwidth, case.spec.qemu)
+    limiter = rate_limiter_for(GENERATION_VERSION[case.spec.qemu])
+    settings = loopback_predictor(case.bandwidth, limiter)
     verdicts = {}
     for k in (1.0 - BOUNDARY_MARGIN, 1.0, 1.0 + BOUNDARY_MARGIN):
-        pred = predict_cell(true_measurement(case.spec, zero_pages, k), bw, dt, settings)
+        pred = predict_cell(
+            true_measurement(case.spec, zero_pages, k), float(case.bandwidth), dt, settings, limiter
+        )
         verdicts[f"x{k:g}"] = verdict(pred, case.cutoff_s)
     return {"verdicts": verdicts, "far": len(set(verdicts.values())) == 1}
 
@@ -479,6 +493,7 @@ def fit(rows: Iterable[Row]) -> str:
     and setup-time. Printed for migpredictd/calibration.py."""
     xs, ys, setups = [], [], []
     factors: dict[str, list[float]] = {}
+    excess: dict[tuple[str, str], list[str]] = {}
     for r in rows:
         real = r["outcome"]
         if not real["converged"] or real["ram"] is None or real["downtime_ms"] is None:
@@ -486,8 +501,13 @@ def fit(rows: Iterable[Row]) -> str:
         live_s = (real["total_time_ms"] - real["downtime_ms"] - (real["setup_time_ms"] or 0)) / 1000.0
         if live_s > 0.5:
             rate = real["ram"]["precopy_bytes"] / live_s
-            factors.setdefault(r["guest"]["qemu"], []).append(
-                rate / r["settings"]["max_bandwidth_bytes_per_second"]
+            limit = r["settings"]["max_bandwidth_bytes_per_second"]
+            factors.setdefault(r["guest"]["qemu"], []).append(rate / limit)
+            # The limiter's excess as a fraction (low limits) and in bytes/s (high limits); migrations
+            # of under 2 s live time are dominated by their start-up burst and listed apart.
+            band = "short" if live_s < 2.0 else ("<=200Mbit/s" if limit <= 200 * MBIT else ">=250Mbit/s")
+            excess.setdefault((r["guest"]["qemu"], band), []).append(
+                f"{r['case']} {(rate / limit - 1) * 100:+.1f}% {(rate - limit) / 1e6:+.2f}MB/s"
             )
         xs.append(float(real["ram"]["downtime_bytes"]))
         ys.append(real["downtime_ms"] / 1000.0)
@@ -506,6 +526,7 @@ def fit(rows: Iterable[Row]) -> str:
             f"{statistics.median(v):.4f}, min {min(v):.4f}, max {max(v):.4f} (n={len(v)})\n"
             for gen, v in sorted(factors.items())
         )
+        + "".join(f"QEMU {gen} {band}: {', '.join(v)}\n" for (gen, band), v in sorted(excess.items()))
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from migpredictd import __version__
+from migpredictd.calibration import rate_limiter_for
 from migpredictd.errors import InputError, MigpredictdError
 from migpredictd.measurement import Measurement, parse_measurement
 from migpredictd.model import build_model
@@ -87,6 +88,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         grid,
         settings,
         derived=args.format == "json",
+        limiters=[rate_limiter_for(m.qemu_version) for m in measurements],
     )
     for m, p in zip(measurements, predictions, strict=True):
         if args.format == "table":

@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from migpredictd import __version__
+from migpredictd.calibration import rate_limiter_for
 from migpredictd.collector import DaemonCollector, MetricsRenderer
 from migpredictd.config import Config, TargetConfig, load_full_config
 from migpredictd.errors import ConfigError, InputError, TargetError
@@ -220,7 +221,8 @@ class Daemon:
 
         def predict() -> list[VMPrediction]:
             models = [build_model(m, mode=config.prediction.mode) for _, m, _, _ in batch]
-            return predict_grid(models, config.grid, config.prediction)
+            limiters = [rate_limiter_for(m.qemu_version) for _, m, _, _ in batch]
+            return predict_grid(models, config.grid, config.prediction, limiters=limiters)
 
         try:
             predictions = await loop.run_in_executor(self._worker, predict)

@@ -8,7 +8,7 @@ migration, no calc-dirty-rate already in progress); ``query-memory-size-summary`
 Proxmox's ``qm``, must get in). Strategies:
 
 - ``extended``: one run; the reply lists dirty pages per period and zero pages (no upstream QEMU has it);
-- ``sweep-ms`` (8.2+): runs of 125 ms .. 4 s (``calc-time-unit: millisecond``);
+- ``sweep-ms`` (8.2+): runs of 125 ms .. 8 s (``calc-time-unit: millisecond``);
 - ``sweep-s`` (7.2 .. 8.1): runs of 1 .. 8 s (whole seconds is all 7.2 takes).
 
 The result is :func:`~migpredictd.measurement.measurement_from_sweep` (or ``_from_extended``) with
@@ -58,7 +58,7 @@ ZERO_PAGE_CHOICES: Final = ("auto", "host-smaps", "guest-sample", "none")
 # a sweep must reach about as long as the first migration pass to see a working set that fills up
 # later, and each run costs its whole period in wall time, so the periods double.
 DEFAULT_PERIODS_MS: Final[Mapping[str, tuple[float, ...]]] = {
-    "sweep-ms": (125.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0),  # 7.9 s of sampling
+    "sweep-ms": (125.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0),  # 15.9 s of sampling
     "sweep-s": (1000.0, 2000.0, 4000.0, 8000.0),  # 15 s of sampling
     "extended": (8000.0,),  # one run; QEMU reports its own periods up to this calc-time
 }

@@ -19,6 +19,9 @@ Two modes share one vectorised engine (numpy, all cells of all VMs advance one p
       the last sync, and if the total is still below the threshold the VM stops
       (``migration_completion``); so a pass ends when the remaining pages drop below the threshold, not
       when the bitmap is empty;
+    - the rate limiter lets ``max-bandwidth`` / 10 bytes out per 100 ms window; from QEMU 8.1 on it
+      counts bytes when they are flushed, not queued, so the stream runs a little above the limit
+      (:class:`RateLimiter`, per VM, measured by the accuracy lab);
     - the stop-and-copy phase is not rate-limited (``migration_rate_limit`` is only called while
       iterating), so it runs at the link's speed: ``stop_copy_speedup`` times the bandwidth;
     - setup time and the stop-and-copy phase count in the total, as in ``query-migrate``'s total-time;
@@ -92,6 +95,33 @@ class PredictorSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimiter:
+    """How far above ``max-bandwidth`` a QEMU's rate limiter lets the migration stream run:
+    ``max-bandwidth + min(excess_fraction x max-bandwidth, excess_cap_bytes_per_second)`` (qemu mode).
+
+    The default is an exact limiter (QEMU 7.2 counts bytes as it queues them). Calibrated values per
+    QEMU generation, with their evidence, are in :mod:`migpredictd.calibration`.
+    """
+
+    excess_fraction: float = 0.0
+    excess_cap_bytes_per_second: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("excess_fraction", "excess_cap_bytes_per_second"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be non-negative and finite, not {value!r}")
+
+    def stream_rate(self, max_bandwidth: float) -> float:
+        """Bytes/s the limited stream really runs at for this ``max-bandwidth`` (scalar reference of
+        what the vectorised predictor computes)."""
+        return max_bandwidth + min(self.excess_fraction * max_bandwidth, self.excess_cap_bytes_per_second)
+
+
+EXACT_RATE_LIMITER: Final = RateLimiter()
+
+
+@dataclass(frozen=True, slots=True)
 class ModelBatch:
     """Many memory models packed into padded arrays, one row per VM."""
 
@@ -102,11 +132,18 @@ class ModelBatch:
     page_size: FloatArray
     total_pages: FloatArray
     zero_pages: FloatArray
+    excess_fraction: FloatArray  # RateLimiter per VM
+    excess_cap: FloatArray
 
     @classmethod
-    def of(cls, models: Sequence[MemoryModel]) -> ModelBatch:
+    def of(cls, models: Sequence[MemoryModel], limiters: Sequence[RateLimiter] | None = None) -> ModelBatch:
+        """Pack ``models``; ``limiters[i]`` is VM i's rate limiter (default: exact for every VM)."""
         if not models:
             raise ValueError("no models")
+        if limiters is None:
+            limiters = [EXACT_RATE_LIMITER] * len(models)
+        if len(limiters) != len(models):
+            raise ValueError("one rate limiter per model")
         k = max(len(m.period_ms) for m in models)
         shape = (len(models), k)
         x = np.full(shape, np.inf)
@@ -129,6 +166,8 @@ class ModelBatch:
             page_size=np.array([float(m.page_size_bytes) for m in models]),
             total_pages=np.array([float(m.total_pages) for m in models]),
             zero_pages=np.array([m.zero_pages for m in models]),
+            excess_fraction=np.array([r.excess_fraction for r in limiters]),
+            excess_cap=np.array([r.excess_cap_bytes_per_second for r in limiters]),
         )
 
     def __len__(self) -> int:
@@ -285,7 +324,9 @@ def _simulate_qemu(
 
     page = batch.page_size[vm]
     normal_wire = page + PAGE_HEADER_BYTES
-    rate = bw / (1.0 + settings.transport_overhead)  # payload bytes/s that reach the destination
+    # What the rate limiter really lets through, then the payload bytes/s that reach the destination.
+    stream = bw + np.minimum(batch.excess_fraction[vm] * bw, batch.excess_cap[vm])
+    rate = stream / (1.0 + settings.transport_overhead)
     # threshold_size = throughput x downtime-limit, compared with pending pages x page size.
     with np.errstate(invalid="ignore"):
         threshold = np.where(np.isinf(dt_s), np.inf, rate * dt_s / page)
@@ -410,12 +451,18 @@ MIN_DOWNTIME_FLOOR: Final = 1e-6
 
 
 def predict_grid(
-    models: Sequence[MemoryModel], grid: Grid, settings: PredictorSettings, *, derived: bool = True
+    models: Sequence[MemoryModel],
+    grid: Grid,
+    settings: PredictorSettings,
+    *,
+    derived: bool = True,
+    limiters: Sequence[RateLimiter] | None = None,
 ) -> list[VMPrediction]:
     """Predict the whole grid for every model at once; with ``derived``, also the smallest bandwidth per
     downtime and the smallest downtime per bandwidth (by bisection, valid because convergence is
-    monotone in both)."""
-    batch = ModelBatch.of(models)
+    monotone in both). Bandwidths are QEMU ``max-bandwidth`` values; ``limiters[i]`` says how VM i's
+    QEMU honours them (default: exactly)."""
+    batch = ModelBatch.of(models, limiters)
     nv, nb, nd = len(models), len(grid.bandwidths), len(grid.downtimes)
     vm = np.repeat(np.arange(nv), nb * nd)
     bw = np.tile(np.repeat(np.array(grid.bandwidths), nd), nv)
