@@ -30,6 +30,7 @@ from migpredictd.address import parse_address
 from migpredictd.errors import ConfigError, ConfigProblem, InputError, UnitError
 from migpredictd.predictor import Grid, PredictorSettings
 from migpredictd.units import parse_bandwidth, parse_duration
+from migpredictd.zeropages import DEFAULT_GUEST_SAMPLE_PAGES
 
 __all__ = [
     "DEFAULT_GRID",
@@ -83,7 +84,7 @@ class MeasurementConfig:
     periods_ms: tuple[float, ...] | None = None  # None: the chosen strategy's default periods
     sample_pages: int = 16384
     zero_pages: str = "auto"
-    guest_sample_pages: int = 4096
+    guest_sample_pages: int = DEFAULT_GUEST_SAMPLE_PAGES
     poll_interval: float = 0.05
     settle_timeout: float = 10.0
 

@@ -254,7 +254,10 @@ async def measure(
                     command="query-dirty-rate",
                 )
         else:
-            zero, method = _zero_pages(settings, peer_pid, memory_bytes, notes, target)
+            # Reading sampled guest pages takes tens of ms: off the event loop, so scrapes never wait.
+            zero, method = await asyncio.to_thread(
+                _zero_pages, settings, peer_pid, memory_bytes, notes, target
+            )
             result = measurement_from_sweep(
                 runs,
                 memory_bytes=memory_bytes,
