@@ -1,7 +1,7 @@
 """Calibrated constants for predicting real migrations, with the evidence for each.
 
 Fitted on the ``calibration`` set of ``benchmarks/accuracy.py`` (loopback 127.0.0.1, TCG guests, QEMU
-7.2 and 10.0, 256-512 MiB) and checked on the disjoint ``holdout`` set; the runs are committed in
+7.2 and 10.0, 256 MiB) and checked on four disjoint held-out sets; the runs are committed in
 ``benchmarks/results/`` and summarised in ``docs/accuracy.md``. Refit with
 ``python benchmarks/accuracy.py --fit benchmarks/results/accuracy-calibration.jsonl``.
 
