@@ -10,6 +10,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from migpredictd.predictor import PredictorSettings, RateLimiter
@@ -52,16 +53,17 @@ FLUSH_COUNTING_SINCE: Final = (8, 1)
 
 
 def rate_limiter_for(qemu_version: str | None) -> RateLimiter:
-    """How the QEMU that reported ``qemu_version`` ("10.0.2", "7.2.22") honours max-bandwidth; exact
-    when the version is unknown or unparsable (the prediction then errs a few percent long on 8.1+)."""
-    if not qemu_version:
+    """How the QEMU that reported ``qemu_version`` ("10.0.2", "7.2.22", "9.2.0-rc1") honours
+    max-bandwidth; exact when the version is unknown or unparsable (the prediction then errs a few
+    percent long on 8.1+, never short)."""
+    match = _VERSION.match(qemu_version or "")
+    if match is None:
         return EXACT
-    parts = qemu_version.split(".")
-    try:
-        major, minor = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
-    except ValueError:
-        return EXACT
-    return FLUSH_COUNTING if (major, minor) >= FLUSH_COUNTING_SINCE else EXACT
+    version = (int(match.group(1)), int(match.group(2) or 0))
+    return FLUSH_COUNTING if version >= FLUSH_COUNTING_SINCE else EXACT
+
+
+_VERSION: Final = re.compile(r"(\d+)(?:\.(\d+))?")
 
 
 def loopback_predictor(max_bandwidth_bytes_per_second: float, limiter: RateLimiter) -> PredictorSettings:

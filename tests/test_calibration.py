@@ -30,6 +30,8 @@ MBIT = 125_000.0
         ("9.2.4", FLUSH_COUNTING),
         ("10.0.2", FLUSH_COUNTING),
         ("11", FLUSH_COUNTING),
+        ("9.2.0-rc1", FLUSH_COUNTING),
+        ("8.0.90", EXACT),
         (None, EXACT),
         ("", EXACT),
         ("v10.0", EXACT),  # unparsable: exact, i.e. the prediction errs long, never short
