@@ -233,17 +233,25 @@ def predict_cell(
     }
 
 
-def predict_modes(m: Measurement, zero_gs: float | None, case: Case) -> Row:
+def predict_modes(
+    m: Measurement, zero_gs: float | None, case: Case, profile_gs: Sequence[float] | None = None
+) -> Row:
     """Every mode for the case's exact cell. ``seed``: the seed's algorithm, max-bandwidth as its
     bandwidth, the measurement as the daemon records it. ``qemu``: what the daemon predicts by default
     (guest-sampled zero pages, the rate-fitted curve, the calibrated loopback settings);
-    ``qemu+host-smaps``: the same with the opt-out zero-page method that never reads guest memory."""
+    ``qemu-even``: ``qemu`` without the sampled zero-page profile; ``qemu+host-smaps``: the same with
+    the opt-out zero-page method that never reads guest memory."""
     dt = case.downtime_ms / 1000.0
     fitted = refit(m)
     m_gs = (
         fitted
         if zero_gs is None
-        else dataclasses.replace(fitted, zero_pages=zero_gs, zero_pages_method="guest-sample")
+        else dataclasses.replace(
+            fitted,
+            zero_pages=zero_gs,
+            zero_pages_method="guest-sample",
+            zero_profile=None if profile_gs is None else tuple(profile_gs),
+        )
     )
     # As the daemon does: the rate limiter of the QEMU version the measurement reported.
     limiter = rate_limiter_for(m.qemu_version)
@@ -252,6 +260,7 @@ def predict_modes(m: Measurement, zero_gs: float | None, case: Case) -> Row:
     return {
         "seed": predict_cell(m, bw, dt, SEED_PREDICTOR),
         "qemu": predict_cell(m_gs, bw, dt, settings, limiter),
+        "qemu-even": predict_cell(dataclasses.replace(m_gs, zero_profile=None), bw, dt, settings, limiter),
         "qemu+host-smaps": predict_cell(fitted, bw, dt, settings, limiter),
     }
 
@@ -364,10 +373,11 @@ def run_case(case: Case, set_name: str, say: Callable[[str], None]) -> Row:
         settings = MeasureSettings(zero_pages="host-smaps")
         m = asyncio.run(measure(source.qmp_address, target=case.case_id, settings=settings))
         try:
-            gs = guest_sample_estimate(source.pid, memory_bytes=m.memory_bytes, page_size=PAGE).zero_pages
+            est = guest_sample_estimate(source.pid, memory_bytes=m.memory_bytes, page_size=PAGE)
+            gs, profile = est.zero_pages, est.profile
         except ZeroPagesUnavailableError:
-            gs = None
-        predictions = predict_modes(m, gs, case)
+            gs, profile = None, None
+        predictions = predict_modes(m, gs, case, profile)
         load_mid = os.getloadavg()
         result = migrate(
             source,
@@ -390,6 +400,7 @@ def run_case(case: Case, set_name: str, say: Callable[[str], None]) -> Row:
         "measurement": m.to_json_dict(),
         "measurement_summary": measurement_summary(m),
         "zero_pages_guest_sample": gs,
+        "zero_profile_guest_sample": None if profile is None else list(profile),
         "predictions": predictions,
         "boundary": boundary(case, gs),
         "outcome": outcome(result),
@@ -408,7 +419,9 @@ def run_case(case: Case, set_name: str, say: Callable[[str], None]) -> Row:
 
 # --- summary -----------------------------------------------------------------------------------------------
 
-MODES: Final = ("seed", "qemu", "qemu+host-smaps")
+# "qemu-even": the default mode without the zero-page profile (zero pages spread evenly over RAM), to
+# show in one run what the profile changes; rows recorded before the profile have no such prediction.
+MODES: Final = ("seed", "qemu", "qemu-even", "qemu+host-smaps")
 
 
 def error(row: Row, mode: str) -> float | None:
@@ -483,11 +496,12 @@ def summarize(rows: Sequence[Row], title: str) -> str:
     out = [f"### {title}", "", f"{len(rows)} migrations; load average (1 min) at migration start: "
            f"median {statistics.median(r['load']['migration_start'][0] for r in rows):.2f}, "
            f"max {max(r['load']['migration_start'][0] for r in rows):.2f}.", ""]  # fmt: skip
+    modes = [mode for mode in MODES if all(mode in r["predictions"] for r in rows)]
     out += [
         "| mode | group | n | completed | median err | p90 err | bad | TP | FP | FN | TN |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode in MODES:
+    for mode in modes:
         for gname, key in groups:
             for value in sorted({key(r) for r in rows}):
                 sub = [r for r in rows if key(r) == value]
@@ -505,14 +519,15 @@ def summarize(rows: Sequence[Row], title: str) -> str:
         f"Verdicts far (>20%) from the convergence boundary: {len(far)} of {len(rows)} migrations.",
         "",
     ]
-    for mode in MODES:
+    for mode in modes:
         wrong = [r["case"] for r in far if verdict_wrong(r, mode)]
         out.append(f"- {mode}: {len(far) - len(wrong)} right, {len(wrong)} wrong {wrong if wrong else ''}")
     out += [
         "",
-        "| case | qemu | guest | bw Mbit/s | dt ms | strategy | real | seed | qemu | qemu+host-smaps "
-        "| far | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | qemu | guest | bw Mbit/s | dt ms | strategy | real | "
+        + " | ".join(modes)
+        + " | far | load |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(modes) + "---|---|",
     ]
     for r in rows:
         g, st = r["guest"], r["settings"]
@@ -527,9 +542,9 @@ def summarize(rows: Sequence[Row], title: str) -> str:
             f"| {r['case']} | {g['qemu']} | {g['memory_mib']}M {g['pattern']} {g['rate_mib']:g}MiB/s "
             f"wss{g['wss_mib']}{' phase' + format(g['phase_s'], 'g') + 's' if g['phase_s'] else ''} | "
             f"{st['max_bandwidth_bytes_per_second'] / MBIT:g} | {st['downtime_limit_ms']} | "
-            f"{r['measurement_summary']['strategy']} | {real_txt} | {cell('seed')} | {cell('qemu')} | "
-            f"{cell('qemu+host-smaps')} | "
-            f"{'yes' if r['boundary']['far'] else 'no'} | "
+            f"{r['measurement_summary']['strategy']} | {real_txt} | "
+            + "".join(f"{cell(mode)} | " for mode in modes)
+            + f"{'yes' if r['boundary']['far'] else 'no'} | "
             f"{r['load']['migration_start'][0]:.1f} |"
         )
     return "\n".join(out) + "\n"
@@ -597,7 +612,8 @@ def repredict(row: Row) -> Row:
     case = case_of(row)
     m = parse_measurement(row["measurement"])
     gs = row["zero_pages_guest_sample"]
-    return {**row, "predictions": predict_modes(m, gs, case), "boundary": boundary(case, gs)}
+    profile = row.get("zero_profile_guest_sample")
+    return {**row, "predictions": predict_modes(m, gs, case, profile), "boundary": boundary(case, gs)}
 
 
 def read_rows(paths: Iterable[Path]) -> list[Row]:

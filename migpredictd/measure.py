@@ -255,7 +255,7 @@ async def measure(
                 )
         else:
             # Reading sampled guest pages takes tens of ms: off the event loop, so scrapes never wait.
-            zero, method = await asyncio.to_thread(
+            zero, method, profile = await asyncio.to_thread(
                 _zero_pages, settings, peer_pid, memory_bytes, notes, target
             )
             result = measurement_from_sweep(
@@ -268,6 +268,7 @@ async def measure(
                 sample_pages_per_gib=settings.sample_pages,
                 **meta,
             )
+            result = dataclasses.replace(result, zero_profile=profile)
     except InputError as exc:
         raise QMPProtocolError(f"unusable calc-dirty-rate results: {exc}", target=target) from exc
     duration = time.monotonic() - started
@@ -493,17 +494,18 @@ def _check_run(
 
 def _zero_pages(
     settings: MeasureSettings, pid: int | None, memory_bytes: int, notes: list[str], target: str
-) -> tuple[float | None, str]:
-    """Zero pages by the configured method; when impossible, None ("unknown": assume none) plus a note."""
+) -> tuple[float | None, str, tuple[float, ...] | None]:
+    """Zero pages by the configured method, and where they lie (guest-sample only); when impossible,
+    None ("unknown": assume none) plus a note."""
     method = settings.zero_pages
     if method == "none":
-        return None, "none"
+        return None, "none", None
     if pid is None:
         notes.append(
             "zero pages unknown: the QEMU PID is only known over a local unix socket "
             "(prediction assumes no zero pages, so it errs long)"
         )
-        return None, "none"
+        return None, "none", None
     # auto: guest-sample first. Measured on held-out real migrations (docs/accuracy.md): it counts zero
     # pages to about 1% and gives a 4.2% median error on the final held-out set (7.2 and 10.0), where
     # host-smaps (which counts pages once touched and later zeroed as non-zero) undercounts by 5-22% and
@@ -525,9 +527,9 @@ def _zero_pages(
             notes.append(f"zero pages: {m} unavailable: {exc}")
     if est is None:
         notes.append("zero pages unknown: prediction assumes no zero pages, so it errs long")
-        return None, "none"
+        return None, "none", None
     logger.debug("%s: zero pages %s: %s", target, est.method, est.detail)
-    return est.zero_pages, est.method
+    return est.zero_pages, est.method, est.profile
 
 
 # --- CLI --------------------------------------------------------------------------------------------

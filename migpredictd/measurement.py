@@ -27,6 +27,7 @@ MIB: Final = 1 << 20
 
 ZERO_PAGE_METHODS: Final = ("qemu-sampled", "host-smaps", "guest-sample", "none")
 STRATEGIES: Final = ("extended", "sweep-ms", "sweep-s", "manual")
+MAX_PROFILE_BINS: Final = 1024
 
 # Upstream QEMU truncates dirty-rate to whole MiB/s (dirtyrate.c: update_dirtyrate() divides integers).
 # Over many runs the dropped fraction averages half a MiB/s, so a sweep adds it back: unbiased, and it
@@ -58,6 +59,9 @@ class Measurement:
     measured_at: float | None = None
     duration_seconds: float | None = None
     notes: tuple[str, ...] = field(default=())
+    # Zero share of equal slices of guest RAM in QEMU's scan order (ascending RAM offset), from the
+    # same sample as zero_pages; None = assume zero pages spread evenly.
+    zero_profile: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_int("page_size_bytes", self.page_size_bytes, minimum=1)
@@ -80,6 +84,15 @@ class Measurement:
             _check_number("zero_pages", self.zero_pages)
             if self.zero_pages > self.total_pages:
                 raise InputError(f"exceeds total_pages {self.total_pages}", field="zero_pages")
+        if self.zero_profile is not None:
+            if self.zero_pages is None:
+                raise InputError("needs zero_pages", field="zero_profile")
+            if not 1 <= len(self.zero_profile) <= MAX_PROFILE_BINS:
+                raise InputError(f"must have 1..{MAX_PROFILE_BINS} entries", field="zero_profile")
+            for i, share in enumerate(self.zero_profile):
+                _check_number(f"zero_profile[{i}]", share)
+                if share > 1.0:
+                    raise InputError("is a share, at most 1", field=f"zero_profile[{i}]")
         if self.zero_pages_method not in ZERO_PAGE_METHODS:
             raise InputError(f"must be one of {', '.join(ZERO_PAGE_METHODS)}", field="zero_pages_method")
         if self.strategy not in STRATEGIES:
@@ -115,6 +128,8 @@ class Measurement:
             "duration_seconds": self.duration_seconds,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
+        if self.zero_profile is not None:
+            out["zero_profile"] = list(self.zero_profile)
         if self.notes:
             out["notes"] = list(self.notes)
         return out
@@ -163,6 +178,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         "measured_at",
         "duration_seconds",
         "notes",
+        "zero_profile",
     }
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -184,6 +200,13 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
     notes = data.get("notes", [])
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise InputError("must be a list of strings", field="notes")
+    profile = data.get("zero_profile")
+    if profile is not None:
+        if not isinstance(profile, list):
+            raise InputError("must be a list of shares", field="zero_profile")
+        for i, share in enumerate(profile):
+            _check_number(f"zero_profile[{i}]", share)
+        profile = tuple(float(v) for v in profile)
     return Measurement(
         page_size_bytes=_integer(data, "page_size_bytes"),
         total_pages=_integer(data, "total_pages"),
@@ -197,6 +220,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         measured_at=_optional_number(data, "measured_at"),
         duration_seconds=_optional_number(data, "duration_seconds"),
         notes=tuple(notes),
+        zero_profile=profile,
     )
 
 

@@ -31,6 +31,8 @@ class MemoryModel:
     dirty_pages: tuple[float, ...]
     slopes: tuple[float, ...]
     offsets: tuple[float, ...]
+    # Zero share of equal slices of RAM in scan order (Measurement.zero_profile); None = even spread.
+    zero_profile: tuple[float, ...] | None = None
 
     @property
     def normal_pages(self) -> float:
@@ -113,4 +115,5 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
         dirty_pages=tuple(ys),
         slopes=tuple(slopes),
         offsets=tuple(offsets),
+        zero_profile=m.zero_profile if m.zero_pages is not None else None,
     )

@@ -121,6 +121,29 @@ class RateLimiter:
 EXACT_RATE_LIMITER: Final = RateLimiter()
 
 
+def _first_pass_cost(m: MemoryModel) -> tuple[list[float], list[float], list[float]]:
+    """Knots of the first pass's cost counted from the end of RAM: (pages, wire bytes, wire bytes per
+    page of the segment ending there). Zero pages cost ZERO_PAGE_BYTES, others page + header; the
+    profile's slices are scaled so that they hold ``zero_pages`` in total. Without a profile it is one
+    segment at the average cost, i.e. zero pages spread evenly."""
+    normal_wire = m.page_size_bytes + PAGE_HEADER_BYTES
+    total, zero = float(m.total_pages), m.zero_pages
+    shares = m.zero_profile or (1.0,)
+    weight = sum(shares)
+    # Slice zero counts in proportion to the sampled shares (an all-zero-free profile: evenly).
+    zeros = [zero * sh / weight for sh in shares] if weight > 0 else [zero / len(shares)] * len(shares)
+    size = total / len(shares)
+    pages, wire, per_page = [0.0], [0.0], [1.0]
+    for z in reversed(zeros):
+        zero_in_slice = min(z, size)
+        cost = (size - zero_in_slice) * normal_wire + zero_in_slice * ZERO_PAGE_BYTES
+        pages.append(pages[-1] + size)
+        wire.append(wire[-1] + cost)
+        per_page.append(cost / size)
+    pages[-1] = total  # exact end, whatever the rounding of the slices
+    return pages, wire, per_page
+
+
 @dataclass(frozen=True, slots=True)
 class ModelBatch:
     """Many memory models packed into padded arrays, one row per VM."""
@@ -134,6 +157,12 @@ class ModelBatch:
     zero_pages: FloatArray
     excess_fraction: FloatArray  # RateLimiter per VM
     excess_cap: FloatArray
+    # The first pass's cost along RAM, counted from the end of RAM (the cold pages left unsent are the
+    # highest ones: QEMU scans in ascending offset): knots of pages and wire bytes, and the wire bytes
+    # per page of the segment that ends at each knot. Padded with repeats of the last knot.
+    cold_pages: FloatArray
+    cold_bytes: FloatArray
+    cold_slope: FloatArray
 
     @classmethod
     def of(cls, models: Sequence[MemoryModel], limiters: Sequence[RateLimiter] | None = None) -> ModelBatch:
@@ -150,6 +179,16 @@ class ModelBatch:
         y = np.empty(shape)
         slope = np.zeros(shape)
         offset = np.empty(shape)
+        profiles = [_first_pass_cost(m) for m in models]
+        kp = max(len(pages) for pages, _, _ in profiles)
+        cold_pages = np.empty((len(models), kp))
+        cold_bytes = np.empty((len(models), kp))
+        cold_slope = np.ones((len(models), kp))
+        for i, (pages, wire, per_page) in enumerate(profiles):
+            n = len(pages)
+            cold_pages[i, :n], cold_pages[i, n:] = pages, pages[-1]
+            cold_bytes[i, :n], cold_bytes[i, n:] = wire, wire[-1]
+            cold_slope[i, :n] = per_page
         for i, m in enumerate(models):
             n = len(m.period_ms)
             x[i, :n] = m.period_ms
@@ -168,10 +207,29 @@ class ModelBatch:
             zero_pages=np.array([m.zero_pages for m in models]),
             excess_fraction=np.array([r.excess_fraction for r in limiters]),
             excess_cap=np.array([r.excess_cap_bytes_per_second for r in limiters]),
+            cold_pages=cold_pages,
+            cold_bytes=cold_bytes,
+            cold_slope=cold_slope,
         )
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    def cold_wire(self, vm: IntArray, cold: FloatArray) -> FloatArray:
+        """Wire bytes of the first pass's last ``cold`` pages (what is left of it, unsent)."""
+        xs = self.cold_pages[vm]
+        rows = np.arange(len(vm))
+        j = np.clip(np.count_nonzero(xs < cold[:, None], axis=1), 1, xs.shape[1] - 1)
+        wire: FloatArray = self.cold_bytes[vm, j - 1] + (cold - xs[rows, j - 1]) * self.cold_slope[vm, j]
+        return wire
+
+    def cold_left(self, vm: IntArray, wire: FloatArray) -> FloatArray:
+        """The inverse of :meth:`cold_wire`: how many last pages of the first pass cost ``wire`` bytes."""
+        ws = self.cold_bytes[vm]
+        rows = np.arange(len(vm))
+        j = np.clip(np.count_nonzero(ws < wire[:, None], axis=1), 1, ws.shape[1] - 1)
+        pages: FloatArray = self.cold_pages[vm, j - 1] + (wire - ws[rows, j - 1]) / self.cold_slope[vm, j]
+        return pages
 
     def dirty(self, vm: IntArray, ms: FloatArray) -> FloatArray:
         """Pages dirtied within ``ms`` for VM ``vm``, cell by cell: the same formula and float operations
@@ -352,8 +410,6 @@ def _simulate_qemu(
     barrier_pages = threshold + (barrier - 1.0) * step_pages
 
     total = batch.total_pages[vm]
-    zero0 = batch.zero_pages[vm]
-    cold_wire = ((total - zero0) * normal_wire + zero0 * ZERO_PAGE_BYTES) / total  # bytes per first-pass page
     live = np.arange(n)
     cold = total.copy()
     hot = np.zeros(n)
@@ -361,9 +417,11 @@ def _simulate_qemu(
     sent = np.zeros(n)
     passes = np.zeros(n, dtype=np.int64)
     while live.size:
-        cw, nw = cold_wire[live], normal_wire[live]
+        v = vm[live]
+        nw = normal_wire[live]
         pending = cold + hot
-        wire = cold * cw + hot * nw
+        cold_wire = batch.cold_wire(v, cold)
+        wire = cold_wire + hot * nw
         done = (pending < threshold[live]) | (pending == 0)
         if np.any(done):
             i = live[done]
@@ -376,16 +434,19 @@ def _simulate_qemu(
         # rounded up to whole rate-limiter windows, and never more than the bitmap holds.
         excess = np.maximum(pending - threshold[live], 0.0)
         cold_part = np.minimum(excess, cold)
-        needed = cold_part * cw + (excess - cold_part) * nw
+        needed = cold_wire - batch.cold_wire(v, cold - cold_part) + (excess - cold_part) * nw
         windows = np.floor(needed / step_bytes[live]) + 1.0
         pass_bytes = np.where(done, 0.0, np.minimum(windows * step_bytes[live], wire))
         pass_s = pass_bytes / rate[live]
-        cold_sent = np.minimum(cold, pass_bytes / cw)
-        hot_sent = np.minimum(hot, (pass_bytes - cold_sent * cw) / nw)
-        cold = cold - cold_sent
+        cold_after = np.where(
+            pass_bytes >= cold_wire, 0.0, batch.cold_left(v, np.maximum(cold_wire - pass_bytes, 0.0))
+        )
+        cold_after = np.clip(cold_after, 0.0, cold)
+        cold_sent_bytes = cold_wire - batch.cold_wire(v, cold_after)
+        hot_sent = np.clip((pass_bytes - cold_sent_bytes) / nw, 0.0, hot)
+        cold = cold_after
         hot_left = hot - hot_sent
         sync_at = elapsed + pass_s
-        v = vm[live]
         pass_ms = pass_s * 1000.0
         hot = np.minimum(hot_left + batch.dirty(v, pass_ms), batch.dirty(v, pass_ms + batch.age(v, hot_left)))
         hot = np.minimum(hot, batch.total_pages[v] - cold)

@@ -33,6 +33,11 @@ ZERO_PAGE_COST_BYTES: Final = 9  # what pre-copy sends for a zero page (QEMU_FAC
 # a first pass; so the fix is more samples. Cost on a 1 GiB guest (5 runs each): 4096 pages 13 ms,
 # 16384 pages 39 ms, 65536 pages 153 ms; spread of the estimate 2906, 480 and 346 pages.
 DEFAULT_GUEST_SAMPLE_PAGES: Final = 16384
+# Slices of guest RAM the zero share is also reported for (Measurement.zero_profile). QEMU sends the
+# first pass in address order, so where the zero pages lie decides what is left for the unthrottled
+# stop-and-copy (docs/accuracy.md, round 5). 64 slices of 256 samples each at the default: the share
+# of a slice to about +-3%, and the profile says nothing finer than 1/64 of RAM about the guest.
+PROFILE_BINS: Final = 64
 
 _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
 
@@ -69,6 +74,8 @@ class ZeroPageEstimate:
     method: str
     mapping: Mapping
     detail: str
+    # guest-sample only: the zero share of PROFILE_BINS equal slices of guest RAM, in address order.
+    profile: tuple[float, ...] | None = None
 
 
 def read_smaps(pid: int, *, proc: Path = Path("/proc")) -> list[Mapping]:
@@ -204,6 +211,7 @@ def guest_sample_estimate(
     picks = sorted(rng.sample(range(total_pages), min(samples, total_pages)))
     zero_page = bytes(page_size)
     zeros = 0
+    zero_flags: list[bool] = []
     try:
         fd = os.open(proc / str(pid) / "mem", os.O_RDONLY)
     except OSError as exc:
@@ -213,17 +221,26 @@ def guest_sample_estimate(
             data = os.pread(fd, page_size, ram.start + index * page_size)
             if len(data) != page_size:
                 raise ZeroPagesUnavailableError(f"short read of guest page {index} from /proc/{pid}/mem")
-            zeros += data == zero_page
+            zero_flags.append(data == zero_page)
+            zeros += zero_flags[-1]
     except OSError as exc:
         raise ZeroPagesUnavailableError(f"cannot read /proc/{pid}/mem: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
     share = zeros / len(picks)
+    bins = min(PROFILE_BINS, total_pages)
+    seen, zero_seen = [0] * bins, [0] * bins
+    for index, is_zero in zip(picks, zero_flags, strict=True):
+        b = index * bins // total_pages
+        seen[b] += 1
+        zero_seen[b] += is_zero
+    profile = tuple(zero_seen[b] / seen[b] if seen[b] else share for b in range(bins))
     return ZeroPageEstimate(
         zero_pages=share * total_pages,
         method="guest-sample",
         mapping=ram,
         detail=f"{zeros} of {len(picks)} sampled guest pages were zero (PID {pid})",
+        profile=profile,
     )
 
 
