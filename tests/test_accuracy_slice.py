@@ -17,11 +17,11 @@ from benchmarks.accuracy import QUICK, error, run_case, summarize, verdict_wrong
 
 # qemu mode with the opt-out zero-page estimate (host-smaps, an upper bound on non-zero pages), which errs
 # long by design: median 16.5% and 28.2% on this slice in two runs,
-# 21.2% (p90 27.1%) on the final held-out set. The estimate, not the simulation, dominates
+# 18.6% (p90 25.7%) on the final held-out set. The estimate, not the simulation, dominates
 # (docs/accuracy.md); the bound catches a broken method, not its known bias.
 MAX_MEDIAN_ERROR_HOST_SMAPS = 0.40
 # qemu mode as the daemon runs it by default (guest-sampled zero pages): median 1.5% and 3.0% on this
-# slice in two runs (worst case 5.5%); 4.2% on the final held-out set (7.2: 5.9%, 10.0: 3.7%).
+# slice in two runs (worst case 5.5%); 2.3% on the final held-out set (7.2: 3.1%, 10.0: 2.1%).
 MAX_MEDIAN_ERROR_DEFAULT = 0.06
 
 
