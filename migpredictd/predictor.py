@@ -130,7 +130,7 @@ def _first_pass_cost(m: MemoryModel) -> tuple[list[float], list[float], list[flo
     total, zero = float(m.total_pages), m.zero_pages
     shares = m.zero_profile or (1.0,)
     weight = sum(shares)
-    # Slice zero counts in proportion to the sampled shares (an all-zero-free profile: evenly).
+    # Each slice's zero pages in proportion to its sampled share (evenly if no slice had any).
     zeros = [zero * sh / weight for sh in shares] if weight > 0 else [zero / len(shares)] * len(shares)
     size = total / len(shares)
     pages, wire, per_page = [0.0], [0.0], [1.0]
@@ -142,6 +142,15 @@ def _first_pass_cost(m: MemoryModel) -> tuple[list[float], list[float], list[flo
         per_page.append(cost / size)
     pages[-1] = total  # exact end, whatever the rounding of the slices
     return pages, wire, per_page
+
+
+def _along(xs: FloatArray, ys: FloatArray, slopes: FloatArray, x: FloatArray) -> FloatArray:
+    """Row ``i`` of piece-wise linear functions (knots ``xs[i] -> ys[i]``, ``slopes[i, j]`` on the
+    segment that ends at knot ``j``) at ``x[i]``; beyond the last knot, the last segment goes on."""
+    rows = np.arange(len(x))
+    j = np.clip(np.count_nonzero(xs < x[:, None], axis=1), 1, xs.shape[1] - 1)
+    y: FloatArray = ys[rows, j - 1] + (x - xs[rows, j - 1]) * slopes[rows, j]
+    return y
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,19 +226,11 @@ class ModelBatch:
 
     def cold_wire(self, vm: IntArray, cold: FloatArray) -> FloatArray:
         """Wire bytes of the first pass's last ``cold`` pages (what is left of it, unsent)."""
-        xs = self.cold_pages[vm]
-        rows = np.arange(len(vm))
-        j = np.clip(np.count_nonzero(xs < cold[:, None], axis=1), 1, xs.shape[1] - 1)
-        wire: FloatArray = self.cold_bytes[vm, j - 1] + (cold - xs[rows, j - 1]) * self.cold_slope[vm, j]
-        return wire
+        return _along(self.cold_pages[vm], self.cold_bytes[vm], self.cold_slope[vm], cold)
 
     def cold_left(self, vm: IntArray, wire: FloatArray) -> FloatArray:
         """The inverse of :meth:`cold_wire`: how many last pages of the first pass cost ``wire`` bytes."""
-        ws = self.cold_bytes[vm]
-        rows = np.arange(len(vm))
-        j = np.clip(np.count_nonzero(ws < wire[:, None], axis=1), 1, ws.shape[1] - 1)
-        pages: FloatArray = self.cold_pages[vm, j - 1] + (wire - ws[rows, j - 1]) / self.cold_slope[vm, j]
-        return pages
+        return _along(self.cold_bytes[vm], self.cold_pages[vm], 1.0 / self.cold_slope[vm], wire)
 
     def dirty(self, vm: IntArray, ms: FloatArray) -> FloatArray:
         """Pages dirtied within ``ms`` for VM ``vm``, cell by cell: the same formula and float operations

@@ -210,7 +210,6 @@ def guest_sample_estimate(
     rng = random.Random(seed)
     picks = sorted(rng.sample(range(total_pages), min(samples, total_pages)))
     zero_page = bytes(page_size)
-    zeros = 0
     zero_flags: list[bool] = []
     try:
         fd = os.open(proc / str(pid) / "mem", os.O_RDONLY)
@@ -222,11 +221,11 @@ def guest_sample_estimate(
             if len(data) != page_size:
                 raise ZeroPagesUnavailableError(f"short read of guest page {index} from /proc/{pid}/mem")
             zero_flags.append(data == zero_page)
-            zeros += zero_flags[-1]
     except OSError as exc:
         raise ZeroPagesUnavailableError(f"cannot read /proc/{pid}/mem: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
+    zeros = sum(zero_flags)
     share = zeros / len(picks)
     bins = min(PROFILE_BINS, total_pages)
     seen, zero_seen = [0] * bins, [0] * bins
