@@ -493,6 +493,9 @@ def _tls_context(c: _Checker, t: dict[str, Any], base: Path) -> tuple[ssl.SSLCon
             except OSError as exc:
                 c.problem(k + name, f"cannot read {path(name)}: {exc.strerror}")
                 complete = False
+            except ValueError as exc:  # a NUL byte in the name: no file can have it
+                c.problem(k + name, f"cannot read {path(name)!r}: {exc}")
+                complete = False
     for inline, file in (("cert", "cert_file"), ("key", "key_file")):
         if s.get(inline) and s.get(file):
             c.problem(k + file, f"give either {inline} or {file}, not both")
@@ -530,7 +533,7 @@ def _tls_context(c: _Checker, t: dict[str, Any], base: Path) -> tuple[ssl.SSLCon
                 ctx.load_verify_locations(cafile=path("client_ca_file"))
             else:
                 ctx.load_verify_locations(cadata=s["client_ca"])
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ValueError, ssl.SSLError) as exc:  # ValueError: a NUL byte in the name
             key = "client_ca_file" if s.get("client_ca_file") else "client_ca"
             c.problem(k + key, f"cannot load CA certificates: {exc}")
 
