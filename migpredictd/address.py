@@ -17,6 +17,8 @@ def parse_address(text: str) -> Address:
 
     :raises InputError: when the address has none of these forms.
     """
+    if "\x00" in text:  # no socket path or host name can hold it; open() would raise ValueError
+        raise InputError(f"contains a NUL byte: {text!r}", field="address")
     if text.startswith("unix:"):
         path = text[len("unix:") :]
         if not path:

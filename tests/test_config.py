@@ -454,6 +454,13 @@ def test_bad_qmp_addresses(tmp_path: Path, qmp: str, message: str) -> None:
     assert (p.line, p.key, p.message) == (3, "targets[0].qmp", message)
 
 
+def test_nul_byte_in_a_qmp_address_is_a_problem_of_its_line(tmp_path: Path) -> None:
+    # YAML's double-quoted "\0" is a NUL byte; no socket path can hold one.
+    path = write(tmp_path, 'targets:\n  - name: a\n    qmp: "unix:/run/a\\0b"\n')
+    p = only(problems_of(path))
+    assert (p.line, p.key, p.message) == (3, "targets[0].qmp", "contains a NUL byte: 'unix:/run/a\\x00b'")
+
+
 def test_good_qmp_addresses(tmp_path: Path) -> None:
     addresses = ["unix:/run/a", "/run/b", "./c.qmp", "tcp:127.0.0.1:4444", "tcp:[::1]:4445", "tcp:host:1"]
     items = "".join(f"  - {{name: t{i}, qmp: '{a}'}}\n" for i, a in enumerate(addresses))

@@ -81,7 +81,19 @@ def test_parse_address(text: str, expected: str | tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "unix:", "tcp:host", "tcp::44", "tcp:h:0", "tcp:h:65536", "tcp:h:x", "vm1"]
+    "text",
+    [
+        "",
+        "unix:",
+        "tcp:host",
+        "tcp::44",
+        "tcp:h:0",
+        "tcp:h:65536",
+        "tcp:h:x",
+        "vm1",
+        "unix:/run/a\x00b",
+        "/a\x00",
+    ],
 )
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(InputError, match="address"):
