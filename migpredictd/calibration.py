@@ -50,6 +50,7 @@ LOOPBACK_TRANSPORT_OVERHEAD: Final = 0.0
 EXACT: Final = RateLimiter()
 FLUSH_COUNTING: Final = RateLimiter(excess_fraction=0.050, excess_cap_bytes_per_second=1.085e6)
 FLUSH_COUNTING_SINCE: Final = (8, 1)
+_VERSION: Final = re.compile(r"(\d+)(?:\.(\d+))?")  # major[.minor] at the start
 
 
 def rate_limiter_for(qemu_version: str | None) -> RateLimiter:
@@ -61,9 +62,6 @@ def rate_limiter_for(qemu_version: str | None) -> RateLimiter:
         return EXACT
     version = (int(match.group(1)), int(match.group(2) or 0))
     return FLUSH_COUNTING if version >= FLUSH_COUNTING_SINCE else EXACT
-
-
-_VERSION: Final = re.compile(r"(\d+)(?:\.(\d+))?")
 
 
 def loopback_predictor(max_bandwidth_bytes_per_second: float, limiter: RateLimiter) -> PredictorSettings:

@@ -266,9 +266,9 @@ async def measure(
                 zero_pages_method=method,
                 strategy=strategy,
                 sample_pages_per_gib=settings.sample_pages,
+                zero_profile=profile,
                 **meta,
             )
-            result = dataclasses.replace(result, zero_profile=profile)
     except InputError as exc:
         raise QMPProtocolError(f"unusable calc-dirty-rate results: {exc}", target=target) from exc
     duration = time.monotonic() - started

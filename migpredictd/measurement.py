@@ -201,12 +201,8 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise InputError("must be a list of strings", field="notes")
     profile = data.get("zero_profile")
-    if profile is not None:
-        if not isinstance(profile, list):
-            raise InputError("must be a list of shares", field="zero_profile")
-        for i, share in enumerate(profile):
-            _check_number(f"zero_profile[{i}]", share)
-        profile = tuple(float(v) for v in profile)
+    if profile is not None and not isinstance(profile, list):
+        raise InputError("must be a list of shares", field="zero_profile")
     return Measurement(
         page_size_bytes=_integer(data, "page_size_bytes"),
         total_pages=_integer(data, "total_pages"),
@@ -220,7 +216,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         measured_at=_optional_number(data, "measured_at"),
         duration_seconds=_optional_number(data, "duration_seconds"),
         notes=tuple(notes),
-        zero_profile=profile,
+        zero_profile=None if profile is None else tuple(profile),  # each share checked by Measurement
     )
 
 

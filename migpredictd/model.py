@@ -115,5 +115,5 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
         dirty_pages=tuple(ys),
         slopes=tuple(slopes),
         offsets=tuple(offsets),
-        zero_profile=m.zero_profile if m.zero_pages is not None else None,
+        zero_profile=m.zero_profile,  # Measurement only allows one next to zero_pages
     )
