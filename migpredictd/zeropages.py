@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-ZERO_PAGE_COST_BYTES: Final = 9  # what pre-copy sends for a zero page (QEMU_FACTS.md)
 # Standard error of the zero share <= 0.5 / sqrt(samples): 0.39% of guest RAM at 16384. The lab's
 # guest-sample errors against ram.duplicate (47 real migrations, 4096 samples then) had the spread of
 # binomial noise (sd 1.26 of its sigma, mean -0.15), about 1000 pages on a 576 MiB guest, i.e. 2-3% of
@@ -245,7 +244,6 @@ def guest_sample_estimate(
 
 __all__ = [
     "DEFAULT_GUEST_SAMPLE_PAGES",
-    "ZERO_PAGE_COST_BYTES",
     "Mapping",
     "ZeroPageEstimate",
     "ZeroPagesUnavailableError",
