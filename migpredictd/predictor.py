@@ -58,7 +58,7 @@ PAGE_HEADER_BYTES: Final = 8
 ZERO_PAGE_BYTES: Final = PAGE_HEADER_BYTES + 1
 
 # Bisection steps for the derived answers: 2**-20 of the search range, i.e. 0.002% of a bandwidth.
-_BISECTION_STEPS: Final = 20
+BISECTION_STEPS: Final = 20
 # How many rate-limiter windows the non-convergence barrier looks at (see _simulate_qemu).
 _BARRIER_WINDOWS: Final = 16
 
@@ -282,8 +282,14 @@ def simulate(
     bandwidth: FloatArray,
     downtime_s: FloatArray,
     settings: PredictorSettings,
+    *,
+    shortcut: bool = True,
 ) -> CellResults:
-    """Predict each cell ``(vm[i], bandwidth[i] bytes/s, downtime_s[i] seconds or inf)``."""
+    """Predict each cell ``(vm[i], bandwidth[i] bytes/s, downtime_s[i] seconds or inf)``.
+
+    ``shortcut=False`` (qemu mode) runs every bitmap sync one by one instead of skipping the stretches
+    that have a closed form: the brute-force oracle that tests and benchmarks compare with.
+    """
     n = len(vm)
     if not (len(bandwidth) == n and len(downtime_s) == n):
         raise ValueError("vm, bandwidth and downtime_s must have the same length")
@@ -293,7 +299,7 @@ def simulate(
         raise ValueError("downtimes must be non-negative")
     if settings.mode == "seed":
         return _simulate_seed(batch, vm, bandwidth, downtime_s, settings)
-    return _simulate_qemu(batch, vm, bandwidth, downtime_s, settings)
+    return _simulate_qemu(batch, vm, bandwidth, downtime_s, settings, shortcut=shortcut)
 
 
 def _simulate_seed(
@@ -360,8 +366,122 @@ def _simulate_seed(
     )
 
 
+def _segment(xs: FloatArray, x: FloatArray) -> IntArray:
+    """Per row, the index ``j`` of the knot that ends the segment holding ``x`` (``xs[j-1] < x <= xs[j]``),
+    clipped to ``1 .. columns - 1``."""
+    j: IntArray = np.clip(np.count_nonzero(xs < x[:, None], axis=1), 1, xs.shape[1] - 1)
+    return j
+
+
+def _creep(
+    batch: ModelBatch,
+    v: IntArray,
+    hot: FloatArray,
+    *,
+    threshold: FloatArray,
+    step_pages: FloatArray,
+    ms_per_page: FloatArray,
+    budget: FloatArray,
+) -> tuple[FloatArray, FloatArray, FloatArray, npt.NDArray[np.bool_]]:
+    """Skip syncs of the hot-only phase where the next sync is an affine function of this one.
+
+    With no cold page left, a pass of ``n`` whole windows leaves ``r = hot - n x step_pages`` pages
+    unsent and the next sync holds ``min(r + D(n windows), D(n windows + age(r)))``; a pass that empties
+    the bitmap (``r <= 0``) takes ``hot x ms_per_page`` and the next sync holds ``D(hot x ms_per_page)``.
+    While the number of windows, the branch of the min and the model's segments that the arguments of
+    ``D`` and ``age`` fall in stay the same, the next sync is ``a x hot + c``: a constant drift
+    (``a = 1``) or a geometric approach to the fixed point ``c / (1 - a)``. A falling sequence stays in
+    that region for a number of syncs known in closed form, so those syncs are taken at once. Only
+    falling sequences are skipped: what they skip can neither converge (every skipped sync is above
+    the threshold) nor hit the barrier (the sync before them did not). At most ``budget`` syncs are
+    skipped, and only syncs that start inside the region: the one that leaves it runs as a plain pass.
+
+    A geometric approach to a fixed point inside the region never falls below the threshold: such
+    cells are returned as certain not to converge.
+
+    Returns (syncs skipped, hot after them, hot pages sent by them, cells that cannot converge).
+    """
+    rows = np.arange(len(v))
+    n = np.floor((hot - threshold) / step_pages) + 1.0
+    windowed = hot > n * step_pages
+    r = np.where(windowed, hot - n * step_pages, 0.0)
+    pass_ms = np.where(windowed, n * step_pages, hot) * ms_per_page
+    # age(r) on segment j of the model's pages axis: x[j-1] + (r - y[j-1]) / slope[j] (0 when emptied).
+    ys = batch.y[v]
+    j = _segment(ys, r)
+    yj0, xj0, sj = ys[rows, j - 1], batch.x[v, j - 1], batch.slope[v, j]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        age = np.where(windowed, xj0 + (r - yj0) / sj, 0.0)
+        # D at u = pass + age(r), on segment i: offset[i] + slope[i] x u.
+        i = _segment(batch.x[v], pass_ms + age)
+        si, oi, xi0 = batch.slope[v, i], batch.offset[v, i], batch.x[v, i - 1]
+        d_pass = batch.dirty(v, pass_ms)
+        # Windowed: t1 = hot + c1 (slope 1), t2 = a2 x hot + c2. Emptied: D(hot x ms_per_page).
+        c1 = d_pass - n * step_pages
+        a2 = np.where(windowed, si / sj, si * ms_per_page)
+        c2 = np.where(windowed, oi + si * (pass_ms + xj0 - (n * step_pages + yj0) / sj), oi)
+        t1 = np.where(windowed, hot + c1, np.inf)
+        t2 = a2 * hot + c2
+        first = t1 <= t2
+        a = np.where(first, 1.0, a2)
+        c = np.where(first, c1, c2)
+        nxt = np.minimum(t1, t2)
+        # The region, as a lower bound on hot (the sequence only falls): above the threshold and the
+        # start of this number of windows; windowed: r above the start of its segment and above 0,
+        # u above the start of its segment, the same branch; emptied: u above the start of its
+        # segment; and at least one page (below that, nothing is pending: done).
+        lo = np.maximum(threshold + (n - 1.0) * step_pages, 1.0)
+        lo_w = np.maximum(
+            n * step_pages + np.maximum(yj0, 0.0), n * step_pages + yj0 + (xi0 - pass_ms - xj0) * sj
+        )
+        cross = (c2 - c1) / (1.0 - a2)  # where t1 = t2
+        switches = np.where(first, a2 > 1.0, a2 < 1.0) & np.isfinite(cross)
+        lo_w = np.where(switches, np.maximum(lo_w, cross), lo_w)
+        lo = np.where(windowed, np.maximum(lo, lo_w), np.maximum(lo, xi0 / ms_per_page))
+        usable = (
+            (nxt < hot)
+            & (nxt > lo)
+            & (a > 1e-12)
+            & (a <= 1.0)
+            & np.isfinite(lo)
+            & np.isfinite(c)
+            & (~windowed | ((sj > 0) & np.isfinite(sj)))
+        )
+        # How many syncs from this one on start strictly inside the region.
+        drift = hot - nxt
+        fixed = c / (1.0 - a)
+        linear = np.abs(1.0 - a) < 1e-9
+        inside = np.where(
+            linear,
+            np.floor((hot - lo) / drift),
+            np.where(lo > fixed, np.floor((np.log(lo - fixed) - np.log(hot - fixed)) / np.log(a)), np.inf),
+        )
+        k = np.nan_to_num(
+            np.where(usable & ((lo > fixed) | linear), np.minimum(inside, budget), 0.0),
+            nan=0.0,
+            posinf=0.0,
+        )
+        k = np.where(k >= 2.0, k, 0.0)
+        ak = a**k
+        after = np.where(linear, hot - k * drift, fixed + ak * (hot - fixed))
+        # Pages the skipped passes sent: k whole-window passes, or the sum of the emptied bitmaps.
+        emptied_sum = np.where(
+            linear, k * hot - drift * k * (k - 1.0) / 2.0, k * fixed + (hot - fixed) * (1.0 - ak) / (1.0 - a)
+        )
+        pages = np.where(windowed, k * n * step_pages, emptied_sum)
+    skip = k > 0
+    never = usable & ~linear & (lo <= fixed)
+    return k, np.where(skip, after, hot), np.where(skip, pages, 0.0), never
+
+
 def _simulate_qemu(
-    batch: ModelBatch, vm: IntArray, bw: FloatArray, dt_s: FloatArray, settings: PredictorSettings
+    batch: ModelBatch,
+    vm: IntArray,
+    bw: FloatArray,
+    dt_s: FloatArray,
+    settings: PredictorSettings,
+    *,
+    shortcut: bool,
 ) -> CellResults:
     """QEMU's loop, one bitmap sync per step of the vectorised loop.
 
@@ -393,21 +513,27 @@ def _simulate_qemu(
     stop_rate = rate * settings.stop_copy_speedup
     step_bytes = rate * settings.iteration_seconds
     step_pages = step_bytes / normal_wire
-    # Once only hot pages are left and the threshold exceeds one window, a pass of n >= m windows
-    # leaves R >= threshold - one window pages unsent, and the next sync holds at least
-    # min(R + D(m windows), D(m windows + age(threshold - one window))). If both terms are at least
-    # threshold + (m - 1) windows, pending never falls below that again (docs/model.md). `barrier` is
-    # the smallest such m (0: none up to _BARRIER_WINDOWS).
+    # Once only hot pages are left, a pass of n >= m windows (pending >= threshold + (m - 1) windows)
+    # leaves R pages unsent and the next sync holds at least min(R + D(m windows), D(m windows +
+    # age(R))). With the threshold above one window, R >= threshold - one window; if both terms are at
+    # least threshold + (m - 1) windows, pending never falls below that again (docs/model.md). With
+    # the threshold at most one window, a pass may empty the bitmap instead: it then takes at least
+    # (threshold + (m - 1) windows) x ms_per_page, so D of that (a lower bound of both cases) being at
+    # least threshold + (m - 1) windows is the same barrier. Either holds only where that is at least
+    # one page (less is nothing pending: done). `barrier` is the smallest such m (0: none up to
+    # _BARRIER_WINDOWS).
     barrier = np.zeros(n)
     window_ms = settings.iteration_seconds * 1000.0
+    small = threshold <= step_pages
     unsent_age = batch.age(vm, np.maximum(threshold - step_pages, 0.0))
+    lead_ms = np.where(small, threshold, 0.0) * normal_wire * 1000.0 / rate
     for m in range(_BARRIER_WINDOWS, 0, -1):
         floor = threshold + (m - 1) * step_pages
-        hit = (batch.dirty(vm, np.full(n, m * window_ms)) >= m * step_pages) & (
+        big = (batch.dirty(vm, np.full(n, m * window_ms)) >= m * step_pages) & (
             batch.dirty(vm, m * window_ms + unsent_age) >= floor
         )
+        hit = np.where(small, batch.dirty(vm, lead_ms + (m - 1) * window_ms) >= floor, big) & (floor >= 1.0)
         barrier = np.where(hit, float(m), barrier)
-    barrier = np.where(threshold > step_pages, barrier, 0.0)
     barrier_pages = threshold + (barrier - 1.0) * step_pages
 
     total = batch.total_pages[vm]
@@ -423,7 +549,9 @@ def _simulate_qemu(
         pending = cold + hot
         cold_wire = batch.cold_wire(v, cold)
         wire = cold_wire + hot * nw
-        done = (pending < threshold[live]) | (pending == 0)
+        # Pages are whole: less than one pending page is none, which even a zero downtime-limit lets
+        # through (QEMU completes when nothing is pending).
+        done = (pending < threshold[live]) | (pending < 1.0)
         if np.any(done):
             i = live[done]
             stop_s = wire[done] / stop_rate[i] + settings.switchover_seconds
@@ -471,6 +599,38 @@ def _simulate_qemu(
         keep = ~(done | stuck)
         live, elapsed, sent, passes = live[keep], elapsed[keep], sent[keep], passes[keep]
         cold, hot = cold[keep], hot[keep]
+        if shortcut:
+            e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]))
+            if e.size:
+                c = live[e]
+                # A pass takes at most its whole windows: a safe bound for the deadline.
+                windows = np.floor((hot[e] - threshold[c]) / step_pages[c]) + 1.0
+                budget = np.minimum(
+                    settings.max_syncs - 1.0 - passes[e],
+                    np.floor(
+                        (settings.deadline_seconds - elapsed[e]) / (windows * settings.iteration_seconds)
+                    ),
+                )
+                ms_per_page = normal_wire[c] * 1000.0 / rate[c]
+                k, hot[e], pages, never = _creep(
+                    batch,
+                    vm[c],
+                    hot[e],
+                    threshold=threshold[c],
+                    step_pages=step_pages[c],
+                    ms_per_page=ms_per_page,
+                    budget=budget,
+                )
+                elapsed[e] += pages * ms_per_page / 1000.0
+                sent[e] += pages * normal_wire[c]
+                passes[e] += k.astype(np.int64)
+                if np.any(never):
+                    out_passes[c[never]] = passes[e[never]]
+                    out_bytes[c[never]] = sent[e[never]]
+                    keep = np.ones(live.size, dtype=bool)
+                    keep[e[never]] = False
+                    live, elapsed, sent, passes = live[keep], elapsed[keep], sent[keep], passes[keep]
+                    cold, hot = cold[keep], hot[keep]
     return CellResults(seconds=out_s, passes=out_passes, bytes_sent=out_bytes, downtime_seconds=out_down)
 
 
@@ -522,9 +682,9 @@ def predict_grid(
     limiters: Sequence[RateLimiter] | None = None,
 ) -> list[VMPrediction]:
     """Predict the whole grid for every model at once; with ``derived``, also the smallest bandwidth per
-    downtime and the smallest downtime per bandwidth (by bisection, valid because convergence is
-    monotone in both). Bandwidths are QEMU ``max-bandwidth`` values; ``limiters[i]`` says how VM i's
-    QEMU honours them (default: exactly)."""
+    downtime and the smallest downtime per bandwidth (:func:`predict_derived`; nan without).
+    Bandwidths are QEMU ``max-bandwidth`` values; ``limiters[i]`` says how VM i's QEMU honours them
+    (default: exactly)."""
     batch = ModelBatch.of(models, limiters)
     nv, nb, nd = len(models), len(grid.bandwidths), len(grid.downtimes)
     vm = np.repeat(np.arange(nv), nb * nd)
@@ -533,8 +693,7 @@ def predict_grid(
     res = simulate(batch, vm, bw, dt, settings)
     shape = (nv, nb, nd)
     if derived:
-        min_bw = _min_bandwidth(batch, np.array(grid.downtimes), settings).reshape(nv, nd)
-        min_dt = _min_downtime(batch, np.array(grid.bandwidths), settings).reshape(nv, nb)
+        min_bw, min_dt = _derived(batch, grid, settings)
     else:
         min_bw = np.full((nv, nd), np.nan)
         min_dt = np.full((nv, nb), np.nan)
@@ -553,37 +712,77 @@ def predict_grid(
     ]
 
 
-def _min_bandwidth(batch: ModelBatch, downtimes: FloatArray, settings: PredictorSettings) -> FloatArray:
-    nv = len(batch)
-    vm = np.repeat(np.arange(nv), len(downtimes))
-    dt = np.tile(downtimes, nv)
-    lo = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[0]))
-    hi = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[1]))
-    ok_hi = simulate(batch, vm, np.exp(hi), dt, settings).converges
-    ok_lo = simulate(batch, vm, np.exp(lo), dt, settings).converges
-    for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) / 2.0
-        ok = simulate(batch, vm, np.exp(mid), dt, settings).converges
-        hi = np.where(ok, mid, hi)
-        lo = np.where(ok, lo, mid)
-    # 0: converges even at the search floor (1 kB/s), i.e. at any bandwidth (e.g. unlimited downtime).
-    return np.where(ok_lo, 0.0, np.where(ok_hi, np.exp(hi), np.nan))
+def predict_derived(
+    models: Sequence[MemoryModel],
+    grid: Grid,
+    settings: PredictorSettings,
+    *,
+    limiters: Sequence[RateLimiter] | None = None,
+) -> tuple[FloatArray, FloatArray]:
+    """Only the derived answers of :func:`predict_grid`: ([vm, downtime] smallest converging bytes/s,
+    [vm, bandwidth] smallest converging max downtime in seconds), 0 where the bottom of the search
+    range converges, nan where nothing up to its top does."""
+    return _derived(ModelBatch.of(models, limiters), grid, settings)
 
 
-def _min_downtime(batch: ModelBatch, bandwidths: FloatArray, settings: PredictorSettings) -> FloatArray:
-    nv = len(batch)
-    vm = np.repeat(np.arange(nv), len(bandwidths))
-    bw = np.tile(bandwidths, nv)
-    # Bisect the logarithm, as for bandwidths: a linear bisection of [0, deadline] would only resolve
-    # deadline / 2**20 (3.4 ms for an hour), coarser than the downtimes people ask about.
-    floor, cap = MIN_DOWNTIME_FLOOR, max(settings.deadline_seconds, MIN_DOWNTIME_FLOOR)
-    lo = np.full(vm.size, math.log(floor))
-    hi = np.full(vm.size, math.log(cap))
-    ok_zero = simulate(batch, vm, bw, np.zeros(vm.size), settings).converges
-    ok_hi = simulate(batch, vm, bw, np.full(vm.size, cap), settings).converges
-    for _ in range(_BISECTION_STEPS):
+def _derived(batch: ModelBatch, grid: Grid, settings: PredictorSettings) -> tuple[FloatArray, FloatArray]:
+    """The smallest converging bandwidth per downtime and downtime per bandwidth, for every VM.
+
+    Each is a bisection of the logarithm of the whole search range, BISECTION_STEPS halvings, valid
+    where convergence is monotone (it is in bandwidth; in downtime the deadline can break it, and the
+    answer is then one converging downtime whose lower neighbour does not converge). Both searches
+    share their simulations, so a step is one call for every VM. Returns ([vm, downtime] bytes/s,
+    [vm, bandwidth] seconds): 0 where the bottom of the range (1 kB/s; a downtime of exactly 0)
+    converges, nan where the top does not.
+    """
+    nv, nb, nd = len(batch), len(grid.bandwidths), len(grid.downtimes)
+    n_bw = nv * nd
+    vm = np.concatenate([np.repeat(np.arange(nv), nd), np.repeat(np.arange(nv), nb)])
+    fixed = np.concatenate([np.tile(np.array(grid.downtimes), nv), np.tile(np.array(grid.bandwidths), nv)])
+    is_bw = np.arange(len(vm)) < n_bw
+    cap = max(settings.deadline_seconds, MIN_DOWNTIME_FLOOR)
+    lo = np.where(is_bw, math.log(MIN_BANDWIDTH_SEARCH[0]), math.log(MIN_DOWNTIME_FLOOR))
+    hi = np.where(is_bw, math.log(MIN_BANDWIDTH_SEARCH[1]), math.log(cap))
+    # The ends: the bottom (the search floor for bandwidths, exactly 0 for downtimes) and the top.
+    ends = _converges_at(
+        batch,
+        np.concatenate([vm, vm]),
+        is_bandwidth=np.concatenate([is_bw, is_bw]),
+        value=np.concatenate([np.where(is_bw, np.exp(lo), 0.0), np.exp(hi)]),
+        fixed=np.concatenate([fixed, fixed]),
+        settings=settings,
+    )
+    bottom, top = ends[: len(vm)], ends[len(vm) :]
+    searched = np.flatnonzero(~bottom & top)
+    lo, hi = lo[searched], hi[searched]
+    for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2.0
-        ok = simulate(batch, vm, bw, np.exp(mid), settings).converges
+        ok = _converges_at(
+            batch,
+            vm[searched],
+            is_bandwidth=is_bw[searched],
+            value=np.exp(mid),
+            fixed=fixed[searched],
+            settings=settings,
+        )
         hi = np.where(ok, mid, hi)
         lo = np.where(ok, lo, mid)
-    return np.where(ok_zero, 0.0, np.where(ok_hi, np.exp(hi), np.nan))
+    answer = np.where(bottom, 0.0, np.nan)
+    answer[searched] = np.exp(hi)
+    return answer[:n_bw].reshape(nv, nd), answer[n_bw:].reshape(nv, nb)
+
+
+def _converges_at(
+    batch: ModelBatch,
+    vm: IntArray,
+    *,
+    is_bandwidth: npt.NDArray[np.bool_],
+    value: FloatArray,
+    fixed: FloatArray,
+    settings: PredictorSettings,
+) -> npt.NDArray[np.bool_]:
+    """Convergence of cells whose searched axis (bandwidth where ``is_bandwidth``, else downtime) is
+    at ``value`` and whose other axis is at ``fixed``."""
+    bw = np.where(is_bandwidth, value, fixed)
+    dt = np.where(is_bandwidth, fixed, value)
+    return simulate(batch, vm, bw, dt, settings).converges

@@ -1,16 +1,33 @@
-"""Plain cell-by-cell implementation of the seed's algorithm: the oracle and the speed baseline.
+"""Oracles and speed baselines: plain implementations that the fast predictor is checked against.
 
-It re-states the 2023 script's rules one cell and one pass at a time, with a linear scan of the
-breakpoints for every evaluation, as the script does. Tests check that the vectorised ``seed`` mode of
-:mod:`migpredictd.predictor` gives identical milliseconds; ``benchmarks/predict.py`` times both.
+- :func:`seed_cell_ms` re-states the 2023 script's rules one cell and one pass at a time, with a linear
+  scan of the breakpoints for every evaluation, as the script does. Tests check that the vectorised
+  ``seed`` mode of :mod:`migpredictd.predictor` gives identical milliseconds; ``benchmarks/predict.py``
+  times both.
+- :func:`brute_force_derived` computes the derived answers without the predictor's shortcuts.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
 
 from migpredictd.model import MemoryModel
-from migpredictd.predictor import PAGE_HEADER_BYTES
+from migpredictd.predictor import (
+    BISECTION_STEPS,
+    MIN_BANDWIDTH_SEARCH,
+    MIN_DOWNTIME_FLOOR,
+    PAGE_HEADER_BYTES,
+    FloatArray,
+    Grid,
+    IntArray,
+    ModelBatch,
+    PredictorSettings,
+    simulate,
+)
 
 
 def seed_cell_ms(model: MemoryModel, bandwidth: float, downtime_ms: float, deadline_ms: float) -> int | None:
@@ -35,3 +52,45 @@ def seed_cell_ms(model: MemoryModel, bandwidth: float, downtime_ms: float, deadl
         previous = pass_ms
         zero = 0.0
         normal = model.dirty(pass_ms)
+
+
+def brute_force_derived(
+    batch: ModelBatch, grid: Grid, settings: PredictorSettings
+) -> tuple[FloatArray, FloatArray]:
+    """The derived answers as the first version computed them, the oracle of the fast search: every
+    sync simulated one by one (``shortcut=False``), and a plain bisection of the logarithm of the whole
+    range, 20 halvings, for every (VM, downtime) and (VM, bandwidth). Returns ([vm, downtime] bytes/s,
+    [vm, bandwidth] seconds), with 0 and nan as :func:`migpredictd.predictor.predict_grid` has them."""
+    nv = len(batch)
+    downtimes, bandwidths = np.array(grid.downtimes), np.array(grid.bandwidths)
+
+    def converges(vm: IntArray, bw: FloatArray, dt: FloatArray) -> npt.NDArray[np.bool_]:
+        return simulate(batch, vm, bw, dt, settings, shortcut=False).converges
+
+    def bisect(
+        lo: FloatArray, hi: FloatArray, ok_at: Callable[[FloatArray], npt.NDArray[np.bool_]]
+    ) -> FloatArray:
+        for _ in range(BISECTION_STEPS):
+            mid = (lo + hi) / 2.0
+            ok = ok_at(np.exp(mid))
+            hi = np.where(ok, mid, hi)
+            lo = np.where(ok, lo, mid)
+        return hi
+
+    vm = np.repeat(np.arange(nv), len(downtimes))
+    dt = np.tile(downtimes, nv)
+    lo = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[0]))
+    hi = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[1]))
+    ok_hi, ok_lo = converges(vm, np.exp(hi), dt), converges(vm, np.exp(lo), dt)
+    hi = bisect(lo, hi, lambda bw: converges(vm, bw, dt))
+    min_bw = np.where(ok_lo, 0.0, np.where(ok_hi, np.exp(hi), np.nan))
+
+    vm = np.repeat(np.arange(nv), len(bandwidths))
+    bw = np.tile(bandwidths, nv)
+    floor, cap = MIN_DOWNTIME_FLOOR, max(settings.deadline_seconds, MIN_DOWNTIME_FLOOR)
+    lo = np.full(vm.size, math.log(floor))
+    hi = np.full(vm.size, math.log(cap))
+    ok_zero, ok_hi = converges(vm, bw, np.zeros(vm.size)), converges(vm, bw, np.full(vm.size, cap))
+    hi = bisect(lo, hi, lambda d: converges(vm, bw, d))
+    min_dt = np.where(ok_zero, 0.0, np.where(ok_hi, np.exp(hi), np.nan))
+    return min_bw.reshape(nv, len(downtimes)), min_dt.reshape(nv, len(bandwidths))

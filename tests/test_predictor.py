@@ -24,7 +24,7 @@ from migpredictd.predictor import (
     predict_grid,
     simulate,
 )
-from migpredictd.reference import seed_cell_ms
+from migpredictd.reference import brute_force_derived, seed_cell_ms
 from migpredictd.table import render_table
 
 DATA = Path(__file__).parent / "data"
@@ -353,7 +353,7 @@ def plain_qemu(model: MemoryModel, bw: float, dt: float, cfg: PredictorSettings)
     while True:
         pending = cold + hot
         wire = cold * cw + hot * nw
-        if pending < threshold or pending == 0:
+        if pending < threshold or pending < 1.0:
             return elapsed + wire / (rate * cfg.stop_copy_speedup) + cfg.switchover_seconds, syncs + 1
         excess = pending - threshold
         cold_part = min(excess, cold)
@@ -402,3 +402,70 @@ def test_qemu_shortcuts_answer_early_on_the_cover_letter() -> None:
         for j, dt in enumerate(grid.downtimes):
             if stuck[i, j]:
                 assert math.isnan(plain_qemu(cover_letter_model(), bw, dt, QEMU)[0])
+
+
+# --- the derived answers agree with the brute-force oracle ----------------------------------------
+
+# One step of the oracle's lattice: its answers are exp(log(low) + k x step), bandwidths over
+# [1 kB/s, 10 TB/s] in 2**20 steps (the widest of the two searches, relative 2.2e-5).
+LATTICE_STEP = math.expm1(math.log(1e13 / 1e3) / 2**20)
+
+
+def assert_same_answers(got: np.ndarray, want: np.ndarray) -> None:
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.array_equal(got == 0.0, want == 0.0)
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=LATTICE_STEP)
+
+
+@pytest.mark.parametrize("mode", ["seed", "qemu"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=models(),
+    bws=st.lists(BANDWIDTHS, min_size=1, max_size=3, unique=True),
+    dts=st.lists(DOWNTIMES, min_size=1, max_size=3, unique=True),
+)
+def test_derived_answers_equal_the_brute_force_oracle(
+    mode: str, m: MemoryModel, bws: list[float], dts: list[float]
+) -> None:
+    cfg = PredictorSettings(mode=mode, deadline_seconds=600.0, max_syncs=500)  # type: ignore[arg-type]
+    grid = Grid(bandwidths=tuple(bws), downtimes=tuple(dts))
+    [pred] = predict_grid([m], grid, cfg)
+    want_bw, want_dt = brute_force_derived(ModelBatch.of([m]), grid, cfg)
+    assert_same_answers(pred.min_bandwidth, want_bw[0])
+    assert_same_answers(pred.min_downtime, want_dt[0])
+
+
+def test_derived_answers_equal_the_oracle_on_a_fleet() -> None:
+    # The cover letter's VM and the benchmark's scaled copies of it, at the default settings
+    # (max_syncs 2000, a one-hour deadline), where cells near the boundary creep for hundreds of syncs.
+    from benchmarks.predict import fleet
+
+    models_ = [
+        build_model(
+            parse_measurement(json.loads((DATA / "cover_letter_sample.json").read_text())), mode="qemu"
+        )
+    ]
+    models_ += fleet(12)
+    grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
+    preds = predict_grid(models_, grid, QEMU)
+    want_bw, want_dt = brute_force_derived(ModelBatch.of(models_), grid, QEMU)
+    assert_same_answers(np.array([p.min_bandwidth for p in preds]), want_bw)
+    assert_same_answers(np.array([p.min_downtime for p in preds]), want_dt)
+
+
+def test_creeping_cells_are_skipped_not_iterated() -> None:
+    # Just above its smallest converging bandwidth at 125 ms, the cover letter's VM converges after
+    # hundreds of syncs that each shrink pending by a few pages; the closed form takes them at once
+    # and lands on the same answer as plain iteration.
+    m = build_model(
+        parse_measurement(json.loads((DATA / "cover_letter_sample.json").read_text())), mode="qemu"
+    )
+    batch, vm = ModelBatch.of([m]), np.zeros(1, dtype=np.int64)
+    bw, dt = np.array([6.615e8]), np.array([0.125])
+    fast = simulate(batch, vm, bw, dt, QEMU)
+    slow = simulate(batch, vm, bw, dt, QEMU, shortcut=False)
+    assert slow.passes[0] > 500
+    assert fast.passes[0] == slow.passes[0]
+    assert fast.seconds[0] == pytest.approx(slow.seconds[0], rel=1e-12)
+    assert fast.seconds[0] == pytest.approx(plain_qemu(m, 6.615e8, 0.125, QEMU)[0], rel=1e-9)
