@@ -33,8 +33,8 @@ from migpredictd.errors import ConfigError, InputError, TargetError
 from migpredictd.logs import setup_logging
 from migpredictd.measure import MeasureSettings, measure
 from migpredictd.measurement import Measurement
-from migpredictd.model import build_model
-from migpredictd.predictor import VMPrediction, predict_grid
+from migpredictd.model import MemoryModel, build_model
+from migpredictd.predictor import FloatArray, RateLimiter, VMPrediction, predict_derived, predict_grid
 from migpredictd.scheduler import MeasurementScheduler, Schedule
 from migpredictd.state import State
 from migpredictd.web import StreamedMetrics, WebListenError, WebServer
@@ -98,9 +98,15 @@ class Daemon:
         self._stop = asyncio.Event()
         self._targets_dir_signature: object = None
         self._ready = False
-        # One worker thread for predictions and rendering: they hold the GIL anyway, and each extra
-        # thread would get its own malloc arena (RSS that is never given back).
+        # One worker thread for grids and rendering, one for derived answers, so that a VM whose derived
+        # answers take long never holds back another VM's grid. They hold the GIL anyway, and each
+        # thread gets its own malloc arena (RSS that is never given back), so there are no more.
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migpredictd-predict")
+        self._deriver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migpredictd-derive")
+        # Measurements whose derived answers are still to compute, latest per target (older ones are
+        # superseded: only the newest measurement's answers are ever published).
+        self._underived: dict[str, tuple[Measurement, MemoryModel, RateLimiter]] = {}
+        self._derive_task: asyncio.Task[None] | None = None
         self.loop_lag = 0.0  # seconds the event loop answered late at the last check, and the worst
         self.loop_lag_max = 0.0
 
@@ -219,13 +225,14 @@ class Daemon:
             return
         loop = asyncio.get_running_loop()
 
-        def predict() -> list[VMPrediction]:
+        def predict() -> tuple[list[MemoryModel], list[RateLimiter], list[VMPrediction]]:
             models = [build_model(m, mode=config.prediction.mode) for _, m, _, _ in batch]
             limiters = [rate_limiter_for(m.qemu_version) for _, m, _, _ in batch]
-            return predict_grid(models, config.grid, config.prediction, limiters=limiters)
+            grids = predict_grid(models, config.grid, config.prediction, derived=False, limiters=limiters)
+            return models, limiters, grids
 
         try:
-            predictions = await loop.run_in_executor(self._worker, predict)
+            models, limiters, predictions = await loop.run_in_executor(self._worker, predict)
         except Exception as e:
             for name, _, _, duration in batch:
                 self.state.record_failure(
@@ -233,15 +240,50 @@ class Daemon:
                 )
             log.exception("prediction failed", extra={"targets": len(batch)})
             return
-        for (name, m, _, duration), p in zip(batch, predictions, strict=True):
+        # The grid is published at once. Derived answers follow from their own worker; until they do,
+        # a target keeps those of its previous measurement on the same grid.
+        snapshot = self.state.snapshot()
+        for (name, m, _, duration), grid_only, model, limiter in zip(
+            batch, predictions, models, limiters, strict=True
+        ):
+            p, old = grid_only, snapshot.get(name)
+            if old is not None and old.prediction is not None and old.grid == config.grid:
+                p = dataclasses.replace(
+                    p, min_bandwidth=old.prediction.min_bandwidth, min_downtime=old.prediction.min_downtime
+                )
             self.state.record_success(name, m, p, config.grid, at=time.time(), duration=duration)
+            self._underived[name] = (m, model, limiter)
             log.info(
                 "measured", extra={"target": name, "strategy": m.strategy, "seconds": round(duration, 3)}
             )
+        if self._derive_task is None or self._derive_task.done():
+            self._derive_task = asyncio.create_task(self._derive())
         # Render the new results now, off the loop, so no scrape pays for a whole batch.
         await loop.run_in_executor(self._worker, self._render)
         if self._pending and not self._stop.is_set():
             self._batch_task = asyncio.create_task(self._predict_batch())
+
+    async def _derive(self) -> None:
+        """Compute and publish the derived answers of every measurement waiting for them, in bounded
+        batches, until none waits."""
+        loop = asyncio.get_running_loop()
+        while self._underived and not self._stop.is_set() and self.config is not None:
+            config = self.config
+            names = list(self._underived)[:MAX_PREDICTION_BATCH]
+            work = [(name, *self._underived.pop(name)) for name in names]
+
+            models = [model for _, _, model, _ in work]
+            limiters = [limiter for _, _, _, limiter in work]
+            try:
+                min_bw, min_dt = await loop.run_in_executor(
+                    self._deriver, _derive_batch, models, limiters, config
+                )
+            except Exception:
+                log.exception("derived answers failed", extra={"targets": len(work)})
+                continue
+            for i, (name, m, _, _) in enumerate(work):
+                self.state.record_derived(name, m, min_bw[i], min_dt[i])
+            await loop.run_in_executor(self._worker, self._render)
 
     def _render(self) -> None:
         self.renderer.refresh()
@@ -311,8 +353,18 @@ class Daemon:
         watcher.cancel()
         lag.cancel()
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self._deriver.shutdown(wait=False, cancel_futures=True)
         server.stop(timeout=2.0)
         return 0
+
+
+def _derive_batch(
+    models: list[MemoryModel], limiters: list[RateLimiter], config: Config
+) -> tuple[FloatArray, FloatArray]:
+    """The derived answers of one batch (on the derive worker), then the heap trimmed."""
+    answers = predict_derived(models, config.grid, config.prediction, limiters=limiters)
+    _trim_heap()
+    return answers
 
 
 def _load_libc() -> ctypes.CDLL | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from migpredictd.measurement import Measurement
-from migpredictd.predictor import Grid, VMPrediction
+from migpredictd.predictor import FloatArray, Grid, VMPrediction
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,18 @@ class State:
                 last_error=None,
                 version=old.version + 1,
             )
+            self._version += 1
+
+    def record_derived(
+        self, name: str, measurement: Measurement, min_bandwidth: FloatArray, min_downtime: FloatArray
+    ) -> None:
+        """Attach derived answers computed from ``measurement``; dropped if the target has a newer one."""
+        with self._lock:
+            old = self._targets.get(name)
+            if old is None or old.measurement is not measurement or old.prediction is None:
+                return
+            prediction = replace(old.prediction, min_bandwidth=min_bandwidth, min_downtime=min_downtime)
+            self._targets[name] = replace(old, prediction=prediction, version=old.version + 1)
             self._version += 1
 
     def record_failure(self, name: str, reason: str, error: str, *, at: float, duration: float) -> None:

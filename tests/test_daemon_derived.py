@@ -1,0 +1,72 @@
+"""A VM whose derived answers take long never holds back another VM's results: grids, health and
+timestamps are published as soon as the measurements end, derived answers follow on their own worker."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM
+from tests.daemon_helpers import DaemonProcess, Samples, free_port, wait_for
+
+MIB = 1 << 20
+V10, PKG10 = (10, 0, 2), "Debian 1:10.0.2+ds-2~bpo12+1"
+CHEAP = [f"cheap{i}" for i in range(4)]
+# A 4 GiB guest rewriting a 2.2 GiB working set at about 2 GiB/s: its grid takes milliseconds, but
+# the bisections of its derived answers pass through cells that cycle for up to max_syncs syncs, so
+# with the large max_syncs below they take seconds (measured: 8.9 s alone on an idle core).
+EXPENSIVE = FakeVM(
+    memory_bytes=4096 * MIB,
+    working_set_bytes=2230 * MIB,
+    dirty_bytes_per_second=1975 * MIB,
+    zero_bytes=0,
+    version=V10,
+    package=PKG10,
+    noise=False,
+)
+
+
+def has_grid(s: Samples, vm: str) -> bool:
+    return any(name == "migpredictd_migration_converges" and dict(lb).get("vm") == vm for name, lb in s)
+
+
+def has_derived(s: Samples, vm: str) -> bool:
+    return any(
+        name in ("migpredictd_min_converging_bandwidth_bytes_per_second", "migpredictd_min_downtime_seconds")
+        and dict(lb).get("vm") == vm
+        for name, lb in s
+    )
+
+
+def test_slow_derived_answers_never_hold_back_other_results(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    fleet = FakeQMPFleet(directory=tmp_path / "s")
+    for i, name in enumerate(CHEAP):
+        fleet.add(name, FakeVM(version=V10, package=PKG10, seed=i, noise=False))
+    fleet.add("expensive", EXPENSIVE)
+    config = tmp_path / "config.yaml"
+    lines = [
+        "global: {interval: 1h, jitter: 0s, max_concurrent: 8,",
+        "         measurement: {periods: [50ms, 100ms], zero_pages: none, connect_timeout: 1s},",
+        "         prediction: {max_syncs: 200000, deadline: 1000000s}}",
+        "targets:",
+    ]
+    with fleet.run_in_thread():  # addresses exist once the fleet serves
+        lines += [f"  - {{name: {n}, qmp: 'unix:{fleet[n].address}'}}" for n in [*CHEAP, "expensive"]]
+        config.write_text("\n".join(lines) + "\n")
+        d = DaemonProcess(config, free_port())
+        try:
+            t0 = time.monotonic()
+            # Every VM, the expensive one included, has its grid and is up within seconds of its
+            # measurement (one 50 ms and one 100 ms window each) ...
+            s = wait_for(d.port, lambda x: all(has_grid(x, n) for n in [*CHEAP, "expensive"]), timeout=15)
+            grids_at = time.monotonic() - t0
+            # ... while the expensive VM's derived answers are still being computed.
+            assert not has_derived(s, "expensive"), d.logs()[-2000:]
+            # They arrive later, for every VM.
+            s = wait_for(d.port, lambda x: all(has_derived(x, n) for n in [*CHEAP, "expensive"]), timeout=180)
+            derived_at = time.monotonic() - t0
+            assert derived_at > grids_at + 1.0, (grids_at, derived_at)
+            assert d.proc.poll() is None, d.logs()[-3000:]
+        finally:
+            d.stop()
