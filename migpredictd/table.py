@@ -14,7 +14,7 @@ def render_table(prediction: VMPrediction, grid: Grid) -> str:
     header = "Downtime> |" + "".join(f" {format_downtime(d):>7} |" for d in grid.downtimes)
     lines = [header, "-" * len(header)]
     for i, bw in enumerate(grid.bandwidths):
-        cells = "".join(f"{format_eta(s):>7} |  " for s in prediction.seconds[i])
+        cells = "".join([f"{format_eta(s):>7} |  " for s in prediction.seconds[i].tolist()])
         lines.append(f"{format_bandwidth(bw, space=True):>9} |  {cells}")
     return "\n".join(lines) + "\n"
 
