@@ -1,9 +1,13 @@
-"""Batch prediction speed: the vectorised ``seed`` mode against the plain seed algorithm, same inputs.
+"""Prediction speed, each figure measured in this one run on the same inputs.
 
-Prints per-VM milliseconds for both and their ratio (target: >= 100x), checks that every cell agrees,
-and times ``qemu`` mode (grid only, and with the derived answers) on the same fleet.
+1. Derived answers in ``qemu`` mode: the marginal cost per VM between a batch of N and one of 2N VMs
+   (target <= 1 ms), one VM through the CLI, Python start-up included (target <= 1 s wall), and the
+   answers compared with the brute-force oracle (``reference.brute_force_derived``).
+2. The grid through the CLI (``predict --mode seed --format table``, parse + predict + render): the
+   marginal per-VM cost from two batch sizes against the plain seed algorithm's per-VM time
+   (target >= 100x); also the vectorised ``seed`` mode alone, every cell checked against the seed.
 
-    python benchmarks/predict.py [--vms 1000] [--baseline-vms 50]
+    python benchmarks/predict.py [--vms 200] [--baseline-vms 50] [--write]
 """
 
 from __future__ import annotations
@@ -13,19 +17,27 @@ import json
 import math
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
 from migpredictd.measurement import parse_measurement
 from migpredictd.model import MemoryModel, build_model
-from migpredictd.predictor import PredictorSettings, predict_grid
-from migpredictd.reference import seed_cell_ms
+from migpredictd.predictor import ModelBatch, PredictorSettings, predict_derived, predict_grid
+from migpredictd.reference import brute_force_derived, seed_cell_ms
 
-SAMPLE = Path(__file__).resolve().parent.parent / "tests" / "data" / "cover_letter_sample.json"
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "tests" / "data" / "cover_letter_sample.json"
+RESULTS = ROOT / "benchmarks" / "results" / "predict.md"
 
 
-def fleet(n: int, seed: int = 1) -> list[MemoryModel]:
+def inputs(n: int, seed: int = 1) -> list[dict[str, object]]:
     """The cover letter's VM, scaled: each VM's dirty counts and zero pages vary by up to 4x."""
     base = json.loads(SAMPLE.read_text())
     rnd = random.Random(seed)
@@ -35,57 +47,129 @@ def fleet(n: int, seed: int = 1) -> list[MemoryModel]:
         d = dict(base)
         d["n-dirty-pages"] = [max(1, round(x * k)) for x in base["n-dirty-pages"]]
         d["n-zero-pages"] = round(base["n-zero-pages"] * rnd.uniform(0.5, 1.0))
-        out.append(build_model(parse_measurement(d)))
+        out.append(d)
     return out
+
+
+def fleet(n: int, seed: int = 1, mode: str = "seed") -> list[MemoryModel]:
+    """:func:`inputs` as memory models."""
+    return [build_model(parse_measurement(d), mode=mode) for d in inputs(n, seed)]  # type: ignore[arg-type]
+
+
+def best_of(runs: int, f: Callable[[], object]) -> float:
+    """Median wall seconds of ``runs`` calls."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cli(args: list[str], stdin: Path) -> float:
+    """Wall seconds of one ``migpredictd`` process reading ``stdin``."""
+    t0 = time.perf_counter()
+    with stdin.open("rb") as f:
+        subprocess.run(
+            [sys.executable, "-m", "migpredictd.cli", *args], stdin=f, stdout=subprocess.DEVNULL, check=True
+        )
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--vms", type=int, default=1000)
+    ap.add_argument("--vms", type=int, default=200, help="the smaller batch (the larger is twice as big)")
     ap.add_argument("--baseline-vms", type=int, default=50, help="VMs timed with the slow baseline")
+    ap.add_argument("--oracle-vms", type=int, default=40, help="VMs whose derived answers the oracle checks")
+    ap.add_argument("--write", action="store_true", help=f"also write {RESULTS.relative_to(ROOT)}")
     args = ap.parse_args()
     grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
-    models = fleet(args.vms)
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    n, n2 = args.vms, 2 * args.vms
+    qemu = PredictorSettings(mode="qemu")
     seed = PredictorSettings(mode="seed")
     deadline_ms = seed.deadline_seconds * 1000.0
 
+    # The plain seed algorithm, cell by cell: the baseline of target 2.
+    models = fleet(n2)
     t0 = time.perf_counter()
     base = [
         [seed_cell_ms(m, bw, dt * 1000.0, deadline_ms) for bw in grid.bandwidths for dt in grid.downtimes]
         for m in models[: args.baseline_vms]
     ]
-    base_ms = (time.perf_counter() - t0) * 1000.0 / args.baseline_vms
+    seed_ms = (time.perf_counter() - t0) * 1000.0 / args.baseline_vms
 
-    runs = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fast = predict_grid(models, grid, seed, derived=False)
-        runs.append((time.perf_counter() - t0) * 1000.0 / args.vms)
-    fast_ms = statistics.median(runs)
+    # 1. Derived answers, qemu mode.
+    qmodels = fleet(n2, mode="qemu")
+    small = best_of(3, lambda: predict_derived(qmodels[:n], grid, qemu))
+    large = best_of(3, lambda: predict_derived(qmodels, grid, qemu))
+    derived_marginal_ms = (large - small) * 1000.0 / (n2 - n)
+    cover = Path(tempfile.mkstemp(suffix=".json")[1])
+    cover.write_text(SAMPLE.read_text())
+    one_vm = statistics.median(cli(["predict", "--format", "json"], cover) for _ in range(5))
+    sample = qmodels[: args.oracle_vms]
+    got_bw, got_dt = predict_derived(sample, grid, qemu)
+    want_bw, want_dt = brute_force_derived(ModelBatch.of(sample), grid, qemu)
+    step = math.log(1e13 / 1e3) / 2**20
+    worst = 0.0
+    for got, want in ((got_bw, want_bw), (got_dt, want_dt)):
+        if not (np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got == 0, want == 0)):
+            raise SystemExit("derived answers: nan/0 differ from the oracle")
+        ok = ~np.isnan(want) & (want > 0)
+        worst = max(worst, float(np.max(np.abs(np.log(got[ok]) - np.log(want[ok])), initial=0.0)))
+    say(f"grid: {len(grid.bandwidths)} bandwidths x {len(grid.downtimes)} downtimes, {n} and {n2} VMs")
+    say("1. derived answers, qemu mode:")
+    say(f"   marginal per VM ({n} -> {n2} VMs):        {derived_marginal_ms:8.3f} ms   (target <= 1 ms)")
+    say(
+        f"   batch of {n}: {small * 1000 / n:.3f} ms per VM; batch of {n2}: {large * 1000 / n2:.3f} ms per VM"
+    )
+    say(f"   one VM through the CLI (cover letter, json): {one_vm:8.3f} s    (target <= 1 s)")
+    say(
+        f"   vs the brute-force oracle on {len(sample)} VMs: worst log difference {worst:.1e} "
+        f"(one lattice step is {step:.1e})"
+    )
+    if worst > step:
+        raise SystemExit("derived answers differ from the oracle by more than one lattice step")
 
+    # 2. The grid through the CLI, seed mode, table output: parse + predict + render.
+    files = {}
+    for size in (n, n2):
+        path = Path(tempfile.mkstemp(suffix=".jsonl")[1])
+        path.write_text("".join(json.dumps(d) + "\n" for d in inputs(size)))
+        files[size] = path
+    argv = ["predict", "--mode", "seed", "--format", "table"]
+    t_small = statistics.median(cli(argv, files[n]) for _ in range(5))
+    t_large = statistics.median(cli(argv, files[n2]) for _ in range(5))
+    cli_ms = (t_large - t_small) * 1000.0 / (n2 - n)
+    fast_ms = best_of(3, lambda: predict_grid(models, grid, seed, derived=False)) * 1000.0 / n2
+    fast = predict_grid(models[: args.baseline_vms], grid, seed, derived=False)
     mismatches = 0
-    for ref, pred in zip(base, fast, strict=False):
-        got = [None if math.isnan(s) else round(s * 1000.0) for s in pred.seconds.ravel()]
-        mismatches += sum(a != b for a, b in zip(ref, got, strict=True))
-
-    qemu = PredictorSettings(mode="qemu")
-    t0 = time.perf_counter()
-    predict_grid(models, grid, qemu, derived=False)
-    qemu_ms = (time.perf_counter() - t0) * 1000.0 / args.vms
-    t0 = time.perf_counter()
-    predict_grid(models, grid, qemu, derived=True)
-    qemu_derived_ms = (time.perf_counter() - t0) * 1000.0 / args.vms
-
-    cells = len(grid.bandwidths) * len(grid.downtimes)
-    print(f"grid: {len(grid.bandwidths)} bandwidths x {len(grid.downtimes)} downtimes = {cells} cells per VM")
-    print(f"seed algorithm, cell by cell ({args.baseline_vms} VMs): {base_ms:9.3f} ms per VM")
-    print(f"seed mode, vectorised ({args.vms} VMs):              {fast_ms:9.3f} ms per VM")
-    print(f"speed-up: {base_ms / fast_ms:.0f}x   (target >= 100x)")
-    print(f"cells compared: {len(base) * cells}, mismatches: {mismatches}")
-    print(f"qemu mode, grid only:                    {qemu_ms:9.3f} ms per VM")
-    print(f"qemu mode, grid + derived answers:       {qemu_derived_ms:9.3f} ms per VM")
+    for ref, pred in zip(base, fast, strict=True):
+        cells = [None if math.isnan(s) else round(s * 1000.0) for s in pred.seconds.ravel()]
+        mismatches += sum(a != b for a, b in zip(ref, cells, strict=True))
+    say("2. the grid, seed mode:")
+    say(f"   seed algorithm, cell by cell ({args.baseline_vms} VMs):  {seed_ms:8.3f} ms per VM")
+    ratio = seed_ms / cli_ms
+    say(
+        f"   CLI, table, marginal per VM ({n} -> {n2}):   {cli_ms:8.3f} ms   -> {ratio:.0f}x (target >= 100x)"
+    )
+    say(f"   vectorised seed mode alone ({n2} VMs):       {fast_ms:8.3f} ms   -> {seed_ms / fast_ms:.0f}x")
+    compared = len(base) * len(grid.bandwidths) * len(grid.downtimes)
+    say(f"   cells compared with the seed: {compared}, mismatches: {mismatches}")
+    for path in [cover, *files.values()]:
+        path.unlink()
     if mismatches:
         raise SystemExit("seed mode does not reproduce the seed algorithm")
+    if args.write:
+        RESULTS.write_text(
+            "# Prediction speed\n\n`python benchmarks/predict.py --write`, one run, 2-core shared host, "
+            f"Python {sys.version.split()[0]}.\n\n```\n" + "\n".join(lines) + "\n```\n"
+        )
 
 
 if __name__ == "__main__":
