@@ -390,7 +390,8 @@ def _creep(
     the bitmap (``r <= 0``) takes ``hot x ms_per_page`` and the next sync holds ``D(hot x ms_per_page)``.
     While the number of windows, the branch of the min and the model's segments that the arguments of
     ``D`` and ``age`` fall in stay the same, the next sync is ``a x hot + c``: a constant drift
-    (``a = 1``) or a geometric approach to the fixed point ``c / (1 - a)``. A falling sequence stays in
+    (``a = 1``), a geometric approach to the fixed point ``c / (1 - a)`` (``a < 1``) or a geometric
+    flight from it (``a > 1``). A falling sequence stays in
     that region for a number of syncs known in closed form, so those syncs are taken at once. Only
     falling sequences are skipped: what they skip can neither converge (every skipped sync is above
     the threshold) nor hit the barrier (the sync before them did not). At most ``budget`` syncs are
@@ -442,7 +443,7 @@ def _creep(
             (nxt < hot)
             & (nxt > lo)
             & (a > 1e-12)
-            & (a <= 1.0)
+            & (a < 1e6)
             & np.isfinite(lo)
             & np.isfinite(c)
             & (~windowed | ((sj > 0) & np.isfinite(sj)))
@@ -454,10 +455,14 @@ def _creep(
         inside = np.where(
             linear,
             np.floor((hot - lo) / drift),
-            np.where(lo > fixed, np.floor((np.log(lo - fixed) - np.log(hot - fixed)) / np.log(a)), np.inf),
+            np.where(
+                (a > 1.0) | (lo > fixed),
+                np.floor((np.log(np.abs(lo - fixed)) - np.log(np.abs(hot - fixed))) / np.log(a)),
+                np.inf,
+            ),
         )
         k = np.nan_to_num(
-            np.where(usable & ((lo > fixed) | linear), np.minimum(inside, budget), 0.0),
+            np.where(usable & (linear | (a > 1.0) | (lo > fixed)), np.minimum(inside, budget), 0.0),
             nan=0.0,
             posinf=0.0,
         )
@@ -470,7 +475,7 @@ def _creep(
         )
         pages = np.where(windowed, k * n * step_pages, emptied_sum)
     skip = k > 0
-    never = usable & ~linear & (lo <= fixed)
+    never = usable & ~linear & (a < 1.0) & (lo <= fixed)
     return k, np.where(skip, after, hot), np.where(skip, pages, 0.0), never
 
 
@@ -561,6 +566,7 @@ def _simulate_qemu(
             out_bytes[i] = sent[done] + wire[done]
         # Bytes to send until fewer than `threshold` pages are pending, oldest (cold) pages first,
         # rounded up to whole rate-limiter windows, and never more than the bitmap holds.
+        hot_only = cold <= 0.0
         excess = np.maximum(pending - threshold[live], 0.0)
         cold_part = np.minimum(excess, cold)
         needed = cold_wire - batch.cold_wire(v, cold - cold_part) + (excess - cold_part) * nw
@@ -583,6 +589,37 @@ def _simulate_qemu(
         # this scale of memory at least as fast as it is sent (sending P pages takes time t(P), and
         # D(t(P)) >= P repeats, since D and t are monotone).
         emptied = (cold <= 0.0) & (hot_left <= 0.0) & (hot >= pending) & (pending >= threshold[live])
+        # A pass of hot pages only, n windows long, that did not lower pending. On one level (the
+        # pending that takes n windows) the next sync grows with pending, both terms of its min do,
+        # and on every higher level it is at least the barrier's bound at n + 1 windows. So with B the
+        # lower of pending and that bound, if B is on this level and its next sync is at least B, no
+        # sync ever falls below B again: a trap, such as a cycle across a level's edge that rises
+        # below it and falls above it (docs/model.md).
+        rising = np.flatnonzero(hot_only & (hot >= pending) & ~done & ~emptied)
+        if rising.size:
+            c, vr, n_w = live[rising], v[rising], windows[rising]
+            next_ms = n_w * window_ms
+            bound = np.where(
+                small[c],
+                batch.dirty(vr, lead_ms[c] + next_ms),
+                np.minimum(
+                    threshold[c] - step_pages[c] + batch.dirty(vr, next_ms + window_ms),
+                    batch.dirty(vr, next_ms + window_ms + unsent_age[c]),
+                ),
+            )
+            b = np.minimum(pending[rising], bound)
+            r_b = b - n_w * step_pages[c]
+            after_b = np.where(
+                r_b > 0.0,
+                np.minimum(
+                    r_b + batch.dirty(vr, next_ms),
+                    batch.dirty(vr, next_ms + batch.age(vr, np.maximum(r_b, 0.0))),
+                ),
+                batch.dirty(vr, b * normal_wire[c] * 1000.0 / rate[c]),
+            )
+            after_b = np.minimum(after_b, batch.total_pages[vr])
+            on_level = b >= np.maximum(threshold[c] + (n_w - 1.0) * step_pages[c], 1.0)
+            emptied[rising] = on_level & (after_b >= b)
         elapsed = sync_at
         sent = sent + pass_bytes
         passes = passes + 1
