@@ -479,6 +479,88 @@ def _creep(
     return k, np.where(skip, after, hot), np.where(skip, pages, 0.0), never
 
 
+def _levels(
+    batch: ModelBatch,
+    v: IntArray,
+    hot: FloatArray,
+    *,
+    threshold: FloatArray,
+    step_pages: FloatArray,
+    window_ms: float,
+    pass_limit: FloatArray,
+    time_left: FloatArray,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Run the hot-only passes that cross many levels at once with their short formula.
+
+    With the threshold above one window, a pass of ``n`` windows leaves ``r`` in [threshold - one
+    window, threshold) unsent. Where ``age`` of that whole range lies on one segment of the model, and
+    ``D`` at ``n`` windows and at ``n`` windows plus that age lies on one segment each, for every ``n``
+    down to some ``n_lo``, and the first term of the min is the smaller at every corner of that range,
+    the next sync is ``hot - n x (one window - slope x window) + offset``: only ``n`` changes from pass
+    to pass. Cells whose sequence falls that way take those passes here, every pass on one level at
+    once, until ``n`` drops below ``n_lo`` or the threshold, or a pass would reach ``pass_limit``
+    passes or overrun ``time_left`` seconds; the plain loop goes on from there.
+
+    Returns (hot after, passes taken, windows sent).
+    """
+    rows = np.arange(len(v))
+    ys, xs = batch.y[v], batch.x[v]
+    r_lo, r_hi = threshold - step_pages, threshold
+    j = _segment(ys, r_lo)
+    same_age = (j == _segment(ys, r_hi)) & (ys[rows, j - 1] < r_lo) & (r_lo > 0)
+    xj0, yj0, sj = xs[rows, j - 1], ys[rows, j - 1], batch.slope[v, j]
+    n0 = np.floor((hot - threshold) / step_pages) + 1.0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        age_lo = xj0 + (r_lo - yj0) / sj
+        age_hi = xj0 + (r_hi - yj0) / sj
+        i = _segment(xs, n0 * window_ms)
+        i2 = _segment(xs, n0 * window_ms + age_lo)
+        same_d = i2 == _segment(xs, n0 * window_ms + age_hi)
+        si, oi, si2, oi2 = batch.slope[v, i], batch.offset[v, i], batch.slope[v, i2], batch.offset[v, i2]
+        n_lo = np.maximum(
+            np.floor(np.maximum(xs[rows, i - 1], xs[rows, i2 - 1] - age_lo) / window_ms) + 1.0, 1.0
+        )
+        # t1 - t2 at the corners (r, n) of the range, both affine in r and n on these segments.
+        first = np.ones(len(v), dtype=bool)
+        for r, age in ((r_lo, age_lo), (r_hi, age_hi)):
+            for n in (n_lo, n0):
+                t1 = r + oi + si * n * window_ms
+                t2 = oi2 + si2 * (n * window_ms + age)
+                first &= t1 <= t2 + 1e-9 * np.abs(t2)  # equal lines (D through 0) tie, either will do
+        shrink = step_pages - si * window_ms  # pages each window of a pass takes off pending
+        active = (
+            same_age & same_d & first & (sj > 0) & np.isfinite(age_hi) & (n_lo * shrink > oi) & (n0 >= n_lo)
+        )
+    out = hot.copy()
+    taken = np.zeros(len(v))
+    windows = np.zeros(len(v))
+    idx = np.flatnonzero(active)
+    h = out[idx]
+    # One step per level: on level n pending falls by n x shrink - offset per pass, so it stays there
+    # for floor(depth / drop) + 1 passes, depth being how far it is above the level's floor.
+    while idx.size:
+        t, sp = threshold[idx], step_pages[idx]
+        n = np.floor((h - t) / sp) + 1.0
+        drop = n * shrink[idx] - oi[idx]
+        with np.errstate(divide="ignore", invalid="ignore"):  # cells that leave below have n or drop <= 0
+            stay = np.floor((h - (t + (n - 1.0) * sp)) / drop) + 1.0
+            room = np.minimum(
+                pass_limit[idx] - 1.0 - taken[idx],
+                np.floor((time_left[idx] * 1000.0 / window_ms - windows[idx]) / n),
+            )
+        m = np.minimum(stay, room)
+        go = (h >= t) & (n >= n_lo[idx]) & (m >= 1.0) & (drop > 0)
+        if not go.all():
+            out[idx[~go]] = h[~go]
+            idx, h, n, m, drop = idx[go], h[go], n[go], m[go], drop[go]
+            if not idx.size:
+                break
+        h = h - m * drop
+        taken[idx] += m
+        windows[idx] += m * n
+    return out, taken, windows
+
+
 def _simulate_qemu(
     batch: ModelBatch,
     vm: IntArray,
@@ -549,37 +631,50 @@ def _simulate_qemu(
     sent = np.zeros(n)
     passes = np.zeros(n, dtype=np.int64)
     while live.size:
-        v = vm[live]
-        nw = normal_wire[live]
+        any_cold = bool(np.any(cold > 0.0))
         pending = cold + hot
-        cold_wire = batch.cold_wire(v, cold)
-        wire = cold_wire + hot * nw
+        cold_wire = batch.cold_wire(vm[live], cold) if any_cold else np.zeros(live.size)
         # Pages are whole: less than one pending page is none, which even a zero downtime-limit lets
         # through (QEMU completes when nothing is pending).
         done = (pending < threshold[live]) | (pending < 1.0)
         if np.any(done):
             i = live[done]
-            stop_s = wire[done] / stop_rate[i] + settings.switchover_seconds
+            wire_done = cold_wire[done] + hot[done] * normal_wire[i]
+            stop_s = wire_done / stop_rate[i] + settings.switchover_seconds
             out_s[i] = elapsed[done] + stop_s
             out_down[i] = stop_s
             out_passes[i] = passes[done] + 1  # the stop-and-copy is the last pass
-            out_bytes[i] = sent[done] + wire[done]
+            out_bytes[i] = sent[done] + wire_done
+            go = ~done
+            live, elapsed, sent, passes = live[go], elapsed[go], sent[go], passes[go]
+            cold, hot, pending, cold_wire = cold[go], hot[go], pending[go], cold_wire[go]
+            if not live.size:
+                break
+        v = vm[live]
+        nw = normal_wire[live]
+        wire = cold_wire + hot * nw
         # Bytes to send until fewer than `threshold` pages are pending, oldest (cold) pages first,
         # rounded up to whole rate-limiter windows, and never more than the bitmap holds.
         hot_only = cold <= 0.0
         excess = np.maximum(pending - threshold[live], 0.0)
-        cold_part = np.minimum(excess, cold)
-        needed = cold_wire - batch.cold_wire(v, cold - cold_part) + (excess - cold_part) * nw
+        if any_cold:
+            cold_part = np.minimum(excess, cold)
+            needed = cold_wire - batch.cold_wire(v, cold - cold_part) + (excess - cold_part) * nw
+        else:
+            needed = excess * nw
         windows = np.floor(needed / step_bytes[live]) + 1.0
-        pass_bytes = np.where(done, 0.0, np.minimum(windows * step_bytes[live], wire))
+        pass_bytes = np.minimum(windows * step_bytes[live], wire)
         pass_s = pass_bytes / rate[live]
-        cold_after = np.where(
-            pass_bytes >= cold_wire, 0.0, batch.cold_left(v, np.maximum(cold_wire - pass_bytes, 0.0))
-        )
-        cold_after = np.clip(cold_after, 0.0, cold)
-        cold_sent_bytes = cold_wire - batch.cold_wire(v, cold_after)
+        if any_cold:
+            cold_after = np.where(
+                pass_bytes >= cold_wire, 0.0, batch.cold_left(v, np.maximum(cold_wire - pass_bytes, 0.0))
+            )
+            cold_after = np.clip(cold_after, 0.0, cold)
+            cold_sent_bytes = cold_wire - batch.cold_wire(v, cold_after)
+            cold = cold_after
+        else:
+            cold_sent_bytes = cold_wire
         hot_sent = np.clip((pass_bytes - cold_sent_bytes) / nw, 0.0, hot)
-        cold = cold_after
         hot_left = hot - hot_sent
         sync_at = elapsed + pass_s
         pass_ms = pass_s * 1000.0
@@ -595,7 +690,7 @@ def _simulate_qemu(
         # lower of pending and that bound, if B is on this level and its next sync is at least B, no
         # sync ever falls below B again: a trap, such as a cycle across a level's edge that rises
         # below it and falls above it (docs/model.md).
-        rising = np.flatnonzero(hot_only & (hot >= pending) & ~done & ~emptied)
+        rising = np.flatnonzero(hot_only & (hot >= pending) & ~emptied)
         if rising.size:
             c, vr, n_w = live[rising], v[rising], windows[rising]
             next_ms = n_w * window_ms
@@ -623,7 +718,7 @@ def _simulate_qemu(
         elapsed = sync_at
         sent = sent + pass_bytes
         passes = passes + 1
-        stuck = ~done & (
+        stuck = (
             (elapsed > settings.deadline_seconds)
             | (passes >= settings.max_syncs)
             | ((cold <= 0.0) & (barrier[live] > 0) & (hot >= barrier_pages[live]))
@@ -633,10 +728,26 @@ def _simulate_qemu(
             i = live[stuck]
             out_passes[i] = passes[stuck]
             out_bytes[i] = sent[stuck]
-        keep = ~(done | stuck)
+        keep = ~stuck
         live, elapsed, sent, passes = live[keep], elapsed[keep], sent[keep], passes[keep]
         cold, hot = cold[keep], hot[keep]
         if shortcut:
+            e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]) & (threshold[live] > step_pages[live]))
+            if e.size:
+                c = live[e]
+                hot[e], taken, windows_sent = _levels(
+                    batch,
+                    vm[c],
+                    hot[e],
+                    threshold=threshold[c],
+                    step_pages=step_pages[c],
+                    window_ms=window_ms,
+                    pass_limit=settings.max_syncs - passes[e].astype(np.float64),
+                    time_left=settings.deadline_seconds - elapsed[e],
+                )
+                passes[e] += taken.astype(np.int64)
+                elapsed[e] += windows_sent * step_bytes[c] / rate[c]
+                sent[e] += windows_sent * step_bytes[c]
             e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]))
             if e.size:
                 c = live[e]

@@ -469,3 +469,24 @@ def test_creeping_cells_are_skipped_not_iterated() -> None:
     assert fast.passes[0] == slow.passes[0]
     assert fast.seconds[0] == pytest.approx(slow.seconds[0], rel=1e-12)
     assert fast.seconds[0] == pytest.approx(plain_qemu(m, 6.615e8, 0.125, QEMU)[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("downtime", [0.125, 1.0, 5.0])
+def test_constant_rate_guest_near_its_boundary_takes_levels_at_once(downtime: float) -> None:
+    # A guest that rewrites RAM at a constant 20 MiB/s (one measured point: a line through the origin)
+    # on a link barely faster: hundreds of hot-only syncs, on many levels of whole windows, each level
+    # several syncs long. The shortcut takes them level by level and lands where plain iteration does.
+    m = build_model(
+        Measurement(page_size_bytes=4096, total_pages=131072, points=(DirtyPoint(50.0, 256.0),)), mode="qemu"
+    )
+    assert len(m.period_ms) == 3  # 0, saturation, inf: the measured point is on the line
+    batch, vm = ModelBatch.of([m]), np.zeros(1, dtype=np.int64)
+    for bw in (21.1e6, 21.2e6, 21.5e6, 22.0e6):
+        fast = simulate(batch, vm, np.array([bw]), np.array([downtime]), QEMU)
+        slow = simulate(batch, vm, np.array([bw]), np.array([downtime]), QEMU, shortcut=False)
+        assert slow.passes[0] > 100
+        assert fast.passes[0] == slow.passes[0]
+        assert fast.seconds[0] == pytest.approx(slow.seconds[0], rel=1e-9, nan_ok=True)
+        want, syncs = plain_qemu(m, bw, downtime, QEMU)
+        assert fast.seconds[0] == pytest.approx(want, rel=1e-9, nan_ok=True)
+        assert fast.passes[0] == syncs
