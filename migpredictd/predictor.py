@@ -534,31 +534,120 @@ def _levels(
     out = hot.copy()
     taken = np.zeros(len(v))
     windows = np.zeros(len(v))
-    idx = np.flatnonzero(active)
-    h = out[idx]
     # One step per level: on level n pending falls by n x shrink - offset per pass, so it stays there
-    # for floor(depth / drop) + 1 passes, depth being how far it is above the level's floor.
+    # for floor(depth / drop) + 1 passes, depth being how far it is above the level's floor. The
+    # working arrays hold the cells still going, and shrink only when some stop.
+    idx = np.flatnonzero(active)
+    h, t, sp, sh, off, low = hot[idx], threshold[idx], step_pages[idx], shrink[idx], oi[idx], n_lo[idx]
+    passes_left = pass_limit[idx] - 1.0
+    windows_left = np.floor(time_left[idx] * 1000.0 / window_ms)
+    done_passes, done_windows = np.zeros(idx.size), np.zeros(idx.size)
     while idx.size:
-        t, sp = threshold[idx], step_pages[idx]
         n = np.floor((h - t) / sp) + 1.0
-        drop = n * shrink[idx] - oi[idx]
-        with np.errstate(divide="ignore", invalid="ignore"):  # cells that leave below have n or drop <= 0
-            stay = np.floor((h - (t + (n - 1.0) * sp)) / drop) + 1.0
-            room = np.minimum(
-                pass_limit[idx] - 1.0 - taken[idx],
-                np.floor((time_left[idx] * 1000.0 / window_ms - windows[idx]) / n),
-            )
-        m = np.minimum(stay, room)
-        go = (h >= t) & (n >= n_lo[idx]) & (m >= 1.0) & (drop > 0)
+        drop = n * sh - off
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # stopping cells: n, drop <= 0
+            m = np.minimum(np.floor((h - (t + (n - 1.0) * sp)) / drop) + 1.0, passes_left)
+            m = np.minimum(m, np.floor(windows_left / n))
+        go = (h >= t) & (n >= low) & (m >= 1.0) & (drop > 0)
         if not go.all():
-            out[idx[~go]] = h[~go]
-            idx, h, n, m, drop = idx[go], h[go], n[go], m[go], drop[go]
+            stop = ~go
+            out[idx[stop]] = h[stop]
+            taken[idx[stop]] = done_passes[stop]
+            windows[idx[stop]] = done_windows[stop]
+            idx, h, t, sp, sh, off, low = idx[go], h[go], t[go], sp[go], sh[go], off[go], low[go]
+            passes_left, windows_left = passes_left[go], windows_left[go]
+            done_passes, done_windows = done_passes[go], done_windows[go]
+            n, m, drop = n[go], m[go], drop[go]
             if not idx.size:
                 break
         h = h - m * drop
+        done_passes += m
+        done_windows += m * n
+        passes_left -= m
+        windows_left -= m * n
+    return out, taken, windows
+
+
+def _cold_levels(
+    batch: ModelBatch,
+    v: IntArray,
+    cold: FloatArray,
+    hot: FloatArray,
+    *,
+    threshold: FloatArray,
+    step_bytes: FloatArray,
+    window_ms: float,
+    pass_limit: FloatArray,
+    time_left: FloatArray,
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Run the passes that send only cold pages, level by level, where their formula is short.
+
+    While pending is above the threshold by less than the cold pages, a pass of ``n`` windows sends
+    ``n x step_bytes / cost`` cold pages (``cost``: wire bytes per cold page on this stretch of the
+    zero profile) and no hot page, so the next sync holds ``min(hot + D(n windows), D(n windows +
+    age(hot)))`` hot pages. Where ``age(hot)`` and ``n windows + age(hot)`` lie on segments of equal
+    slope, both terms grow by the same amount each pass, so hot grows by a constant, cold falls by a
+    constant and every pass on one level (pending that takes ``n`` windows) is known at once; so are
+    those where every page is pending and stays so (hot then grows by what cold loses). Each
+    step takes them until pending leaves the level, cold would run short or leave its stretch, hot
+    would leave its segments, or a limit (``pass_limit`` passes, ``time_left`` seconds) is near.
+
+    Returns (cold, hot, passes taken, windows sent).
+    """
+    cold, hot = cold.copy(), hot.copy()
+    taken = np.zeros(len(v))
+    windows = np.zeros(len(v))
+    idx = np.arange(len(v))
+    while idx.size:
+        vi, c, h = v[idx], cold[idx], hot[idx]
+        rows = np.arange(idx.size)
+        t, sb = threshold[idx], step_bytes[idx]
+        cp = batch.cold_pages[vi]
+        seg = _segment(cp, c)
+        cost, cold_lo = batch.cold_slope[vi, seg], cp[rows, seg - 1]
+        per_window = sb / cost
+        pending = c + h
+        n = np.floor((pending - t) / per_window) + 1.0
+        n_ms = n * window_ms
+        ys, xs = batch.y[vi], batch.x[vi]
+        ja = _segment(ys, h)
+        ya, xa, sa = ys[rows, ja - 1], xs[rows, ja - 1], batch.slope[vi, ja]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            u = n_ms + xa + (h - ya) / sa
+            j2 = _segment(xs, u)
+            s2, o2, x2_end = batch.slope[vi, j2], batch.offset[vi, j2], xs[rows, j2]
+            grow = np.minimum(batch.dirty(vi, n_ms), o2 + s2 * u - h)
+            # With every page pending and the guest re-dirtying more than a pass sends, the cap
+            # (no more pending than pages) holds pending where it is: hot grows by what cold loses.
+            sends = n * per_window
+            capped = (pending >= batch.total_pages[vi] * (1.0 - 1e-12)) & (grow >= sends)
+            inc = np.where(capped, sends, grow)
+            drop = np.where(capped, 0.0, sends - grow)
+            stay = np.where(capped, np.inf, np.floor((pending - (t + (n - 1.0) * per_window)) / drop) + 1.0)
+            m = np.minimum(stay, np.floor((c - cold_lo) / sends))
+            m = np.minimum(m, np.where(inc > 0, np.floor((ys[rows, ja] - h) / inc), np.inf))
+            m = np.minimum(m, np.where(inc > 0, np.floor((x2_end - u) * sa / inc), np.inf))
+            m = np.minimum(m, pass_limit[idx] - 1.0 - taken[idx])
+            m = np.minimum(m, np.floor((time_left[idx] * 1000.0 / window_ms - windows[idx]) / n))
+        go = (
+            (pending >= t)
+            & (n >= 1.0)
+            & ((drop > 0) | capped)
+            & (grow >= 0)
+            & (sa > 0)
+            & np.isfinite(sa)
+            & (h >= ya)
+            & (np.abs(s2 - sa) <= 1e-9 * sa)
+            & (m >= 1.0)
+        )
+        idx, m, n = idx[go], m[go], n[go]
+        if not idx.size:
+            break
+        cold[idx] -= m * sends[go]
+        hot[idx] += m * inc[go]
         taken[idx] += m
         windows[idx] += m * n
-    return out, taken, windows
+    return cold, hot, taken, windows
 
 
 def _simulate_qemu(
@@ -584,6 +673,9 @@ def _simulate_qemu(
     below the threshold.
     """
     n = len(vm)
+    # Passes are whole windows, so a migration can end a pass exactly at the deadline; a sum of
+    # windows rounded either way must not decide whether that pass counts: it is within the deadline.
+    deadline = settings.deadline_seconds * (1.0 + 1e-9)
     out_s = np.full(n, np.nan)
     out_passes = np.zeros(n, dtype=np.int64)
     out_bytes = np.zeros(n)
@@ -631,9 +723,12 @@ def _simulate_qemu(
     sent = np.zeros(n)
     passes = np.zeros(n, dtype=np.int64)
     while live.size:
-        any_cold = bool(np.any(cold > 0.0))
+        # Cold pages are priced along the zero profile; only the cells that still have some pay for it.
+        with_cold = np.flatnonzero(cold > 0.0)
         pending = cold + hot
-        cold_wire = batch.cold_wire(vm[live], cold) if any_cold else np.zeros(live.size)
+        cold_wire = np.zeros(live.size)
+        if with_cold.size:
+            cold_wire[with_cold] = batch.cold_wire(vm[live[with_cold]], cold[with_cold])
         # Pages are whole: less than one pending page is none, which even a zero downtime-limit lets
         # through (QEMU completes when nothing is pending).
         done = (pending < threshold[live]) | (pending < 1.0)
@@ -650,6 +745,7 @@ def _simulate_qemu(
             cold, hot, pending, cold_wire = cold[go], hot[go], pending[go], cold_wire[go]
             if not live.size:
                 break
+            with_cold = np.flatnonzero(cold > 0.0)
         v = vm[live]
         nw = normal_wire[live]
         wire = cold_wire + hot * nw
@@ -657,23 +753,24 @@ def _simulate_qemu(
         # rounded up to whole rate-limiter windows, and never more than the bitmap holds.
         hot_only = cold <= 0.0
         excess = np.maximum(pending - threshold[live], 0.0)
-        if any_cold:
-            cold_part = np.minimum(excess, cold)
-            needed = cold_wire - batch.cold_wire(v, cold - cold_part) + (excess - cold_part) * nw
-        else:
-            needed = excess * nw
+        needed = excess * nw
+        if with_cold.size:
+            w, vw = with_cold, v[with_cold]
+            cold_part = np.minimum(excess[w], cold[w])
+            needed[w] = (
+                cold_wire[w] - batch.cold_wire(vw, cold[w] - cold_part) + (excess[w] - cold_part) * nw[w]
+            )
         windows = np.floor(needed / step_bytes[live]) + 1.0
         pass_bytes = np.minimum(windows * step_bytes[live], wire)
         pass_s = pass_bytes / rate[live]
-        if any_cold:
-            cold_after = np.where(
-                pass_bytes >= cold_wire, 0.0, batch.cold_left(v, np.maximum(cold_wire - pass_bytes, 0.0))
-            )
-            cold_after = np.clip(cold_after, 0.0, cold)
-            cold_sent_bytes = cold_wire - batch.cold_wire(v, cold_after)
-            cold = cold_after
-        else:
-            cold_sent_bytes = cold_wire
+        cold_sent_bytes = cold_wire.copy()
+        if with_cold.size:
+            left = cold_wire[w] - pass_bytes[w]
+            cold_after = np.where(left <= 0.0, 0.0, batch.cold_left(vw, np.maximum(left, 0.0)))
+            cold_after = np.clip(cold_after, 0.0, cold[w])
+            cold_sent_bytes[w] = cold_wire[w] - batch.cold_wire(vw, cold_after)
+            cold = cold.copy()
+            cold[w] = cold_after
         hot_sent = np.clip((pass_bytes - cold_sent_bytes) / nw, 0.0, hot)
         hot_left = hot - hot_sent
         sync_at = elapsed + pass_s
@@ -719,7 +816,7 @@ def _simulate_qemu(
         sent = sent + pass_bytes
         passes = passes + 1
         stuck = (
-            (elapsed > settings.deadline_seconds)
+            (elapsed > deadline)
             | (passes >= settings.max_syncs)
             | ((cold <= 0.0) & (barrier[live] > 0) & (hot >= barrier_pages[live]))
             | emptied
@@ -732,6 +829,23 @@ def _simulate_qemu(
         live, elapsed, sent, passes = live[keep], elapsed[keep], sent[keep], passes[keep]
         cold, hot = cold[keep], hot[keep]
         if shortcut:
+            e = np.flatnonzero((cold > 0.0) & (cold + hot > threshold[live]))
+            if e.size:
+                c = live[e]
+                cold[e], hot[e], taken, windows_sent = _cold_levels(
+                    batch,
+                    vm[c],
+                    cold[e],
+                    hot[e],
+                    threshold=threshold[c],
+                    step_bytes=step_bytes[c],
+                    window_ms=window_ms,
+                    pass_limit=settings.max_syncs - passes[e].astype(np.float64),
+                    time_left=deadline - elapsed[e],
+                )
+                passes[e] += taken.astype(np.int64)
+                elapsed[e] += windows_sent * step_bytes[c] / rate[c]
+                sent[e] += windows_sent * step_bytes[c]
             e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]) & (threshold[live] > step_pages[live]))
             if e.size:
                 c = live[e]
@@ -743,7 +857,7 @@ def _simulate_qemu(
                     step_pages=step_pages[c],
                     window_ms=window_ms,
                     pass_limit=settings.max_syncs - passes[e].astype(np.float64),
-                    time_left=settings.deadline_seconds - elapsed[e],
+                    time_left=deadline - elapsed[e],
                 )
                 passes[e] += taken.astype(np.int64)
                 elapsed[e] += windows_sent * step_bytes[c] / rate[c]
@@ -756,7 +870,7 @@ def _simulate_qemu(
                 budget = np.minimum(
                     settings.max_syncs - 1.0 - passes[e],
                     np.floor(
-                        (settings.deadline_seconds - elapsed[e]) / (windows * settings.iteration_seconds)
+                        (deadline - elapsed[e]) / (windows * settings.iteration_seconds)
                     ),
                 )
                 ms_per_page = normal_wire[c] * 1000.0 / rate[c]

@@ -367,7 +367,7 @@ def plain_qemu(model: MemoryModel, bw: float, dt: float, cfg: PredictorSettings)
         hot = min(hot_left + model.dirty(pass_ms), model.dirty(pass_ms + model.age(hot_left)), total - cold)
         elapsed += pass_s
         syncs += 1
-        if elapsed > cfg.deadline_seconds or syncs >= cfg.max_syncs:
+        if elapsed > cfg.deadline_seconds * (1.0 + 1e-9) or syncs >= cfg.max_syncs:
             return math.nan, syncs
 
 
