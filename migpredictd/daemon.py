@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from migpredictd import __version__
@@ -107,6 +107,9 @@ class Daemon:
         # superseded: only the newest measurement's answers are ever published).
         self._underived: dict[str, tuple[Measurement, MemoryModel, RateLimiter]] = {}
         self._derive_task: asyncio.Task[None] | None = None
+        # CPU seconds of the prediction workers and the targets they predicted, per stage.
+        self.prediction_cpu = {"grid": 0.0, "derived": 0.0}
+        self.predicted = {"grid": 0, "derived": 0}
         self.loop_lag = 0.0  # seconds the event loop answered late at the last check, and the worst
         self.loop_lag_max = 0.0
 
@@ -226,9 +229,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
 
         def predict() -> tuple[list[MemoryModel], list[RateLimiter], list[VMPrediction]]:
+            cpu = time.thread_time()
             models = [build_model(m, mode=config.prediction.mode) for _, m, _, _ in batch]
             limiters = [rate_limiter_for(m.qemu_version) for _, m, _, _ in batch]
             grids = predict_grid(models, config.grid, config.prediction, derived=False, limiters=limiters)
+            self.prediction_cpu["grid"] += time.thread_time() - cpu
+            self.predicted["grid"] += len(batch)
             return models, limiters, grids
 
         try:
@@ -275,12 +281,14 @@ class Daemon:
             models = [model for _, _, model, _ in work]
             limiters = [limiter for _, _, _, limiter in work]
             try:
-                min_bw, min_dt = await loop.run_in_executor(
+                min_bw, min_dt, cpu = await loop.run_in_executor(
                     self._deriver, _derive_batch, models, limiters, config
                 )
             except Exception:
                 log.exception("derived answers failed", extra={"targets": len(work)})
                 continue
+            self.prediction_cpu["derived"] += cpu
+            self.predicted["derived"] += len(work)
             for i, (name, m, _, _) in enumerate(work):
                 self.state.record_derived(name, m, min_bw[i], min_dt[i])
             await loop.run_in_executor(self._worker, self._render)
@@ -360,11 +368,14 @@ class Daemon:
 
 def _derive_batch(
     models: list[MemoryModel], limiters: list[RateLimiter], config: Config
-) -> tuple[FloatArray, FloatArray]:
-    """The derived answers of one batch (on the derive worker), then the heap trimmed."""
-    answers = predict_derived(models, config.grid, config.prediction, limiters=limiters)
+) -> tuple[FloatArray, FloatArray, float]:
+    """The derived answers of one batch (on the derive worker) and the CPU seconds they took; then
+    the heap trimmed."""
+    cpu = time.thread_time()
+    min_bw, min_dt = predict_derived(models, config.grid, config.prediction, limiters=limiters)
+    cpu = time.thread_time() - cpu
     _trim_heap()
-    return answers
+    return min_bw, min_dt, cpu
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -442,6 +453,21 @@ class _RuntimeCollector(Collector):
         )
         worst.add_metric([], d.loop_lag_max)
         yield worst
+        cpu = CounterMetricFamily(
+            "migpredictd_prediction_cpu_seconds",
+            "CPU seconds the prediction workers spent: grids, or derived answers.",
+            labels=["stage"],
+        )
+        done = CounterMetricFamily(
+            "migpredictd_predicted_targets",
+            "Target predictions made: grids, or derived answers.",
+            labels=["stage"],
+        )
+        for stage in ("grid", "derived"):
+            cpu.add_metric([stage], d.prediction_cpu[stage])
+            done.add_metric([stage], float(d.predicted[stage]))
+        yield cpu
+        yield done
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -869,9 +869,7 @@ def _simulate_qemu(
                 windows = np.floor((hot[e] - threshold[c]) / step_pages[c]) + 1.0
                 budget = np.minimum(
                     settings.max_syncs - 1.0 - passes[e],
-                    np.floor(
-                        (deadline - elapsed[e]) / (windows * settings.iteration_seconds)
-                    ),
+                    np.floor((deadline - elapsed[e]) / (windows * settings.iteration_seconds)),
                 )
                 ms_per_page = normal_wire[c] * 1000.0 / rate[c]
                 k, hot[e], pages, never = _creep(
