@@ -243,6 +243,11 @@ def gauge(body: bytes, name: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
+def stage_counter(body: bytes, name: str, stage: str) -> float:
+    m = re.search(rb"^" + name.encode() + rb'\{stage="' + stage.encode() + rb'"\} (\S+)$', body, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
 def proc_stat(pid: int) -> tuple[float, float, float]:
     """(CPU seconds, RSS MiB, peak RSS MiB) of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -321,6 +326,14 @@ def daemon_run(n: int, *, jitter: float, max_concurrent: int, scrapes: int) -> d
                 raise TimeoutError(f"{up}/{n} predicted after 30 minutes")
         all_predicted = time.monotonic() - t0
         cpu_round, _, _ = proc_stat(daemon.pid)
+        # Derived answers follow the grids from their own worker: wait for every target's.
+        while stage_counter(body, "migpredictd_predicted_targets_total", "derived") < n:
+            time.sleep(poll)
+            assert daemon.poll() is None, log.read_text()[-2000:]
+            body, _ = fetch(port, gz=True)
+            if time.monotonic() - t0 > 1800:
+                raise TimeoutError("derived answers not done after 30 minutes")
+        all_derived = time.monotonic() - t0
         time.sleep(1.0)  # let the last batch's rendering settle
         plain, gz = [], []
         size = 0
@@ -334,6 +347,9 @@ def daemon_run(n: int, *, jitter: float, max_concurrent: int, scrapes: int) -> d
         body, _ = fetch(port, gz=False)
         lag = gauge(body, "migpredictd_event_loop_lag_max_seconds")
         tasks = gauge(body, "migpredictd_asyncio_tasks")
+        cpu_grid = stage_counter(body, "migpredictd_prediction_cpu_seconds_total", "grid")
+        cpu_derived = stage_counter(body, "migpredictd_prediction_cpu_seconds_total", "derived")
+        predicted = stage_counter(body, "migpredictd_predicted_targets_total", "grid")
     finally:
         daemon.terminate()
         daemon.wait(30)
@@ -354,6 +370,9 @@ def daemon_run(n: int, *, jitter: float, max_concurrent: int, scrapes: int) -> d
         "n": n,
         "listening_s": listening,
         "all_predicted_s": all_predicted,
+        "all_derived_s": all_derived,
+        "prediction_ms_per_vm": (cpu_grid + cpu_derived) / predicted * 1e3,
+        "grid_ms_per_vm": cpu_grid / predicted * 1e3,
         "cpu_round_s": cpu_round,
         "plain_median_ms": statistics.median(plain) * 1e3,
         "plain_p99_ms": pct(plain, 0.99) * 1e3,
@@ -379,13 +398,16 @@ def part2(sizes: list[int], scrapes: int) -> list[str]:
         "Default 8 x 6 grid, `per_cell_details: false`, one 50 ms calc-dirty-rate per VM (QEMU 10.0 "
         "shapes), interval 1h (one round). The fleet runs in its own process on the same 2 cores. "
         "`all predicted` = from starting the daemon until every target has a prediction (polled with "
-        "gzip scrapes); `CPU` = the daemon's user+system seconds until then; `lag` = the worst delay of "
-        "the event loop (`migpredictd_event_loop_lag_max_seconds`); `spread` = when the first and last "
-        "measurements of the first round finished, and the most that finished in one second.",
+        "gzip scrapes); `derived` = until every target's derived answers are published too; `CPU` = the "
+        "daemon's user+system seconds until all predicted; `prediction CPU` = what the prediction workers "
+        "spent per VM, grid + derived answers (grid alone), from `migpredictd_prediction_cpu_seconds_total` "
+        "and `migpredictd_predicted_targets_total`; `lag` = the worst delay of the event loop "
+        "(`migpredictd_event_loop_lag_max_seconds`); `spread` = when the first and last measurements of "
+        "the first round finished, and the most that finished in one second.",
         "",
-        "| VMs | jitter | slots | all predicted | CPU (per VM) | lag | spread | scrape median / p99 | "
-        "gzip median / p99 | body | RSS (peak) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| VMs | jitter | slots | all predicted | derived | CPU (per VM) | prediction CPU per VM | lag | "
+        "spread | scrape median / p99 | gzip median / p99 | body | RSS (peak) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
         jitter = max(1.0, n / 500)
@@ -394,8 +416,10 @@ def part2(sizes: list[int], scrapes: int) -> list[str]:
             n, jitter=jitter, max_concurrent=slots, scrapes=scrapes if n < 10000 else max(5, scrapes // 2)
         )
         out.append(
-            f"| {n:,} | {jitter:g} s | {slots} | {r['all_predicted_s']:.1f} s | {r['cpu_round_s']:.1f} s "
-            f"({r['cpu_round_s'] / n * 1e3:.1f} ms) | {r['loop_lag_max_s'] * 1e3:.0f} ms | "
+            f"| {n:,} | {jitter:g} s | {slots} | {r['all_predicted_s']:.1f} s | {r['all_derived_s']:.1f} s | "
+            f"{r['cpu_round_s']:.1f} s ({r['cpu_round_s'] / n * 1e3:.1f} ms) | "
+            f"{r['prediction_ms_per_vm']:.2f} ms ({r['grid_ms_per_vm']:.2f} ms) | "
+            f"{r['loop_lag_max_s'] * 1e3:.0f} ms | "
             f"{r['first_done_s']:.1f}..{r['last_done_s']:.1f} s, max {r['max_per_second']:.0f}/s | "
             f"{r['plain_median_ms']:.0f} / {r['plain_p99_ms']:.0f} ms | "
             f"{r['gzip_median_ms']:.0f} / {r['gzip_p99_ms']:.0f} ms | {r['body_mb']:.1f} MB | "

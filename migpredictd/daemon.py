@@ -45,6 +45,7 @@ DEFAULT_LISTEN = ":9842"
 TARGETS_DIR_POLL_SECONDS = 5.0
 PREDICTION_BATCH_DELAY = 0.2  # seconds to gather measurements that finish together into one batch
 MAX_PREDICTION_BATCH = 500
+DERIVE_BATCH_DELAY = 1.0  # seconds derived answers wait for more measurements to share their batch
 LOOP_LAG_PROBE_SECONDS = 0.25
 
 
@@ -99,8 +100,8 @@ class Daemon:
         self._targets_dir_signature: object = None
         self._ready = False
         # One worker thread for grids and rendering, one for derived answers, so that a VM whose derived
-        # answers take long never holds back another VM's grid. They hold the GIL anyway, and each
-        # thread gets its own malloc arena (RSS that is never given back), so there are no more.
+        # answers take long never holds back another VM's grid. They hold the GIL anyway, so there are
+        # no more (run_command also keeps every thread on one malloc arena).
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migpredictd-predict")
         self._deriver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migpredictd-derive")
         # Measurements whose derived answers are still to compute, latest per target (older ones are
@@ -274,7 +275,12 @@ class Daemon:
         batches, until none waits."""
         loop = asyncio.get_running_loop()
         while self._underived and not self._stop.is_set() and self.config is not None:
+            # The grids are out already: gather a larger batch first, which costs less per VM.
+            if len(self._underived) < MAX_PREDICTION_BATCH:
+                await asyncio.sleep(DERIVE_BATCH_DELAY)
             config = self.config
+            if not self._underived or config is None:
+                break
             names = list(self._underived)[:MAX_PREDICTION_BATCH]
             work = [(name, *self._underived.pop(name)) for name in names]
 
@@ -386,6 +392,18 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
+_M_ARENA_MAX = -8  # glibc's mallopt() parameter
+
+
+def _one_malloc_arena() -> None:
+    """Make every thread allocate from the main arena (glibc only).
+
+    glibc gives each new thread an arena of its own, whose freed memory mostly stays resident; the
+    daemon's threads take turns under the GIL anyway, so one arena costs no contention and keeps the
+    prediction workers' temporaries in memory that malloc_trim() returns. Call before any thread.
+    """
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_ARENA_MAX, 1)
 
 
 def _trim_heap() -> None:
@@ -484,6 +502,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    _one_malloc_arena()
     setup_logging(args.log_format, args.log_level)
     daemon = Daemon(args.config_file, shard=parse_shard(args.shard))
     try:

@@ -68,10 +68,10 @@ class Measurement:
         _check_int("total_pages", self.total_pages, minimum=1)
         if not self.points:
             raise InputError("needs at least one point", field="points")
+        _check_numbers("points[{}].period_ms", [p.period_ms for p in self.points], positive=True)
+        _check_numbers("points[{}].dirty_pages", [p.dirty_pages for p in self.points])
         previous = 0.0
         for i, p in enumerate(self.points):
-            _check_number(f"points[{i}].period_ms", p.period_ms, positive=True)
-            _check_number(f"points[{i}].dirty_pages", p.dirty_pages)
             if p.period_ms <= previous:
                 raise InputError("periods must be strictly increasing", field=f"points[{i}].period_ms")
             if p.dirty_pages > self.total_pages:
@@ -241,13 +241,14 @@ def measurement_from_extended(data: Mapping[str, Any], **meta: Any) -> Measureme
     if zero_sampled > sampled:
         raise InputError("exceeds n-sampled-pages", field="n-zero-pages")
     ratio = sampled / total
-    points = []
-    for i, (ms, n) in enumerate(zip(periods, dirty, strict=True)):
-        _check_number(f"periods[{i}]", ms, positive=True)
-        _check_number(f"n-dirty-pages[{i}]", n)
+    _check_numbers("periods[{}]", periods, positive=True)
+    _check_numbers("n-dirty-pages[{}]", dirty)
+    for i, n in enumerate(dirty):
         if n > sampled:
             raise InputError("exceeds n-sampled-pages", field=f"n-dirty-pages[{i}]")
-        points.append(DirtyPoint(period_ms=float(ms), dirty_pages=n / ratio))
+    points = [
+        DirtyPoint(period_ms=float(ms), dirty_pages=n / ratio) for ms, n in zip(periods, dirty, strict=True)
+    ]
     for i in range(1, len(points)):
         if points[i].period_ms <= points[i - 1].period_ms:
             raise InputError("periods must be strictly increasing", field=f"periods[{i}]")
@@ -383,13 +384,25 @@ def _require(data: Mapping[str, Any], key: str, name: str | None = None) -> Any:
     return data[key]
 
 
-def _check_number(name: str, value: object, *, positive: bool = False) -> None:
-    # The common case first, in one test (inputs hold tens of numbers per VM): a plain finite
-    # non-negative float or an int in range. NaN fails every comparison and takes the full path.
+def _plain(value: object, positive: bool) -> bool:
+    """The common case in one test (inputs hold tens of numbers per VM): a finite non-negative float
+    or an int in range (positive if asked). NaN fails every comparison, so it is not plain."""
     kind = type(value)
-    if (
+    return (
         (kind is float and 0.0 <= value < math.inf) or (kind is int and 0 <= value <= _MAX_EXACT_INT)  # type: ignore[operator]
-    ) and (value or not positive):
+    ) and bool(value or not positive)
+
+
+def _check_numbers(name: str, values: Sequence[object], *, positive: bool = False) -> None:
+    """:func:`_check_number` for each of ``values``, named ``name.format(i)``; the name is only built
+    for a value that fails."""
+    for i, value in enumerate(values):
+        if not _plain(value, positive):
+            _check_number(name.format(i), value, positive=positive)
+
+
+def _check_number(name: str, value: object, *, positive: bool = False) -> None:
+    if _plain(value, positive):
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"must be a number, got {value!r}", field=name)

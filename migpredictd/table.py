@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -9,14 +10,22 @@ from migpredictd.predictor import Grid, VMPrediction
 from migpredictd.units import format_bandwidth, format_downtime, format_eta
 
 
+@functools.lru_cache(maxsize=8)
+def _frame(grid: Grid) -> tuple[str, tuple[str, ...]]:
+    """A grid's table header (with its rule) and row labels: the same for every VM."""
+    header = "Downtime> |" + "".join(f" {format_downtime(d):>7} |" for d in grid.downtimes)
+    labels = tuple(f"{format_bandwidth(bw, space=True):>9} |  " for bw in grid.bandwidths)
+    return f"{header}\n{'-' * len(header)}\n", labels
+
+
 def render_table(prediction: VMPrediction, grid: Grid) -> str:
     """The seed's table: bandwidths down, max downtimes across, ``-`` where it does not converge."""
-    header = "Downtime> |" + "".join(f" {format_downtime(d):>7} |" for d in grid.downtimes)
-    lines = [header, "-" * len(header)]
-    for i, bw in enumerate(grid.bandwidths):
-        cells = "".join([f"{format_eta(s):>7} |  " for s in prediction.seconds[i].tolist()])
-        lines.append(f"{format_bandwidth(bw, space=True):>9} |  {cells}")
-    return "\n".join(lines) + "\n"
+    head, labels = _frame(grid)
+    rows = [
+        label + "".join([f"{format_eta(s):>7} |  " for s in row])
+        for label, row in zip(labels, prediction.seconds.tolist(), strict=True)
+    ]
+    return head + "\n".join(rows) + "\n"
 
 
 def _num(value: float) -> float | None:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM
-from tests.daemon_helpers import DaemonProcess, Samples, free_port, wait_for
+from tests.daemon_helpers import DaemonProcess, Samples, free_port, value, wait_for
 
 MIB = 1 << 20
 V10, PKG10 = (10, 0, 2), "Debian 1:10.0.2+ds-2~bpo12+1"
@@ -68,6 +68,14 @@ def test_slow_derived_answers_never_hold_back_other_results(tmp_path: Path) -> N
             s = wait_for(d.port, lambda x: all(has_derived(x, n) for n in [*CHEAP, "expensive"]), timeout=180)
             derived_at = time.monotonic() - t0
             assert derived_at > grids_at + 1.0, (grids_at, derived_at)
+            # The prediction workers account for both stages: five targets each, and CPU for both.
+            assert value(s, "migpredictd_predicted_targets_total", stage="grid") == 5
+            assert value(s, "migpredictd_predicted_targets_total", stage="derived") == 5
+            grid_cpu = value(s, "migpredictd_prediction_cpu_seconds_total", stage="grid")
+            derived_cpu = value(s, "migpredictd_prediction_cpu_seconds_total", stage="derived")
+            assert grid_cpu is not None
+            assert derived_cpu is not None
+            assert 0 < grid_cpu < derived_cpu
             assert d.proc.poll() is None, d.logs()[-3000:]
         finally:
             d.stop()
