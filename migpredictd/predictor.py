@@ -28,10 +28,13 @@ Two modes share one vectorised engine (numpy, all cells of all VMs advance one p
     - ``transport_overhead`` adds TCP/IP framing when the bandwidth is the link's rather than QEMU's
       ``max-bandwidth`` (the reviewers' first objection to the seed).
 
-Non-convergence is a value (``nan`` seconds), never an exception. From the second pass on the
-recurrence "pending pages at the next sync = f(pending pages at this sync)" is monotone, so once a sync
-finds at least as many pages as the previous one the migration can never converge: that fixed point is
-detected at once instead of iterating until the deadline.
+Non-convergence is a value (``nan`` seconds), never an exception. In seed mode, from the second pass
+on the recurrence "pending pages at the next sync = f(pending pages at this sync)" is monotone, so once
+a sync finds at least as many pages as the previous one the migration can never converge: that fixed
+point is detected at once instead of iterating until the deadline. In qemu mode, barrier, emptied and
+trap rules prove non-convergence early, and stretches of syncs with a closed form are taken at once
+(docs/model.md, "Non-convergence, detected early" and "Syncs taken in closed form");
+``simulate(..., shortcut=False)`` runs every sync, the oracle the shortcuts are tested against.
 
 Pure: no I/O.
 """
@@ -65,7 +68,8 @@ _BARRIER_WINDOWS: Final = 16
 
 @dataclass(frozen=True, slots=True)
 class PredictorSettings:
-    """Constants of the prediction; calibrated values and their evidence live in the config defaults."""
+    """Constants of the prediction; calibrated values and their evidence live in
+    :mod:`migpredictd.calibration`."""
 
     mode: Mode = "qemu"
     deadline_seconds: float = 3600.0
