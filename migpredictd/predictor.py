@@ -718,6 +718,13 @@ def _simulate_qemu(
         hit = np.where(small, batch.dirty(vm, lead_ms + (m - 1) * window_ms) >= floor, big) & (floor >= 1.0)
         barrier = np.where(hit, float(m), barrier)
     barrier_pages = threshold + (barrier - 1.0) * step_pages
+    # _levels needs the whole unsent range [threshold - one window, threshold) on one segment of the
+    # model's pages axis, which depends on the cell alone: decided once, not at every sync.
+    if shortcut:
+        unsent_lo = threshold - step_pages
+        seg_lo = np.clip(np.count_nonzero(batch.y[vm] < unsent_lo[:, None], axis=1), 1, batch.y.shape[1] - 1)
+        seg_hi = np.clip(np.count_nonzero(batch.y[vm] < threshold[:, None], axis=1), 1, batch.y.shape[1] - 1)
+        levels_ok = (threshold > step_pages) & (seg_lo == seg_hi) & (batch.y[vm, seg_lo - 1] < unsent_lo)
 
     total = batch.total_pages[vm]
     live = np.arange(n)
@@ -830,10 +837,15 @@ def _simulate_qemu(
             out_passes[i] = passes[stuck]
             out_bytes[i] = sent[stuck]
         keep = ~stuck
+        # How far this sync moved pending: _creep's regions are levels one window wide, so a cell that
+        # moved a window or more will not stay in its region for another sync.
+        moved = np.abs(cold + hot - pending)[keep]
         live, elapsed, sent, passes = live[keep], elapsed[keep], sent[keep], passes[keep]
         cold, hot = cold[keep], hot[keep]
-        if shortcut:
-            e = np.flatnonzero((cold > 0.0) & (cold + hot > threshold[live]))
+        # The shortcuts cost about what a sync does; most cells end within a few syncs, so they start
+        # from the third.
+        if shortcut and np.any(passes >= 3):
+            e = np.flatnonzero((cold > 0.0) & (cold + hot > threshold[live]) & (passes >= 3))
             if e.size:
                 c = live[e]
                 cold[e], hot[e], taken, windows_sent = _cold_levels(
@@ -850,7 +862,7 @@ def _simulate_qemu(
                 passes[e] += taken.astype(np.int64)
                 elapsed[e] += windows_sent * step_bytes[c] / rate[c]
                 sent[e] += windows_sent * step_bytes[c]
-            e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]) & (threshold[live] > step_pages[live]))
+            e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]) & levels_ok[live] & (passes >= 3))
             if e.size:
                 c = live[e]
                 hot[e], taken, windows_sent = _levels(
@@ -866,7 +878,9 @@ def _simulate_qemu(
                 passes[e] += taken.astype(np.int64)
                 elapsed[e] += windows_sent * step_bytes[c] / rate[c]
                 sent[e] += windows_sent * step_bytes[c]
-            e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]))
+            sp = step_pages[live]
+            slow = (moved < sp) | (threshold[live] <= sp)  # (passes that empty the bitmap: any pace)
+            e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]) & (passes >= 3) & slow)
             if e.size:
                 c = live[e]
                 # A pass takes at most its whole windows: a safe bound for the deadline.
