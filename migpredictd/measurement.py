@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from migpredictd.errors import InputError
 
@@ -396,6 +396,16 @@ def _plain(value: object, positive: bool) -> bool:
 def _check_numbers(name: str, values: Sequence[object], *, positive: bool = False) -> None:
     """:func:`_check_number` for each of ``values``, named ``name.format(i)``; the name is only built
     for a value that fails."""
+    # Whole lists of plain numbers (the common case) are checked by C loops.
+    plain = cast("Sequence[float]", values)
+    if values and all(type(v) is int for v in values):
+        if min(plain) >= (1 if positive else 0) and max(plain) <= _MAX_EXACT_INT:
+            return
+    # Plain floats: a finite sum means none is inf or nan, and then min() is exact.
+    elif values and all(type(v) is float for v in values):
+        low = min(plain)
+        if math.isfinite(sum(plain)) and (low > 0.0 if positive else low >= 0.0):
+            return
     for i, value in enumerate(values):
         if not _plain(value, positive):
             _check_number(name.format(i), value, positive=positive)

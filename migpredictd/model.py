@@ -9,6 +9,7 @@ monotone too. Pure: no I/O.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -80,11 +81,9 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
     xs = [p.period_ms for p in m.points]
     # A sampled count can exceed what is possible when zero pages are estimated separately; clamp so the
     # curve stays monotone (a no-op for consistent input, so seed mode is unaffected).
-    ys = [min(p.dirty_pages, ceiling) for p in m.points]
     # A longer window sees at least the pages a shorter one saw: a noisy measurement that dips is read
     # as its running maximum (pessimistic, and a no-op for monotone input, so seed mode is unaffected).
-    for i in range(1, len(ys)):
-        ys[i] = max(ys[i], ys[i - 1])
+    ys = list(itertools.accumulate((min(p.dirty_pages, ceiling) for p in m.points), max))
     if len(xs) == 1 or mode == "qemu":
         # The rate the shortest window saw, from a clean start (a line through the origin).
         xs.insert(0, 0.0)
@@ -114,12 +113,13 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
                 del xs[i], ys[i]
             else:
                 i += 1
+    # The segments, with _line's operations inlined (this runs for every VM at every round).
     slopes = [0.0]
     offsets = [ys[0]]
-    for i in range(1, len(xs)):
-        s, o = _line(xs[i - 1], ys[i - 1], xs[i], ys[i])
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:], strict=False):
+        s = (y1 - y0) / (x1 - x0)
         slopes.append(s)
-        offsets.append(o)
+        offsets.append(y0 - s * x0)
     return MemoryModel(
         page_size_bytes=m.page_size_bytes,
         total_pages=m.total_pages,
