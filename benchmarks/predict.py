@@ -160,9 +160,7 @@ def main() -> None:
     say("2. the grid, seed mode:")
     say(f"   seed algorithm, cell by cell ({args.baseline_vms} VMs):  {seed_ms:8.3f} ms per VM")
     ratio = seed_ms / cli_ms
-    say(
-        f"   CLI, table, marginal per VM ({c1} -> {c2}): {cli_ms:8.3f} ms   -> {ratio:.0f}x (target >= 100x)"
-    )
+    say(f"   CLI, table, marginal per VM ({c1} -> {c2}): {cli_ms:8.3f} ms   -> {ratio:.0f}x (target >= 100x)")
     say(f"   vectorised seed mode alone ({n2} VMs):       {fast_ms:8.3f} ms   -> {seed_ms / fast_ms:.0f}x")
     compared = len(base) * len(grid.bandwidths) * len(grid.downtimes)
     say(f"   cells compared with the seed: {compared}, mismatches: {mismatches}")

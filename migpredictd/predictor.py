@@ -654,6 +654,24 @@ def _cold_levels(
     return cold, hot, taken, windows
 
 
+def _count_windows(
+    e: IntArray,
+    taken: FloatArray,
+    windows: FloatArray,
+    *,
+    passes: IntArray,
+    elapsed: FloatArray,
+    sent: FloatArray,
+    step_bytes: FloatArray,
+    rate: FloatArray,
+) -> None:
+    """Add passes skipped in whole windows to cells ``e``: their time and bytes follow from the
+    number of windows."""
+    passes[e] += taken.astype(np.int64)
+    elapsed[e] += windows * step_bytes / rate
+    sent[e] += windows * step_bytes
+
+
 def _simulate_qemu(
     batch: ModelBatch,
     vm: IntArray,
@@ -849,35 +867,26 @@ def _simulate_qemu(
             if e.size:
                 c = live[e]
                 cold[e], hot[e], taken, windows_sent = _cold_levels(
-                    batch,
-                    vm[c],
-                    cold[e],
-                    hot[e],
-                    threshold=threshold[c],
-                    step_bytes=step_bytes[c],
-                    window_ms=window_ms,
-                    pass_limit=settings.max_syncs - passes[e].astype(np.float64),
+                    batch, vm[c], cold[e], hot[e], threshold=threshold[c], step_bytes=step_bytes[c],
+                    window_ms=window_ms, pass_limit=settings.max_syncs - passes[e].astype(np.float64),
                     time_left=deadline - elapsed[e],
-                )
-                passes[e] += taken.astype(np.int64)
-                elapsed[e] += windows_sent * step_bytes[c] / rate[c]
-                sent[e] += windows_sent * step_bytes[c]
+                )  # fmt: skip
+                _count_windows(
+                    e, taken, windows_sent, passes=passes, elapsed=elapsed, sent=sent,
+                    step_bytes=step_bytes[c], rate=rate[c],
+                )  # fmt: skip
             e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]) & levels_ok[live] & (passes >= 3))
             if e.size:
                 c = live[e]
                 hot[e], taken, windows_sent = _levels(
-                    batch,
-                    vm[c],
-                    hot[e],
-                    threshold=threshold[c],
-                    step_pages=step_pages[c],
-                    window_ms=window_ms,
-                    pass_limit=settings.max_syncs - passes[e].astype(np.float64),
+                    batch, vm[c], hot[e], threshold=threshold[c], step_pages=step_pages[c],
+                    window_ms=window_ms, pass_limit=settings.max_syncs - passes[e].astype(np.float64),
                     time_left=deadline - elapsed[e],
-                )
-                passes[e] += taken.astype(np.int64)
-                elapsed[e] += windows_sent * step_bytes[c] / rate[c]
-                sent[e] += windows_sent * step_bytes[c]
+                )  # fmt: skip
+                _count_windows(
+                    e, taken, windows_sent, passes=passes, elapsed=elapsed, sent=sent,
+                    step_bytes=step_bytes[c], rate=rate[c],
+                )  # fmt: skip
             sp = step_pages[live]
             slow = (moved < sp) | (threshold[live] <= sp)  # (passes that empty the bitmap: any pace)
             e = np.flatnonzero((cold <= 0.0) & (hot > threshold[live]) & (passes >= 3) & slow)
