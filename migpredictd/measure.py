@@ -506,12 +506,10 @@ def _zero_pages(
             "(prediction assumes no zero pages, so it errs long)"
         )
         return None, "none", None
-    # auto: guest-sample first. Measured on held-out real migrations (docs/accuracy.md): it counts zero
-    # pages to about 1%, and where they lie along RAM, and gives a 2.3% median error on the final
-    # held-out set (7.2 and 10.0), where host-smaps (which counts pages once touched and later zeroed as
-    # non-zero) undercounts by 5-22%, says nothing about where, and gives 18.6%. It reads
-    # sampled guest pages through /proc/PID/mem only to test them for zero, keeps nothing, writes nothing;
-    # `zero_pages: host-smaps` turns it off (docs/measuring.md).
+    # auto: guest-sample first: on held-out real migrations it is far more accurate than host-smaps,
+    # which counts pages once touched and later zeroed as non-zero and says nothing about where zero
+    # pages lie (figures: docs/accuracy.md). It reads sampled guest pages through /proc/PID/mem only to
+    # test them for zero, keeps nothing, writes nothing; `zero_pages: host-smaps` turns it off.
     methods = ("guest-sample", "host-smaps") if method == "auto" else (method,)
     est = None
     for m in methods:
@@ -553,7 +551,8 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         "--zero-pages",
         choices=ZERO_PAGE_CHOICES,
         default="auto",
-        help="auto = host-smaps when on the hypervisor; guest-sample reads guest memory (opt-in)",
+        help="auto (default) = guest-sample (tests sampled guest pages for zero) where /proc/PID/mem can be "
+        "read, else host-smaps (resident set); none = assume no zero pages",
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="per QMP command and connect, seconds")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")

@@ -1,6 +1,7 @@
 """The only HTTP server of migpredictd: ``/``, ``/metrics``, ``/-/healthy``, ``/-/ready``, ``/-/reload``.
 
-Stdlib only (``http.server`` + ``ssl``) plus ``bcrypt``. It reads ``--web.config.file`` in the format of
+Built on the stdlib's ``http.server`` and ``ssl``, with ``bcrypt`` for basic-auth hashes and PyYAML for
+the web config file. It reads ``--web.config.file`` in the format of
 Prometheus' exporter-toolkit (TLS, client certificates, basic auth, extra headers, rate limit; see
 ``docs/web-config.md`` for what differs) so operators can reuse the file they give their other exporters.
 

@@ -4,14 +4,16 @@ Why it matters: pre-copy sends a zero page as a 9-byte marker and any other page
 idle guest is mostly zero (a 512 MiB guest sent only 95 MiB of non-zero pages). Upstream
 ``calc-dirty-rate`` does not count zero pages, so we look at the QEMU process instead:
 
-- ``host-smaps`` (default): guest RAM is one anonymous mapping of the guest's memory size in QEMU;
+- ``host-smaps`` (the fallback of ``auto``, the default, when guest pages cannot be read): guest RAM is
+  one anonymous mapping of the guest's memory size in QEMU;
   a page the guest never wrote is not resident there, so ``Rss + Swap`` of that mapping bounds the
   non-zero pages from above, and ``total - resident`` is a *lower* bound on zero pages. Conservative
   (the prediction can only err long), reads no guest data. It over-counts pages the guest wrote and
   later zeroed, and with transparent huge pages it rounds residency up to 2 MiB.
-- ``guest-sample`` (opt-in): read a uniform random sample of guest pages from ``/proc/PID/mem`` and
-  count the all-zero ones. Much closer to what migration sees, but it *reads guest memory contents*
-  (only to test each page for zero; nothing is kept), so an operator must ask for it.
+- ``guest-sample`` (tried first by ``auto``, the default): read a uniform random sample of guest pages
+  from ``/proc/PID/mem`` and count the all-zero ones. Much closer to what migration sees; it reads
+  guest memory contents only to test each page for zero (nothing is kept), and ``zero_pages:
+  host-smaps`` turns it off.
 
 Both need the QEMU PID (``SO_PEERCRED`` of the QMP unix socket) and root or the QEMU user's rights on
 ``/proc/PID``; elsewhere they raise :class:`ZeroPagesUnavailableError` and the caller records "unknown".
@@ -197,8 +199,9 @@ def guest_sample_estimate(
 ) -> ZeroPageEstimate:
     """``guest-sample``: read ``samples`` random guest pages from ``/proc/PID/mem``; scale the zero share.
 
-    Reads guest memory contents (opt-in only). A page never touched reads as zeros without being
-    allocated. Standard error of the zero share is at most ``0.5 / sqrt(samples)`` (0.4 % at 16384).
+    Reads guest memory contents, only to test each page for zero. A page never touched reads as zeros
+    without being allocated. Standard error of the zero share is at most ``0.5 / sqrt(samples)``
+    (0.4 % at 16384).
 
     :raises ZeroPagesUnavailableError: when guest RAM is not found or ``/proc/PID/mem`` cannot be read.
     """
