@@ -296,7 +296,7 @@ class Daemon:
             self.prediction_cpu["derived"] += cpu
             self.predicted["derived"] += len(work)
             for i, (name, m, _, _) in enumerate(work):
-                self.state.record_derived(name, m, min_bw[i], min_dt[i])
+                self.state.record_derived(name, m, config.grid, min_bw[i], min_dt[i])
             await loop.run_in_executor(self._worker, self._render)
 
     def _render(self) -> None:

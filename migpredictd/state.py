@@ -99,12 +99,23 @@ class State:
             self._version += 1
 
     def record_derived(
-        self, name: str, measurement: Measurement, min_bandwidth: FloatArray, min_downtime: FloatArray
+        self,
+        name: str,
+        measurement: Measurement,
+        grid: Grid,
+        min_bandwidth: FloatArray,
+        min_downtime: FloatArray,
     ) -> None:
-        """Attach derived answers computed from ``measurement``; dropped if the target has a newer one."""
+        """Attach derived answers computed from ``measurement`` over ``grid``; dropped if the target has
+        a newer measurement, or its prediction is over another grid (a reload changed it meanwhile)."""
         with self._lock:
             old = self._targets.get(name)
-            if old is None or old.measurement is not measurement or old.prediction is None:
+            if (
+                old is None
+                or old.measurement is not measurement
+                or old.prediction is None
+                or old.grid != grid
+            ):
                 return
             prediction = replace(old.prediction, min_bandwidth=min_bandwidth, min_downtime=min_downtime)
             self._targets[name] = replace(old, prediction=prediction, version=old.version + 1)

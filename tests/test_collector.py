@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -121,3 +122,30 @@ def test_readme_documents_every_metric() -> None:
     ]
     missing = [n for n in names if f"`{n}`" not in readme]
     assert not missing
+
+
+def test_derived_answers_attach_only_to_their_own_measurement_and_grid() -> None:
+    # Grids are published first and derived answers later (daemon): late answers must never land on
+    # a newer measurement, or on a prediction over another grid after a reload changed the grid.
+    m = parse_measurement(json.loads((DATA / "cover_letter_sample.json").read_text()))
+    model = build_model(m)
+    settings = PredictorSettings(mode="seed")
+    (grid_only,) = predict_grid([model], GRID, settings, derived=False)
+    (full,) = predict_grid([model], GRID, settings)
+    state = State()
+    state.set_targets({"vm1": ("unix:/run/vm1.qmp", {})})
+    state.record_success("vm1", m, grid_only, GRID, at=1000.0, duration=1.0)
+    reg = _registry(state)
+    name = "migpredictd_min_converging_bandwidth_bytes_per_second"
+    assert reg.get_sample_value(name, {"vm": "vm1", "max_downtime": "125ms"}) is None  # not derived yet
+
+    other_grid = make_grid(("1Gbps",), ("125ms",))
+    state.record_derived("vm1", m, other_grid, full.min_bandwidth[:1], full.min_downtime[:1])
+    newer = parse_measurement(json.loads((DATA / "cover_letter_sample.json").read_text()))
+    state.record_derived("vm1", newer, GRID, full.min_bandwidth, full.min_downtime)
+    assert reg.get_sample_value(name, {"vm": "vm1", "max_downtime": "125ms"}) is None
+
+    state.record_derived("vm1", m, GRID, full.min_bandwidth, full.min_downtime)
+    assert reg.get_sample_value(name, {"vm": "vm1", "max_downtime": "125ms"}) == full.min_bandwidth[0]
+    assert state.snapshot()["vm1"].prediction is not None
+    assert np.array_equal(state.snapshot()["vm1"].prediction.seconds, grid_only.seconds, equal_nan=True)  # type: ignore[union-attr]
