@@ -142,7 +142,10 @@ class QMPSession:
         """
         if isinstance(address, str) and (address.startswith(("unix:", "tcp:"))):
             address = parse_address(address)
-        client = QMPClient(target)
+        # No name: qemu.qmp would make a logger per name (``qemu.qmp.protocol.<name>``), and loggers
+        # are never freed, so every target name ever measured would stay in memory. Our own errors
+        # and log lines name the target.
+        client = QMPClient()
         peer_pid: int | None = None
         where = format_address(address)
         try:
