@@ -45,7 +45,11 @@ DEFAULT_LISTEN = ":9842"
 TARGETS_DIR_POLL_SECONDS = 5.0
 PREDICTION_BATCH_DELAY = 0.2  # seconds to gather measurements that finish together into one batch
 MAX_PREDICTION_BATCH = 500
-DERIVE_BATCH_DELAY = 1.0  # seconds derived answers wait for more measurements to share their batch
+# Derived answers wait this long for more measurements to share their batch, up to this many VMs: a
+# batch of a few VMs costs several times more per VM than one of a thousand (benchmarks/predict.py),
+# and nothing waits for them (the grids are published already).
+DERIVE_BATCH_DELAY = 2.0
+MAX_DERIVE_BATCH = 1000
 LOOP_LAG_PROBE_SECONDS = 0.25
 
 
@@ -275,13 +279,12 @@ class Daemon:
         batches, until none waits."""
         loop = asyncio.get_running_loop()
         while self._underived and not self._stop.is_set() and self.config is not None:
-            # The grids are out already: gather a larger batch first, which costs less per VM.
-            if len(self._underived) < MAX_PREDICTION_BATCH:
+            if len(self._underived) < MAX_DERIVE_BATCH:
                 await asyncio.sleep(DERIVE_BATCH_DELAY)
             config = self.config
             if not self._underived or config is None:
                 break
-            names = list(self._underived)[:MAX_PREDICTION_BATCH]
+            names = list(self._underived)[:MAX_DERIVE_BATCH]
             work = [(name, *self._underived.pop(name)) for name in names]
 
             models = [model for _, _, model, _ in work]
