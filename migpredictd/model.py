@@ -113,13 +113,12 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
                 del xs[i], ys[i]
             else:
                 i += 1
-    # The segments, with _line's operations inlined (this runs for every VM at every round).
     slopes = [0.0]
     offsets = [ys[0]]
     for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:], strict=False):
-        s = (y1 - y0) / (x1 - x0)
+        s, o = _line(x0, y0, x1, y1)
         slopes.append(s)
-        offsets.append(y0 - s * x0)
+        offsets.append(o)
     return MemoryModel(
         page_size_bytes=m.page_size_bytes,
         total_pages=m.total_pages,
