@@ -490,6 +490,7 @@ def _levels(
     *,
     threshold: FloatArray,
     step_pages: FloatArray,
+    unsent_segment: IntArray,
     window_ms: float,
     pass_limit: FloatArray,
     time_left: FloatArray,
@@ -497,7 +498,8 @@ def _levels(
     """Run the hot-only passes that cross many levels at once with their short formula.
 
     With the threshold above one window, a pass of ``n`` windows leaves ``r`` in [threshold - one
-    window, threshold) unsent. Where ``age`` of that whole range lies on one segment of the model, and
+    window, threshold) unsent. For cells whose whole unsent range lies on segment ``unsent_segment`` of
+    the model's pages axis (the caller finds those once per simulation), ``age`` is affine on it; where
     ``D`` at ``n`` windows and at ``n`` windows plus that age lies on one segment each, for every ``n``
     down to some ``n_lo``, and the first term of the min is the smaller at every corner of that range,
     the next sync is ``hot - n x (one window - slope x window) + offset``: only ``n`` changes from pass
@@ -508,11 +510,10 @@ def _levels(
     Returns (hot after, passes taken, windows sent).
     """
     rows = np.arange(len(v))
-    ys, xs = batch.y[v], batch.x[v]
+    xs = batch.x[v]
     r_lo, r_hi = threshold - step_pages, threshold
-    j = _segment(ys, r_lo)
-    same_age = (j == _segment(ys, r_hi)) & (ys[rows, j - 1] < r_lo) & (r_lo > 0)
-    xj0, yj0, sj = xs[rows, j - 1], ys[rows, j - 1], batch.slope[v, j]
+    j = unsent_segment
+    xj0, yj0, sj = xs[rows, j - 1], batch.y[v, j - 1], batch.slope[v, j]
     n0 = np.floor((hot - threshold) / step_pages) + 1.0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         age_lo = xj0 + (r_lo - yj0) / sj
@@ -532,9 +533,7 @@ def _levels(
                 t2 = oi2 + si2 * (n * window_ms + age)
                 first &= t1 <= t2 + 1e-9 * np.abs(t2)  # equal lines (D through 0) tie, either will do
         shrink = step_pages - si * window_ms  # pages each window of a pass takes off pending
-        active = (
-            same_age & same_d & first & (sj > 0) & np.isfinite(age_hi) & (n_lo * shrink > oi) & (n0 >= n_lo)
-        )
+        active = same_d & first & (sj > 0) & np.isfinite(age_hi) & (n_lo * shrink > oi) & (n0 >= n_lo)
     out = hot.copy()
     taken = np.zeros(len(v))
     windows = np.zeros(len(v))
@@ -737,12 +736,15 @@ def _simulate_qemu(
         barrier = np.where(hit, float(m), barrier)
     barrier_pages = threshold + (barrier - 1.0) * step_pages
     # _levels needs the whole unsent range [threshold - one window, threshold) on one segment of the
-    # model's pages axis, which depends on the cell alone: decided once, not at every sync.
+    # model's pages axis, which depends on the cell alone: found once, not at every sync.
     if shortcut:
-        unsent_lo = threshold - step_pages
-        seg_lo = np.clip(np.count_nonzero(batch.y[vm] < unsent_lo[:, None], axis=1), 1, batch.y.shape[1] - 1)
-        seg_hi = np.clip(np.count_nonzero(batch.y[vm] < threshold[:, None], axis=1), 1, batch.y.shape[1] - 1)
-        levels_ok = (threshold > step_pages) & (seg_lo == seg_hi) & (batch.y[vm, seg_lo - 1] < unsent_lo)
+        ys, unsent_lo = batch.y[vm], threshold - step_pages
+        unsent_segment = _segment(ys, unsent_lo)
+        levels_ok = (
+            (threshold > step_pages)
+            & (unsent_segment == _segment(ys, threshold))
+            & (batch.y[vm, unsent_segment - 1] < unsent_lo)
+        )
 
     total = batch.total_pages[vm]
     live = np.arange(n)
@@ -880,7 +882,8 @@ def _simulate_qemu(
                 c = live[e]
                 hot[e], taken, windows_sent = _levels(
                     batch, vm[c], hot[e], threshold=threshold[c], step_pages=step_pages[c],
-                    window_ms=window_ms, pass_limit=settings.max_syncs - passes[e].astype(np.float64),
+                    unsent_segment=unsent_segment[c], window_ms=window_ms,
+                    pass_limit=settings.max_syncs - passes[e].astype(np.float64),
                     time_left=deadline - elapsed[e],
                 )  # fmt: skip
                 _count_windows(
