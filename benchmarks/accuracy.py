@@ -1,7 +1,7 @@
 """Prediction accuracy against real live migrations (QEMU 7.2 and 10.0, TCG, loopback).
 
 For every case of a matrix (guest workload x max-bandwidth x downtime-limit): boot a source guest and an
-incoming destination on 127.0.0.1, measure the source with :func:`migpredictd.measure.measure` (the
+incoming destination on 127.0.0.1, measure the source with :func:`migpredictd.qemu.measure.measure` (the
 daemon's own code path), predict that exact cell in ``seed`` and ``qemu`` mode, run the real migration
 (cancelled at the cutoff = "did not converge"), and append one JSON line. Then print the summary.
 
@@ -33,14 +33,20 @@ from typing import Any, Final
 
 import numpy as np
 
-from migpredictd.calibration import SEED_PREDICTOR, loopback_predictor, rate_limiter_for
-from migpredictd.measure import MeasureSettings, measure
-from migpredictd.measurement import DirtyPoint, Measurement, fit_dirty_curve, parse_measurement
-from migpredictd.model import build_model
-from migpredictd.predictor import EXACT_RATE_LIMITER, ModelBatch, PredictorSettings, RateLimiter, simulate
-from migpredictd.rig.guest import Guest, GuestSpec, free_tcp_port
-from migpredictd.rig.migration import MigrationResult, migrate
-from migpredictd.zeropages import ZeroPagesUnavailableError, guest_sample_estimate
+from migpredictd.core.calibration import SEED_PREDICTOR, loopback_predictor, rate_limiter_for
+from migpredictd.core.measurement import DirtyPoint, Measurement, fit_dirty_curve, parse_measurement
+from migpredictd.core.model import build_model
+from migpredictd.core.predictor import (
+    EXACT_RATE_LIMITER,
+    ModelBatch,
+    PredictorSettings,
+    RateLimiter,
+    simulate,
+)
+from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
+from migpredictd.lab.rig.migration import MigrationResult, migrate
+from migpredictd.qemu.measure import MeasureSettings, measure
+from migpredictd.qemu.zeropages import ZeroPagesUnavailableError, guest_sample_estimate
 
 MIB: Final = 1 << 20
 PAGE: Final = 4096
@@ -580,7 +586,7 @@ def summarize(rows: Sequence[Row], title: str) -> str:
 
 def fit(rows: Iterable[Row]) -> str:
     """Least-squares loopback constants from completed migrations: downtime = switchover + bytes / link,
-    and setup-time. Printed for migpredictd/calibration.py."""
+    and setup-time. Printed for migpredictd/core/calibration.py."""
     xs, ys, setups = [], [], []
     factors: dict[str, list[float]] = {}
     excess: dict[tuple[str, str], list[str]] = {}

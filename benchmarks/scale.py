@@ -7,7 +7,7 @@ Two parts, both printed as Markdown (``--write`` puts them in ``benchmarks/resul
    joined per state change; kept below as ``LegacyRenderer``, the baseline) against the streaming
    renderer, with and without per-cell details. Ratios are against the baseline of the same run.
 2. The real daemon as a subprocess over a fake fleet in another process
-   (``python -m migpredictd.testing.fakeqmp``, QEMU 10.0 shapes, one 50 ms calc-dirty-rate per VM):
+   (``python -m migpredictd.lab.fakeqmp``, QEMU 10.0 shapes, one 50 ms calc-dirty-rate per VM):
    time until every target has a prediction, CPU seconds of that first round, event-loop lag, RSS,
    scrape latency (median, p99) with and without gzip, and how the jitter spreads the first round.
 
@@ -48,10 +48,10 @@ PKG10 = "Debian 1:10.0.2+ds-2~bpo12+1"
 def _state(n: int) -> object:
     """A State with ``n`` measured targets (one prediction shared: the renderer does not care)."""
     from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
-    from migpredictd.measurement import parse_measurement
-    from migpredictd.model import build_model
-    from migpredictd.predictor import PredictorSettings, predict_grid
-    from migpredictd.state import State
+    from migpredictd.core.measurement import parse_measurement
+    from migpredictd.core.model import build_model
+    from migpredictd.core.predictor import PredictorSettings, predict_grid
+    from migpredictd.serve.state import State
 
     grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
     m = parse_measurement(json.loads(SAMPLE.read_text()))
@@ -72,8 +72,8 @@ class LegacyRenderer:
         self._body: tuple[int, bytes] | None = None
 
     def render(self) -> bytes:
-        from migpredictd.collector import FAMILIES, _escape, _format_value, target_samples
-        from migpredictd.state import State
+        from migpredictd.serve.collector import FAMILIES, _escape, _format_value, target_samples
+        from migpredictd.serve.state import State
 
         state = self._state
         assert isinstance(state, State)
@@ -113,8 +113,8 @@ def exposition_variant(variant: str, n: int) -> dict[str, float]:
     """Run one variant in this process; peak RSS is ru_maxrss after a baseline taken before rendering."""
     from prometheus_client import CollectorRegistry
 
-    from migpredictd.collector import MetricsRenderer
-    from migpredictd.state import State
+    from migpredictd.serve.collector import MetricsRenderer
+    from migpredictd.serve.state import State
 
     state = _state(n)
     assert isinstance(state, State)
@@ -265,7 +265,7 @@ def pct(values: list[float], q: float) -> float:
 
 def start_fleet(n: int, directory: Path) -> tuple[subprocess.Popen[str], list[tuple[str, str]]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "migpredictd.testing.fakeqmp", "--count", str(n), "--dir", str(directory),
+        [sys.executable, "-m", "migpredictd.lab.fakeqmp", "--count", str(n), "--dir", str(directory),
          "--qemu-version", V10, "--package", PKG10],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
+from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
 
 V10 = (10, 0, 2)
 PKG10 = "Debian 1:10.0.2+ds-2~bpo12+1"

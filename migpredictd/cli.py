@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from migpredictd import __version__
-from migpredictd.calibration import rate_limiter_for
-from migpredictd.errors import InputError, MigpredictdError
-from migpredictd.measurement import Measurement, parse_measurement
-from migpredictd.model import build_model
-from migpredictd.predictor import Grid, PredictorSettings, predict_grid
-from migpredictd.table import prediction_to_json, render_table
-from migpredictd.units import format_bandwidth, format_downtime, parse_bandwidth, parse_duration
+from migpredictd.core.calibration import rate_limiter_for
+from migpredictd.core.errors import InputError, MigpredictdError
+from migpredictd.core.measurement import Measurement, parse_measurement
+from migpredictd.core.model import build_model
+from migpredictd.core.predictor import Grid, PredictorSettings, predict_grid
+from migpredictd.core.table import prediction_to_json, render_table
+from migpredictd.core.units import format_bandwidth, format_downtime, parse_bandwidth, parse_duration
 
 # The seed's grid (scripts/predict_migration.py of the 2023 patch series).
 DEFAULT_BANDWIDTHS = ("100Mbps", "1Gbps", "2Gbps", "2.5Gbps", "5Gbps", "10Gbps", "25Gbps", "40Gbps")
@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_edges(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Subcommands that live in edge modules (QMP, HTTP, the rig)."""
-    from migpredictd.daemon import add_run_arguments, run_command
-    from migpredictd.demo import add_demo_arguments, demo_command
-    from migpredictd.measure import add_measure_arguments, measure_command
+    from migpredictd.lab.demo import add_demo_arguments, demo_command
+    from migpredictd.qemu.measure import add_measure_arguments, measure_command
+    from migpredictd.serve.daemon import add_run_arguments, run_command
 
     p = sub.add_parser("measure", help="measure one VM over QMP and print the measurement JSON")
     add_measure_arguments(p)
@@ -157,7 +157,7 @@ def _add_edges(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _check_config(file: str) -> int:
-    from migpredictd.config import check_config_main
+    from migpredictd.config.schema import check_config_main
 
     return check_config_main([file])
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from migpredictd.rig.guest import Guest, GuestSpec
+from migpredictd.lab.rig.guest import Guest, GuestSpec
 
 StartGuest = Callable[..., Guest]
 

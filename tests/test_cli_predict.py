@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from migpredictd import cli
-from migpredictd.measurement import FORMAT
+from migpredictd.core.measurement import FORMAT
 
 DATA = Path(__file__).parent / "data"
 SAMPLE = DATA / "cover_letter_sample.json"

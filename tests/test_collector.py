@@ -11,11 +11,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
-from migpredictd.collector import DaemonCollector, MetricsRenderer, TargetCollector
-from migpredictd.measurement import parse_measurement
-from migpredictd.model import build_model
-from migpredictd.predictor import PredictorSettings, predict_grid
-from migpredictd.state import State
+from migpredictd.core.measurement import parse_measurement
+from migpredictd.core.model import build_model
+from migpredictd.core.predictor import PredictorSettings, predict_grid
+from migpredictd.serve.collector import DaemonCollector, MetricsRenderer, TargetCollector
+from migpredictd.serve.state import State
 
 DATA = Path(__file__).parent / "data"
 GRID = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
@@ -111,7 +111,7 @@ def test_renderer_caches_until_the_state_changes() -> None:
 
 
 def test_readme_documents_every_metric() -> None:
-    from migpredictd.collector import FAMILIES
+    from migpredictd.serve.collector import FAMILIES
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     names = [f.name for f in FAMILIES] + [

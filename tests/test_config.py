@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from migpredictd.config import (
+from migpredictd.config.schema import (
     DEFAULT_GRID,
     Labels,
     MeasurementConfig,
@@ -19,8 +19,8 @@ from migpredictd.config import (
     load_full_config,
     load_targets_dir,
 )
-from migpredictd.errors import ConfigError, ConfigProblem
-from migpredictd.predictor import PredictorSettings
+from migpredictd.core.errors import ConfigError, ConfigProblem
+from migpredictd.core.predictor import PredictorSettings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example.yaml"
 
@@ -96,7 +96,7 @@ def _line_of(path: Path, text: str) -> int:
 
 def test_measurement_config_maps_onto_measure_settings() -> None:
     """The daemon builds MeasureSettings(**asdict(MeasurementConfig)): same names, same defaults."""
-    from migpredictd.measure import MeasureSettings
+    from migpredictd.qemu.measure import MeasureSettings
 
     ours = dataclasses.asdict(MeasurementConfig())
     theirs = MeasureSettings(**ours)
@@ -824,7 +824,7 @@ def test_check_config_as_a_module(tmp_path: Path) -> None:
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "migpredictd.config", str(EXAMPLE)],
+        [sys.executable, "-m", "migpredictd.config.schema", str(EXAMPLE)],
         capture_output=True,
         text=True,
         check=False,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM
+from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM
 from tests.daemon_helpers import DaemonProcess, Samples, free_port, value, wait_for
 
 MIB = 1 << 20

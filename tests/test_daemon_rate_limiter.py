@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from migpredictd.calibration import FLUSH_COUNTING
-from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM
+from migpredictd.core.calibration import FLUSH_COUNTING
+from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM
 from tests.daemon_helpers import DaemonProcess, free_port, value, wait_for
 
 MBPS = float(1 << 20) / 8  # the grid's binary Mbps, as the seed's table

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM
+from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM
 from tests.daemon_helpers import DaemonProcess, free_port, http, value, vms, wait_for
 
 V10 = (10, 0, 2)

@@ -493,14 +493,14 @@ def test_qmp_acl_script_lets_the_group_connect_and_is_idempotent() -> None:
     old_umask = os.umask(0o022)
     try:
         folder.chmod(0o755)
-        ours_path, proxmox_path = folder / "100.migpredictd.qmp", folder / "100.qmp"
+        ours_path, proxmox_path = folder / "100.migpredictd.qemu.qmp", folder / "100.qmp"
         for listener, path in ((ours, ours_path), (proxmox, proxmox_path)):
             listener.bind(str(path))
             listener.listen(4)
             assert stat.S_IMODE(path.stat().st_mode) == 0o755
         assert not _connect_as("nobody", "nogroup", ours_path)
 
-        command = [str(ACL_SCRIPT), str(folder), "nogroup", "*.migpredictd.qmp"]
+        command = [str(ACL_SCRIPT), str(folder), "nogroup", "*.migpredictd.qemu.qmp"]
         subprocess.run(command, check=True, timeout=30)
         assert _connect_as("nobody", "nogroup", ours_path)
         assert not _connect_as("nobody", "nogroup", proxmox_path), "Proxmox's own socket stays closed"
@@ -637,7 +637,7 @@ def test_k8s_daemonset_mounts_config_and_sockets_where_the_daemon_looks() -> Non
 
 
 def test_k8s_configmap_is_a_valid_config_with_the_default_grid(tmp_path: Path) -> None:
-    from migpredictd.config import load_config
+    from migpredictd.config.schema import load_config
 
     text = k8s_manifests()["ConfigMap"]["data"]["config.yaml"]
     path = tmp_path / "config.yaml"

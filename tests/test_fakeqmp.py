@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import pytest
 
-from migpredictd.testing.fakeqmp import (
+from migpredictd.lab.fakeqmp import (
     Address,
     Endpoint,
     FakeQMPFleet,
@@ -731,7 +731,7 @@ def test_parser_errors_and_overflow() -> None:
 
 
 async def test_qemu_qmp_client_negotiates_and_executes(fleet: FakeQMPFleet) -> None:
-    from qemu.qmp import QMPClient  # only here: the daemon's own QMP code lives in migpredictd/qmp.py
+    from qemu.qmp import QMPClient  # only here: the daemon's own QMP code lives in migpredictd/qemu/qmp.py
 
     ep = await fleet.spawn("qemu-qmp", FakeVM(version=(10, 0, 2), package="test"))
     client = QMPClient("fake")
@@ -801,7 +801,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "migpredictd.testing.fakeqmp",
+            "migpredictd.lab.fakeqmp",
             "--count",
             "3",
             "--dir",

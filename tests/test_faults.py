@@ -1,6 +1,6 @@
 """The real daemon against every way a QMP peer can misbehave, hostile configs, and reload storms.
 
-One daemon process measures a fleet of fake QEMUs (``migpredictd.testing.fakeqmp``): one endpoint per
+One daemon process measures a fleet of fake QEMUs (``migpredictd.lab.fakeqmp``): one endpoint per
 :class:`Fault`, non-QMP services on QMP addresses, and healthy VMs. Each faulty target must be down with
 the right ``reason`` within its (short) timeouts, while the healthy ones keep getting fresh predictions,
 ``/metrics`` stays fast, the daemon's memory stays bounded (a 100 MB reply line included), and no
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from migpredictd.testing.fakeqmp import Endpoint, FakeQMPFleet, FakeVM, Fault, FaultParams
+from migpredictd.lab.fakeqmp import Endpoint, FakeQMPFleet, FakeVM, Fault, FaultParams
 from tests.daemon_helpers import DaemonProcess, Samples, free_port, http, scrape, value, vms, wait_for
 
 pytestmark = pytest.mark.slow

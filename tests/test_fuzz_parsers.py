@@ -21,16 +21,15 @@ import yaml
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from migpredictd import measure
-from migpredictd.config import load_config
-from migpredictd.errors import (
+from migpredictd.config.schema import load_config
+from migpredictd.core.errors import (
     ConfigError,
     InputError,
     QMPProtocolError,
     TargetError,
 )
-from migpredictd.measurement import FORMAT, Measurement, measurement_from_sweep, parse_measurement
-from migpredictd.units import (
+from migpredictd.core.measurement import FORMAT, Measurement, measurement_from_sweep, parse_measurement
+from migpredictd.core.units import (
     format_bandwidth,
     format_downtime,
     format_eta,
@@ -38,7 +37,8 @@ from migpredictd.units import (
     parse_duration,
     parse_size,
 )
-from migpredictd.web import WebConfigError, load_web_config
+from migpredictd.qemu import measure
+from migpredictd.web.server import WebConfigError, load_web_config
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,4 +1,4 @@
-"""migpredictd.measure against the fake QMP fleet: strategy per QEMU version, guards, typed skips.
+"""migpredictd.qemu.measure against the fake QMP fleet: strategy per QEMU version, guards, typed skips.
 
 The fake samples a known dirtying function (``FakeVM.true_dirty_pages``) on a clock 100x faster than
 wall time; ``measure`` gets a matching ``sleep`` so a sweep takes milliseconds.
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from migpredictd.errors import (
+from migpredictd.core.errors import (
     InputError,
     QMPCommandError,
     QMPConnectError,
@@ -24,7 +24,8 @@ from migpredictd.errors import (
     QMPTimeoutError,
     TargetSkipped,
 )
-from migpredictd.measure import (
+from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
+from migpredictd.qemu.measure import (
     DEFAULT_PERIODS_MS,
     MeasureSettings,
     add_measure_arguments,
@@ -32,9 +33,8 @@ from migpredictd.measure import (
     measure_command,
     plan_runs,
 )
-from migpredictd.qmp import QMPSession
-from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
-from migpredictd.zeropages import (
+from migpredictd.qemu.qmp import QMPSession
+from migpredictd.qemu.zeropages import (
     ZeroPagesUnavailableError,
     find_guest_ram,
     read_smaps,

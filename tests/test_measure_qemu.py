@@ -1,4 +1,4 @@
-"""migpredictd.measure against real QEMU 7.2 and 10.0 guests (the rig), and zero pages vs a migration.
+"""migpredictd.qemu.measure against real QEMU 7.2 and 10.0 guests (the rig), and zero pages vs a migration.
 
 These FAIL (never skip) without QEMU or the kernel: the rig's RigError names install-rig.sh.
 Truth: the guest's dirtier rewrites ``rate`` MiB/s over a working set of ``wss`` MiB, so a window of
@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from migpredictd.measure import MeasureSettings, measure
-from migpredictd.measurement import Measurement
-from migpredictd.rig.assets import QemuGeneration
-from migpredictd.rig.guest import Guest, GuestSpec, free_tcp_port
-from migpredictd.rig.migration import migrate
-from migpredictd.zeropages import PROFILE_BINS, find_guest_ram, guest_sample_estimate, read_smaps
+from migpredictd.core.measurement import Measurement
+from migpredictd.lab.rig.assets import QemuGeneration
+from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
+from migpredictd.lab.rig.migration import migrate
+from migpredictd.qemu.measure import MeasureSettings, measure
+from migpredictd.qemu.zeropages import PROFILE_BINS, find_guest_ram, guest_sample_estimate, read_smaps
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migpredictd.errors import InputError
-from migpredictd.measurement import (
+from migpredictd.core.errors import InputError
+from migpredictd.core.measurement import (
     FORMAT,
     MIB,
     DirtyPoint,

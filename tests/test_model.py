@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migpredictd.measurement import DirtyPoint, Measurement, parse_measurement
-from migpredictd.model import MemoryModel, build_model
-from migpredictd.predictor import ModelBatch
+from migpredictd.core.measurement import DirtyPoint, Measurement, parse_measurement
+from migpredictd.core.model import MemoryModel, build_model
+from migpredictd.core.predictor import ModelBatch
 
 DATA = Path(__file__).parent / "data"
 
@@ -163,9 +163,9 @@ def test_age_inverts_dirty_and_matches_the_batch() -> None:
 
     import numpy as np
 
-    from migpredictd.measurement import parse_measurement
-    from migpredictd.model import build_model
-    from migpredictd.predictor import ModelBatch
+    from migpredictd.core.measurement import parse_measurement
+    from migpredictd.core.model import build_model
+    from migpredictd.core.predictor import ModelBatch
 
     data = json.loads((Path(__file__).parent / "data" / "cover_letter_sample.json").read_text())
     m = build_model(parse_measurement(data))

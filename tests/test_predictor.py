@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
-from migpredictd.measurement import DirtyPoint, Measurement, parse_measurement
-from migpredictd.model import MemoryModel, build_model
-from migpredictd.predictor import (
+from migpredictd.core.measurement import DirtyPoint, Measurement, parse_measurement
+from migpredictd.core.model import MemoryModel, build_model
+from migpredictd.core.predictor import (
     PAGE_HEADER_BYTES,
     ZERO_PAGE_BYTES,
     Grid,
@@ -24,8 +24,8 @@ from migpredictd.predictor import (
     predict_grid,
     simulate,
 )
-from migpredictd.reference import brute_force_derived, seed_cell_ms
-from migpredictd.table import render_table
+from migpredictd.core.table import render_table
+from migpredictd.lab.reference import brute_force_derived, seed_cell_ms
 
 DATA = Path(__file__).parent / "data"
 SEED = PredictorSettings(mode="seed")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES
-from migpredictd.rig.guest import GuestSpec
+from migpredictd.lab.rig.guest import GuestSpec
 from tests.daemon_helpers import DaemonProcess, free_port, http
 from tests.prometheus_helpers import (
     POLICY_RECORD,

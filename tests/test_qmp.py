@@ -1,4 +1,4 @@
-"""migpredictd.qmp against the fake QMP fleet: addresses, allowlist, typed errors, timeouts, release.
+"""migpredictd.qemu.qmp against the fake QMP fleet: addresses, allowlist, typed errors, timeouts, release.
 
 "The monitor is left free" is checked the way a user would notice: QEMU's monitor (and the fake, which
 is exclusive like QEMU's chardev) serves one client at a time, so a second client only gets a greeting
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from migpredictd.errors import (
+from migpredictd.core.errors import (
     InputError,
     QMPCommandError,
     QMPConnectError,
@@ -22,14 +22,14 @@ from migpredictd.errors import (
     QMPTimeoutError,
     UnsafeCommandError,
 )
-from migpredictd.qmp import (
+from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
+from migpredictd.qemu.qmp import (
     LAB_COMMANDS,
     READ_ONLY_COMMANDS,
     QMPSession,
     format_address,
     parse_address,
 )
-from migpredictd.testing.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from migpredictd.qmp import QMPSession
-from migpredictd.rig import INSTALL_HINT, RigError
-from migpredictd.rig.assets import CpioEntry, QemuGeneration, build_initramfs, guest_assets, newc_archive
-from migpredictd.rig.guest import Guest, GuestSpec, free_tcp_port
-from migpredictd.rig.migration import migrate
+from migpredictd.lab.rig import INSTALL_HINT, RigError
+from migpredictd.lab.rig.assets import CpioEntry, QemuGeneration, build_initramfs, guest_assets, newc_archive
+from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
+from migpredictd.lab.rig.migration import migrate
+from migpredictd.qemu.qmp import QMPSession
 
 StartGuest = Callable[..., Guest]  # the rig_guest_factory fixture (tests/rig_fixtures.py)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from migpredictd.scheduler import MeasurementScheduler, Schedule
+from migpredictd.serve.scheduler import MeasurementScheduler, Schedule
 
 
 async def test_a_target_removed_and_re_added_never_measures_twice_at_once() -> None:

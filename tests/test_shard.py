@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from migpredictd.daemon import in_shard, parse_shard
-from migpredictd.errors import InputError
+from migpredictd.core.errors import InputError
+from migpredictd.serve.daemon import in_shard, parse_shard
 from tests.daemon_helpers import DaemonProcess, free_port, value, vms, wait_for
 
 NAMES = [f"vm-{i:03d}" for i in range(40)] + ["db", "web-01", "ünïcode", "a b"]

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migpredictd.errors import InputError, UnitError
-from migpredictd.units import (
+from migpredictd.core.errors import InputError, UnitError
+from migpredictd.core.units import (
     format_bandwidth,
     format_downtime,
     format_eta,

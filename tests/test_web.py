@@ -1,4 +1,4 @@
-"""migpredictd.web over real sockets on 127.0.0.1: routes, gzip, TLS, client certs, basic auth, limits.
+"""migpredictd.web.server over real sockets on 127.0.0.1: routes, gzip, TLS, client certs, basic auth, limits.
 
 Certificates are generated per test session with ``cryptography`` (EC P-256: fast). Timings are printed
 (run with ``-s`` to see them) and asserted only loosely, against a bcrypt check measured on this machine.
@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from migpredictd.errors import ConfigError, InputError, MigpredictdError
-from migpredictd.web import (
+from migpredictd.core.errors import ConfigError, InputError, MigpredictdError
+from migpredictd.web.server import (
     METRICS_CONTENT_TYPE,
     WebConfigError,
     WebListenError,

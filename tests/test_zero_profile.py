@@ -9,10 +9,16 @@ import math
 import numpy as np
 import pytest
 
-from migpredictd.errors import InputError
-from migpredictd.measurement import DirtyPoint, Measurement, parse_measurement
-from migpredictd.model import build_model
-from migpredictd.predictor import PAGE_HEADER_BYTES, ZERO_PAGE_BYTES, ModelBatch, PredictorSettings, simulate
+from migpredictd.core.errors import InputError
+from migpredictd.core.measurement import DirtyPoint, Measurement, parse_measurement
+from migpredictd.core.model import build_model
+from migpredictd.core.predictor import (
+    PAGE_HEADER_BYTES,
+    ZERO_PAGE_BYTES,
+    ModelBatch,
+    PredictorSettings,
+    simulate,
+)
 
 TOTAL = 65536  # 256 MiB
 HALF = TOTAL // 2

@@ -49,7 +49,7 @@ from typing import Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from migpredictd.model import MemoryModel
+from migpredictd.core.model import MemoryModel
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -69,7 +69,7 @@ _BARRIER_WINDOWS: Final = 16
 @dataclass(frozen=True, slots=True)
 class PredictorSettings:
     """Constants of the prediction; calibrated values and their evidence live in
-    :mod:`migpredictd.calibration`."""
+    :mod:`migpredictd.core.calibration`."""
 
     mode: Mode = "qemu"
     deadline_seconds: float = 3600.0
@@ -104,7 +104,7 @@ class RateLimiter:
     ``max-bandwidth + min(excess_fraction x max-bandwidth, excess_cap_bytes_per_second)`` (qemu mode).
 
     The default is an exact limiter (QEMU 7.2 counts bytes as it queues them). Calibrated values per
-    QEMU generation, with their evidence, are in :mod:`migpredictd.calibration`.
+    QEMU generation, with their evidence, are in :mod:`migpredictd.core.calibration`.
     """
 
     excess_fraction: float = 0.0

@@ -7,7 +7,7 @@ library leaves to its callers:
 - a command allowlist checked *before* anything is sent (:data:`READ_ONLY_COMMANDS` for the daemon,
   :data:`LAB_COMMANDS` on top for the rig), plus a guard that ``calc-dirty-rate`` only ever runs in
   ``page-sampling`` mode (``dirty-bitmap``/``dirty-ring`` crash QEMU 7.2 without KVM);
-- every failure mapped to one typed :class:`~migpredictd.errors.TargetError` naming the target and the
+- every failure mapped to one typed :class:`~migpredictd.core.errors.TargetError` naming the target and the
   command, raised ``from`` its cause;
 - a disconnect that always happens (errors, timeouts, cancellation) and is itself bounded, because a QMP
   socket serves one client at a time and we must not keep other users (libvirt, Proxmox's ``qm``) out.
@@ -27,8 +27,8 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.error import ProtocolError
 from qemu.qmp.qmp_client import GreetingError
 
-from migpredictd.address import Address, format_address, parse_address
-from migpredictd.errors import (
+from migpredictd.core.address import Address, format_address, parse_address
+from migpredictd.core.errors import (
     QMPCommandError,
     QMPConnectError,
     QMPProtocolError,

@@ -1440,9 +1440,9 @@ async def _serve_cli(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m migpredictd.testing.fakeqmp``: serve N fake VMs until SIGINT/SIGTERM."""
+    """``python -m migpredictd.lab.fakeqmp``: serve N fake VMs until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m migpredictd.testing.fakeqmp",
+        prog="python -m migpredictd.lab.fakeqmp",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
-from migpredictd.errors import InputError
+from migpredictd.core.errors import InputError
 
 FORMAT: Final = "migpredictd.measurement/v1"
 MIB: Final = 1 << 20

@@ -10,7 +10,7 @@ missing raises `RigError` saying so.
 
 from __future__ import annotations
 
-from migpredictd.errors import MigpredictdError
+from migpredictd.core.errors import MigpredictdError
 
 INSTALL_HINT = "run `bash scripts/install-rig.sh` (as root) to install the rig"
 

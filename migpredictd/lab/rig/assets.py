@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from migpredictd.rig import INSTALL_HINT, RigError
+from migpredictd.lab.rig import INSTALL_HINT, RigError
 
 QemuGeneration = Literal["7.2", "10.0"]
 QEMU_GENERATIONS: Final[tuple[QemuGeneration, ...]] = ("7.2", "10.0")

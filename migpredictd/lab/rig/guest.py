@@ -4,7 +4,7 @@
 the process by PID on exit, whatever happened inside the block. A module-level registry plus `atexit`
 kill any guest a crashed caller left behind, so a failing test never leaks a QEMU on a shared host.
 
-QMP goes through `migpredictd.qmp` (the only module that imports `qemu.qmp`) with its lab allowlist
+QMP goes through `migpredictd.qemu.qmp` (the only module that imports `qemu.qmp`) with its lab allowlist
 (`LAB_COMMANDS`: the daemon's read-only set plus migrate and friends), wrapped synchronously here.
 """
 
@@ -29,10 +29,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar
 
-from migpredictd.errors import TargetError
-from migpredictd.qmp import LAB_COMMANDS, QMPSession
-from migpredictd.rig import RigError
-from migpredictd.rig.assets import GuestAssets, QemuGeneration, guest_assets
+from migpredictd.core.errors import TargetError
+from migpredictd.lab.rig import RigError
+from migpredictd.lab.rig.assets import GuestAssets, QemuGeneration, guest_assets
+from migpredictd.qemu.qmp import LAB_COMMANDS, QMPSession
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
@@ -89,7 +89,7 @@ _T = TypeVar("_T")
 class _LabLoop:
     """One private asyncio loop in a daemon thread that runs every rig QMP session.
 
-    `migpredictd.qmp` is async; the rig is synchronous so that sync tests, benchmarks and async tests
+    `migpredictd.qemu.qmp` is async; the rig is synchronous so that sync tests, benchmarks and async tests
     (whose own loop is already running) can all call it. A separate loop thread serves all three.
     """
 
@@ -112,9 +112,9 @@ _LAB_LOOP: Final = _LabLoop()
 
 
 class RigQMP:
-    """A synchronous QMP connection for the rig, over `migpredictd.qmp` with the lab allowlist.
+    """A synchronous QMP connection for the rig, over `migpredictd.qemu.qmp` with the lab allowlist.
 
-    Errors are the project's typed QMP errors (`migpredictd.errors.TargetError` and below). Close it
+    Errors are the project's typed QMP errors (`migpredictd.core.errors.TargetError` and below). Close it
     promptly: a QMP socket serves one client at a time.
     """
 
@@ -128,12 +128,12 @@ class RigQMP:
     def execute(self, command: str, arguments: JSONObject | None = None) -> Any:
         """Run one command and return its `return` value.
 
-        :raises migpredictd.errors.TargetError: QEMU refused it, timed out, or the connection broke.
+        :raises migpredictd.core.errors.TargetError: QEMU refused it, timed out, or the connection broke.
         """
         return _LAB_LOOP.run(self._session.execute(command, arguments))
 
     def close(self) -> None:
-        """Disconnect (bounded by migpredictd.qmp); safe to call twice."""
+        """Disconnect (bounded by migpredictd.qemu.qmp); safe to call twice."""
         if not self._closed:
             self._closed = True
             _LAB_LOOP.run(self._cm.__aexit__(None, None, None))

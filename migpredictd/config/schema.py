@@ -2,12 +2,12 @@
 
 YAML is composed into nodes (``yaml.compose``, libyaml when available), so every mapping key and sequence
 item keeps its line; an explicit schema then walks the nodes and records *every* problem it finds as a
-:class:`~migpredictd.errors.ConfigProblem` (file, line, dotted key such as ``targets[3].interval``)
-before raising one :class:`~migpredictd.errors.ConfigError`. Nothing here talks to QEMU.
+:class:`~migpredictd.core.errors.ConfigProblem` (file, line, dotted key such as ``targets[3].interval``)
+before raising one :class:`~migpredictd.core.errors.ConfigError`. Nothing here talks to QEMU.
 
 Targets come from the main file and, optionally, from ``targets_dir`` (``*.yaml`` / ``*.yml`` files,
 each a list of targets or ``{targets: [...]}``); :func:`load_full_config` reads both. Run
-``python -m migpredictd.config FILE`` (or ``migpredictd check-config FILE``) to check a config.
+``python -m migpredictd.config.schema FILE`` (or ``migpredictd check-config FILE``) to check a config.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from typing import Any, Final
 
 import yaml
 
-from migpredictd.address import parse_address
-from migpredictd.errors import ConfigError, ConfigProblem, InputError, UnitError
-from migpredictd.predictor import Grid, PredictorSettings
-from migpredictd.units import parse_bandwidth, parse_duration
-from migpredictd.zeropages import DEFAULT_GUEST_SAMPLE_PAGES
+from migpredictd.core.address import parse_address
+from migpredictd.core.errors import ConfigError, ConfigProblem, InputError, UnitError
+from migpredictd.core.predictor import Grid, PredictorSettings
+from migpredictd.core.units import parse_bandwidth, parse_duration
+from migpredictd.qemu.zeropages import DEFAULT_GUEST_SAMPLE_PAGES
 
 __all__ = [
     "DEFAULT_GRID",

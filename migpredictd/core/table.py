@@ -6,8 +6,8 @@ import functools
 import math
 from typing import Any
 
-from migpredictd.predictor import Grid, VMPrediction
-from migpredictd.units import format_bandwidth, format_downtime, format_eta
+from migpredictd.core.predictor import Grid, VMPrediction
+from migpredictd.core.units import format_bandwidth, format_downtime, format_eta
 
 
 @functools.lru_cache(maxsize=8)

@@ -12,8 +12,8 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-from migpredictd.daemon import add_run_arguments, run_command
-from migpredictd.rig.guest import Guest, GuestSpec
+from migpredictd.lab.rig.guest import Guest, GuestSpec
+from migpredictd.serve.daemon import add_run_arguments, run_command
 
 DEMO_GUESTS = {
     "demo-idle": GuestSpec(qemu="7.2", memory_mib=256, touch_mib=64, wss_mib=0, rate_mib=0),

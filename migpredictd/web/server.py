@@ -51,7 +51,7 @@ import bcrypt
 import yaml
 
 from migpredictd import __version__
-from migpredictd.errors import ConfigError, ConfigProblem, InputError, MigpredictdError
+from migpredictd.core.errors import ConfigError, ConfigProblem, InputError, MigpredictdError
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())

@@ -11,9 +11,9 @@ Proxmox's ``qm``, must get in). Strategies:
 - ``sweep-ms`` (8.2+): runs of 125 ms .. 8 s (``calc-time-unit: millisecond``);
 - ``sweep-s`` (7.2 .. 8.1): runs of 1 .. 8 s (whole seconds is all 7.2 takes).
 
-The result is :func:`~migpredictd.measurement.measurement_from_sweep` (or ``_from_extended``) with
-zero pages from :mod:`migpredictd.zeropages` and metadata. Every failure is a typed
-:class:`~migpredictd.errors.TargetError`; ``TargetSkipped`` means "retry later".
+The result is :func:`~migpredictd.core.measurement.measurement_from_sweep` (or ``_from_extended``) with
+zero pages from :mod:`migpredictd.qemu.zeropages` and metadata. Every failure is a typed
+:class:`~migpredictd.core.errors.TargetError`; ``TargetSkipped`` means "retry later".
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from migpredictd.errors import (
+from migpredictd.core.errors import (
     InputError,
     MigpredictdError,
     QMPCommandError,
@@ -39,9 +39,9 @@ from migpredictd.errors import (
     QMPTimeoutError,
     TargetSkipped,
 )
-from migpredictd.measurement import Measurement, measurement_from_extended, measurement_from_sweep
-from migpredictd.qmp import READ_ONLY_COMMANDS, SAFE_DIRTY_RATE_MODE, Address, QMPSession, parse_address
-from migpredictd.zeropages import (
+from migpredictd.core.measurement import Measurement, measurement_from_extended, measurement_from_sweep
+from migpredictd.qemu.qmp import READ_ONLY_COMMANDS, SAFE_DIRTY_RATE_MODE, Address, QMPSession, parse_address
+from migpredictd.qemu.zeropages import (
     DEFAULT_GUEST_SAMPLE_PAGES,
     ZeroPagesUnavailableError,
     guest_sample_estimate,

@@ -6,7 +6,7 @@ the same forms.
 
 from __future__ import annotations
 
-from migpredictd.errors import InputError
+from migpredictd.core.errors import InputError
 
 Address = str | tuple[str, int]
 """A unix socket path, or (host, port)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from migpredictd.predictor import PredictorSettings, RateLimiter
+from migpredictd.core.predictor import PredictorSettings, RateLimiter
 
 # --- loopback transport --------------------------------------------------------------------------
 

@@ -26,18 +26,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from migpredictd import __version__
-from migpredictd.calibration import rate_limiter_for
-from migpredictd.collector import DaemonCollector, MetricsRenderer
-from migpredictd.config import Config, TargetConfig, load_full_config
-from migpredictd.errors import ConfigError, InputError, TargetError
-from migpredictd.logs import setup_logging
-from migpredictd.measure import MeasureSettings, measure
-from migpredictd.measurement import Measurement
-from migpredictd.model import MemoryModel, build_model
-from migpredictd.predictor import FloatArray, RateLimiter, VMPrediction, predict_derived, predict_grid
-from migpredictd.scheduler import MeasurementScheduler, Schedule
-from migpredictd.state import State
-from migpredictd.web import StreamedMetrics, WebListenError, WebServer
+from migpredictd.config.schema import Config, TargetConfig, load_full_config
+from migpredictd.core.calibration import rate_limiter_for
+from migpredictd.core.errors import ConfigError, InputError, TargetError
+from migpredictd.core.measurement import Measurement
+from migpredictd.core.model import MemoryModel, build_model
+from migpredictd.core.predictor import FloatArray, RateLimiter, VMPrediction, predict_derived, predict_grid
+from migpredictd.qemu.measure import MeasureSettings, measure
+from migpredictd.serve.collector import DaemonCollector, MetricsRenderer
+from migpredictd.serve.logs import setup_logging
+from migpredictd.serve.scheduler import MeasurementScheduler, Schedule
+from migpredictd.serve.state import State
+from migpredictd.web.server import StreamedMetrics, WebListenError, WebServer
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def measure_settings(target: TargetConfig) -> MeasureSettings:
 
 
 class Daemon:
-    """The long-running process; also the :class:`~migpredictd.web.WebApp` the HTTP server serves."""
+    """The long-running process; also the :class:`~migpredictd.web.server.WebApp` the HTTP server serves."""
 
     def __init__(self, config_file: str, *, shard: tuple[int, int] = (0, 1)) -> None:
         self.config_file = config_file

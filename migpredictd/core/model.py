@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from migpredictd.measurement import Measurement
+from migpredictd.core.measurement import Measurement
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 - :func:`seed_cell_ms` re-states the 2023 script's rules one cell and one pass at a time, with a linear
   scan of the breakpoints for every evaluation, as the script does. Tests check that the vectorised
-  ``seed`` mode of :mod:`migpredictd.predictor` gives identical milliseconds; ``benchmarks/predict.py``
+  ``seed`` mode of :mod:`migpredictd.core.predictor` gives identical milliseconds; ``benchmarks/predict.py``
   times both.
 - :func:`brute_force_derived` computes the derived answers without the predictor's shortcuts.
 """
@@ -15,8 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from migpredictd.model import MemoryModel
-from migpredictd.predictor import (
+from migpredictd.core.model import MemoryModel
+from migpredictd.core.predictor import (
     BISECTION_STEPS,
     MIN_BANDWIDTH_SEARCH,
     MIN_DOWNTIME_FLOOR,
@@ -60,7 +60,7 @@ def brute_force_derived(
     """The derived answers as the first version computed them, the oracle of the fast search: every
     sync simulated one by one (``shortcut=False``), and a plain bisection of the logarithm of the whole
     range, 20 halvings, for every (VM, downtime) and (VM, bandwidth). Returns ([vm, downtime] bytes/s,
-    [vm, bandwidth] seconds), with 0 and nan as :func:`migpredictd.predictor.predict_grid` has them."""
+    [vm, bandwidth] seconds), with 0 and nan as :func:`migpredictd.core.predictor.predict_grid` has them."""
     nv = len(batch)
     downtimes, bandwidths = np.array(grid.downtimes), np.array(grid.bandwidths)
 

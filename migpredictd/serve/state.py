@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from migpredictd.measurement import Measurement
-from migpredictd.predictor import FloatArray, Grid, VMPrediction
+from migpredictd.core.measurement import Measurement
+from migpredictd.core.predictor import FloatArray, Grid, VMPrediction
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import math
 import re
 from typing import Final
 
-from migpredictd.errors import UnitError
+from migpredictd.core.errors import UnitError
 
 _BITS: Final = {"bps": 1, "kbps": 1 << 10, "mbps": 1 << 20, "gbps": 1 << 30, "tbps": 1 << 40}
 _BIT_ALIASES: Final = {"bit/s": "bps", "kbit/s": "kbps", "mbit/s": "mbps", "gbit/s": "gbps", "tbit/s": "tbps"}

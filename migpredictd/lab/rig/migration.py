@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from migpredictd.rig import RigError
-from migpredictd.rig.guest import Guest, GuestSpec, JSONObject, RigQMP, free_tcp_port
+from migpredictd.lab.rig import RigError
+from migpredictd.lab.rig.guest import Guest, GuestSpec, JSONObject, RigQMP, free_tcp_port
 
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
 # How long QEMU may take to turn `cancelling` into `cancelled` (measured: about 100 ms).

@@ -46,7 +46,7 @@ _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
 class ZeroPagesUnavailableError(Exception):
     """The estimate cannot be made here (not on the hypervisor, no permission, mapping not found).
 
-    Not a :class:`~migpredictd.errors.TargetError`: the measurement goes on with ``zero_pages=None``
+    Not a :class:`~migpredictd.core.errors.TargetError`: the measurement goes on with ``zero_pages=None``
     and a note carrying this message.
     """
 

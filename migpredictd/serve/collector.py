@@ -10,7 +10,7 @@
 
 The per-cell downtime, passes and transferred-bytes families are opt-in (``details``; the daemon takes
 ``global.exposition.per_cell_details``). Nothing here talks to a VM: a scrape reads a
-:class:`~migpredictd.state.State` snapshot.
+:class:`~migpredictd.serve.state.State` snapshot.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from migpredictd import __version__
-from migpredictd.errors import FAILURE_REASONS
-from migpredictd.state import State, TargetState
-from migpredictd.units import format_bandwidth, format_downtime
+from migpredictd.core.errors import FAILURE_REASONS
+from migpredictd.core.units import format_bandwidth, format_downtime
+from migpredictd.serve.state import State, TargetState
 
 _AGE: Final = (
     "From the last successful measurement; see migpredictd_last_success_timestamp_seconds for its age."
