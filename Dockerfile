@@ -3,7 +3,7 @@
 # migpredictd container image.
 #
 # Build:  docker build -t migpredictd:0.1.0 .
-# Run (Proxmox host; each VM has an extra QMP socket /run/qemu-server/VMID.migpredictd.qemu.qmp, opened to host
+# Run (Proxmox host; each VM has an extra QMP socket /run/qemu-server/VMID.migpredictd.qmp, opened to host
 # group 9842 by deploy/systemd/migpredictd-qmp-acl):
 #
 #   docker run -d --name migpredictd --restart unless-stopped \

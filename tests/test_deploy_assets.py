@@ -493,14 +493,14 @@ def test_qmp_acl_script_lets_the_group_connect_and_is_idempotent() -> None:
     old_umask = os.umask(0o022)
     try:
         folder.chmod(0o755)
-        ours_path, proxmox_path = folder / "100.migpredictd.qemu.qmp", folder / "100.qmp"
+        ours_path, proxmox_path = folder / "100.migpredictd.qmp", folder / "100.qmp"
         for listener, path in ((ours, ours_path), (proxmox, proxmox_path)):
             listener.bind(str(path))
             listener.listen(4)
             assert stat.S_IMODE(path.stat().st_mode) == 0o755
         assert not _connect_as("nobody", "nogroup", ours_path)
 
-        command = [str(ACL_SCRIPT), str(folder), "nogroup", "*.migpredictd.qemu.qmp"]
+        command = [str(ACL_SCRIPT), str(folder), "nogroup", "*.migpredictd.qmp"]
         subprocess.run(command, check=True, timeout=30)
         assert _connect_as("nobody", "nogroup", ours_path)
         assert not _connect_as("nobody", "nogroup", proxmox_path), "Proxmox's own socket stays closed"
