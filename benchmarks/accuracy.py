@@ -34,6 +34,7 @@ from typing import Any, Final
 import numpy as np
 
 from migpredictd.core.calibration import SEED_PREDICTOR, loopback_predictor, rate_limiter_for
+from migpredictd.core.errors import ZeroPagesUnavailableError
 from migpredictd.core.measurement import DirtyPoint, Measurement, fit_dirty_curve, parse_measurement
 from migpredictd.core.model import build_model
 from migpredictd.core.predictor import (
@@ -45,8 +46,9 @@ from migpredictd.core.predictor import (
 )
 from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
 from migpredictd.lab.rig.migration import MigrationResult, migrate
-from migpredictd.qemu.measure import MeasureSettings, measure
-from migpredictd.qemu.zeropages import ZeroPagesUnavailableError, guest_sample_estimate
+from migpredictd.qemu.measure import measure
+from migpredictd.qemu.settings import MeasureSettings
+from migpredictd.qemu.zeropages import guest_sample_estimate
 
 MIB: Final = 1 << 20
 PAGE: Final = 4096

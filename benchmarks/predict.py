@@ -26,10 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
 from migpredictd.core.measurement import parse_measurement
 from migpredictd.core.model import MemoryModel, build_model
-from migpredictd.core.predictor import ModelBatch, PredictorSettings, predict_derived, predict_grid
+from migpredictd.core.predictor import (
+    DEFAULT_BANDWIDTHS,
+    DEFAULT_DOWNTIMES,
+    ModelBatch,
+    PredictorSettings,
+    make_grid,
+    predict_derived,
+    predict_grid,
+)
 from migpredictd.lab.reference import brute_force_derived, seed_cell_ms
 
 ROOT = Path(__file__).resolve().parent.parent

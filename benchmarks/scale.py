@@ -47,10 +47,15 @@ PKG10 = "Debian 1:10.0.2+ds-2~bpo12+1"
 
 def _state(n: int) -> object:
     """A State with ``n`` measured targets (one prediction shared: the renderer does not care)."""
-    from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
     from migpredictd.core.measurement import parse_measurement
     from migpredictd.core.model import build_model
-    from migpredictd.core.predictor import PredictorSettings, predict_grid
+    from migpredictd.core.predictor import (
+        DEFAULT_BANDWIDTHS,
+        DEFAULT_DOWNTIMES,
+        PredictorSettings,
+        make_grid,
+        predict_grid,
+    )
     from migpredictd.serve.state import State
 
     grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)

@@ -17,27 +17,17 @@ from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.core.errors import InputError, MigpredictdError
 from migpredictd.core.measurement import Measurement, parse_measurement
 from migpredictd.core.model import build_model
-from migpredictd.core.predictor import Grid, PredictorSettings, predict_grid
+from migpredictd.core.predictor import (
+    DEFAULT_BANDWIDTHS,
+    DEFAULT_DOWNTIMES,
+    PredictorSettings,
+    make_grid,
+    predict_grid,
+)
 from migpredictd.core.table import prediction_to_json, render_table
-from migpredictd.core.units import format_bandwidth, format_downtime, parse_bandwidth, parse_duration
-
-# The seed's grid (scripts/predict_migration.py of the 2023 patch series).
-DEFAULT_BANDWIDTHS = ("100Mbps", "1Gbps", "2Gbps", "2.5Gbps", "5Gbps", "10Gbps", "25Gbps", "40Gbps")
-DEFAULT_DOWNTIMES = ("125ms", "250ms", "500ms", "1000ms", "5000ms", "unlim")
+from migpredictd.core.units import parse_duration
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def make_grid(bandwidths: Sequence[str], downtimes: Sequence[str]) -> Grid:
-    """A grid from human-readable values; labels are normalised (``1 Gbps`` -> ``1Gbps``)."""
-    bws = tuple(parse_bandwidth(b) for b in bandwidths)
-    dts = tuple(parse_duration(d, allow_unlimited=True) for d in downtimes)
-    return Grid(
-        bandwidths=bws,
-        downtimes=dts,
-        bandwidth_labels=tuple(format_bandwidth(b) for b in bws),
-        downtime_labels=tuple(format_downtime(d) for d in dts),
-    )
 
 
 def read_measurements(stream: TextIO, name: str) -> list[Measurement]:

@@ -10,10 +10,15 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
 from migpredictd.core.measurement import parse_measurement
 from migpredictd.core.model import build_model
-from migpredictd.core.predictor import PredictorSettings, predict_grid
+from migpredictd.core.predictor import (
+    DEFAULT_BANDWIDTHS,
+    DEFAULT_DOWNTIMES,
+    PredictorSettings,
+    make_grid,
+    predict_grid,
+)
 from migpredictd.serve.collector import DaemonCollector, MetricsRenderer, TargetCollector
 from migpredictd.serve.state import State
 

@@ -13,7 +13,6 @@ import pytest
 from migpredictd.config.schema import (
     DEFAULT_GRID,
     Labels,
-    MeasurementConfig,
     check_config_main,
     load_config,
     load_full_config,
@@ -21,6 +20,7 @@ from migpredictd.config.schema import (
 )
 from migpredictd.core.errors import ConfigError, ConfigProblem
 from migpredictd.core.predictor import PredictorSettings
+from migpredictd.qemu.settings import MeasureSettings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example.yaml"
 
@@ -59,7 +59,7 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
     assert config.max_concurrent == 8
     assert config.targets_dir is None
     assert config.prediction == PredictorSettings()
-    assert config.measurement == MeasurementConfig()
+    assert config.measurement == MeasureSettings()
     assert config.grid == DEFAULT_GRID
     # The seed's table: 100 Mbps .. 40 Gbps (binary) x 125 ms .. unlimited.
     assert DEFAULT_GRID.bandwidths[0] == 100 * (1 << 20) / 8
@@ -80,27 +80,18 @@ def test_example_loads_and_its_global_section_equals_the_defaults(tmp_path: Path
     assert dict(vm1.labels) == {"team": "db", "rack": "r12"}
     assert vm1.interval_seconds == 60.0
     # A target's measurement section merges over the global one key by key.
-    assert vm1.measurement == dataclasses.replace(MeasurementConfig(), sample_pages=8192)
+    assert vm1.measurement == dataclasses.replace(MeasureSettings(), sample_pages=8192)
     assert vm1.source == f"{EXAMPLE}:{_line_of(EXAMPLE, '- name: vm1')}"
     # `<<: *db` merged the x-db anchor's labels; defaults fill the rest.
     assert dict(vm102.labels) == {"team": "db"}
     assert vm102.interval_seconds == 300.0
-    assert vm102.measurement == MeasurementConfig()
+    assert vm102.measurement == MeasureSettings()
     assert lab.qmp == "tcp:127.0.0.1:4444"
     assert dict(lab.labels) == {}
 
 
 def _line_of(path: Path, text: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
-
-
-def test_measurement_config_maps_onto_measure_settings() -> None:
-    """The daemon builds MeasureSettings(**asdict(MeasurementConfig)): same names, same defaults."""
-    from migpredictd.qemu.measure import MeasureSettings
-
-    ours = dataclasses.asdict(MeasurementConfig())
-    theirs = MeasureSettings(**ours)
-    assert {k: getattr(theirs, k) for k in ours} == ours
 
 
 def test_config_is_frozen_hashable_and_equal_across_loads() -> None:
@@ -152,7 +143,7 @@ def test_every_global_key_is_read(tmp_path: Path) -> None:
     )
     config = load_config(path)
     assert (config.interval_seconds, config.jitter_seconds, config.max_concurrent) == (120.0, 0.5, 3)
-    assert config.measurement == MeasurementConfig(
+    assert config.measurement == MeasureSettings(
         strategy="sweep-s", periods_ms=(1000.0, 2000.0), sample_pages=512, zero_pages="none",
         guest_sample_pages=100, connect_timeout=1.0, command_timeout=2.0, poll_interval=0.01,
         settle_timeout=3.0,
@@ -866,5 +857,5 @@ def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
     config = load_full_config(path)
     defaults = load_config(write(tmp_path, "targets: []\n", "defaults.yaml"))
     assert dataclasses.replace(config, targets=(), source="") == dataclasses.replace(defaults, source="")
-    assert config.targets[0].measurement == MeasurementConfig()
+    assert config.targets[0].measurement == MeasureSettings()
     assert dict(config.targets[0].labels) == {}

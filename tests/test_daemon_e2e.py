@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
+from migpredictd.core.predictor import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
 from migpredictd.lab.rig.guest import GuestSpec
 from tests.daemon_helpers import DaemonProcess, Samples, free_port, value, wait_for
 from tests.rig_fixtures import StartGuest

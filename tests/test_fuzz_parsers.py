@@ -27,6 +27,7 @@ from migpredictd.core.errors import (
     InputError,
     QMPProtocolError,
     TargetError,
+    WebConfigError,
 )
 from migpredictd.core.measurement import FORMAT, Measurement, measurement_from_sweep, parse_measurement
 from migpredictd.core.units import (
@@ -38,7 +39,7 @@ from migpredictd.core.units import (
     parse_size,
 )
 from migpredictd.qemu import measure
-from migpredictd.web.server import WebConfigError, load_web_config
+from migpredictd.web.webconfig import load_web_config
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -23,19 +23,18 @@ from migpredictd.core.errors import (
     QMPProtocolError,
     QMPTimeoutError,
     TargetSkipped,
+    ZeroPagesUnavailableError,
 )
 from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
 from migpredictd.qemu.measure import (
-    DEFAULT_PERIODS_MS,
-    MeasureSettings,
     add_measure_arguments,
     measure,
     measure_command,
     plan_runs,
 )
 from migpredictd.qemu.qmp import QMPSession
+from migpredictd.qemu.settings import DEFAULT_PERIODS_MS, MeasureSettings
 from migpredictd.qemu.zeropages import (
-    ZeroPagesUnavailableError,
     find_guest_ram,
     read_smaps,
     smaps_estimate,

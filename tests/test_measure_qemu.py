@@ -17,7 +17,8 @@ from migpredictd.core.measurement import Measurement
 from migpredictd.lab.rig.assets import QemuGeneration
 from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
 from migpredictd.lab.rig.migration import migrate
-from migpredictd.qemu.measure import MeasureSettings, measure
+from migpredictd.qemu.measure import measure
+from migpredictd.qemu.settings import MeasureSettings
 from migpredictd.qemu.zeropages import PROFILE_BINS, find_guest_ram, guest_sample_estimate, read_smaps
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]

@@ -12,15 +12,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, make_grid
 from migpredictd.core.measurement import DirtyPoint, Measurement, parse_measurement
 from migpredictd.core.model import MemoryModel, build_model
 from migpredictd.core.predictor import (
+    DEFAULT_BANDWIDTHS,
+    DEFAULT_DOWNTIMES,
     PAGE_HEADER_BYTES,
     ZERO_PAGE_BYTES,
     Grid,
     ModelBatch,
     PredictorSettings,
+    make_grid,
     predict_grid,
     simulate,
 )

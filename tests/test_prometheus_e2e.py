@@ -18,7 +18,7 @@ from typing import Final
 import pytest
 import yaml
 
-from migpredictd.cli import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES
+from migpredictd.core.predictor import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES
 from migpredictd.lab.rig.guest import GuestSpec
 from tests.daemon_helpers import DaemonProcess, free_port, http
 from tests.prometheus_helpers import (

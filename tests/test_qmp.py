@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from migpredictd.core.address import format_address, parse_address
 from migpredictd.core.errors import (
     InputError,
     QMPCommandError,
@@ -27,8 +28,6 @@ from migpredictd.qemu.qmp import (
     LAB_COMMANDS,
     READ_ONLY_COMMANDS,
     QMPSession,
-    format_address,
-    parse_address,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -110,7 +109,7 @@ def test_format_address_round_trips() -> None:
 
 async def test_execute_returns_reply_and_knows_qemu_pid(fleet: FakeQMPFleet) -> None:
     ep = fleet["ok"]
-    async with QMPSession.connect(f"unix:{ep.address}", target="vm1", timeout=2.0) as s:
+    async with QMPSession.connect(parse_address(f"unix:{ep.address}"), target="vm1", timeout=2.0) as s:
         version = await s.execute_dict("query-version")
         # The fake runs in this process, so SO_PEERCRED names us: that is what finds QEMU's smaps.
         assert s.peer_pid == os.getpid()

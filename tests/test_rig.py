@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from migpredictd.core.address import parse_address
 from migpredictd.lab.rig import INSTALL_HINT, RigError
 from migpredictd.lab.rig.assets import CpioEntry, QemuGeneration, build_initramfs, guest_assets, newc_archive
 from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
@@ -215,7 +216,7 @@ async def test_rig_works_inside_a_running_event_loop(rig_guest_factory: StartGue
     # session reaches the same guest through .qmp_address, and SO_PEERCRED names the rig's PID.
     guest = rig_guest_factory(GuestSpec(qemu="7.2", memory_mib=128, touch_mib=16, wss_mib=0))
     assert guest.execute("query-status")["status"] == "running"
-    async with QMPSession.connect(guest.qmp_address, target="t", timeout=5.0) as session:
+    async with QMPSession.connect(parse_address(guest.qmp_address), target="t", timeout=5.0) as session:
         assert session.peer_pid == guest.pid
         reply = await session.execute_dict("query-memory-size-summary")
         assert reply["base-memory"] == 128 * MIB

@@ -34,15 +34,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from migpredictd.core.errors import ConfigError, InputError, MigpredictdError
-from migpredictd.web.server import (
-    METRICS_CONTENT_TYPE,
-    WebConfigError,
-    WebListenError,
-    WebServer,
-    load_web_config,
-    parse_listen_address,
-)
+from migpredictd.core.errors import ConfigError, InputError, MigpredictdError, WebConfigError, WebListenError
+from migpredictd.web.server import METRICS_CONTENT_TYPE, WebServer, parse_listen_address
+from migpredictd.web.webconfig import load_web_config
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -24,19 +24,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
-from migpredictd.core.address import parse_address
+from migpredictd.config.yamlsource import Node, Problems, join, read_yaml, type_name
+from migpredictd.core.address import format_address, parse_address
 from migpredictd.core.errors import ConfigError, ConfigProblem, InputError, UnitError
-from migpredictd.core.predictor import Grid, PredictorSettings
+from migpredictd.core.predictor import (
+    DEFAULT_BANDWIDTHS,
+    DEFAULT_DOWNTIMES,
+    DEFAULT_GRID,
+    Grid,
+    PredictorSettings,
+)
 from migpredictd.core.units import parse_bandwidth, parse_duration
-from migpredictd.qemu.zeropages import DEFAULT_GUEST_SAMPLE_PAGES
+from migpredictd.qemu.settings import (
+    MAX_CALC_MS,
+    MAX_GUEST_SAMPLE_PAGES,
+    MAX_SAMPLE_PAGES,
+    MIN_CALC_MS,
+    MIN_SAMPLE_PAGES,
+    STRATEGIES,
+    ZERO_PAGE_METHODS,
+    MeasureSettings,
+)
 
 __all__ = [
     "DEFAULT_GRID",
     "Config",
     "Labels",
-    "MeasurementConfig",
     "TargetConfig",
     "check_config_main",
     "load_config",
@@ -72,24 +85,6 @@ class Labels(Mapping[str, str]):
 
 
 @dataclass(frozen=True, slots=True)
-class MeasurementConfig:
-    """How to measure a target; field names match ``measure.MeasureSettings`` so the daemon maps them 1:1.
-
-    Defaults mirror ``measure.py`` (see the comments in ``config/example.yaml`` for why).
-    """
-
-    connect_timeout: float = 5.0
-    command_timeout: float = 10.0
-    strategy: str = "auto"
-    periods_ms: tuple[float, ...] | None = None  # None: the chosen strategy's default periods
-    sample_pages: int = 16384
-    zero_pages: str = "auto"
-    guest_sample_pages: int = DEFAULT_GUEST_SAMPLE_PAGES
-    poll_interval: float = 0.05
-    settle_timeout: float = 10.0
-
-
-@dataclass(frozen=True, slots=True)
 class TargetConfig:
     """One VM to measure; ``source`` is ``file:line`` where it was defined, for messages."""
 
@@ -97,7 +92,7 @@ class TargetConfig:
     qmp: str
     labels: Mapping[str, str]
     interval_seconds: float
-    measurement: MeasurementConfig
+    measurement: MeasureSettings
     source: str
 
 
@@ -112,7 +107,7 @@ class Config:
     max_concurrent: int
     grid: Grid
     prediction: PredictorSettings
-    measurement: MeasurementConfig
+    measurement: MeasureSettings
     targets_dir: str | None  # the config file's directory joined with the value: cwd does not matter
     source: str
     # Also expose predicted downtime, passes and transferred bytes per grid cell (global.exposition).
@@ -122,8 +117,6 @@ class Config:
 # --- limits and defaults ----------------------------------------------------------------------------------
 
 # The seed's table: the grid everyone compares against.
-DEFAULT_BANDWIDTHS: Final = ("100Mbps", "1Gbps", "2Gbps", "2.5Gbps", "5Gbps", "10Gbps", "25Gbps", "40Gbps")
-DEFAULT_DOWNTIMES: Final = ("125ms", "250ms", "500ms", "1000ms", "5000ms", "unlim")
 DEFAULT_INTERVAL_SECONDS: Final = 300.0
 DEFAULT_JITTER_SECONDS: Final = 30.0
 DEFAULT_MAX_CONCURRENT: Final = 8
@@ -135,12 +128,8 @@ MAX_GRID_AXIS: Final = 64
 MAX_GRID_CELLS: Final = 1024
 # QEMU refuses a downtime-limit above 2,000 s (MAX_MIGRATE_DOWNTIME_SECONDS in migration/options.c).
 MAX_DOWNTIME_SECONDS: Final = 2000.0
-# calc-dirty-rate: calc-time-unit millisecond takes 50 ms .. 60 s (8.2+); 7.2 whole seconds 1 .. 60.
-MIN_PERIOD_MS, MAX_PERIOD_MS = 50.0, 60000.0
 # Each period becomes a `period` label value of migpredictd_dirty_rate_bytes_per_second.
 MAX_PERIODS: Final = 32
-# calc-dirty-rate's own limits for sample-pages (per GiB).
-MIN_SAMPLE, MAX_SAMPLE = 128, 16384
 # Below a second the scheduler would only queue runs that cannot finish: one sweep samples for seconds.
 MIN_INTERVAL_SECONDS: Final = 1.0
 # Hundreds of concurrent QMP sessions is already more than any host serves; this catches typos.
@@ -158,241 +147,42 @@ RESERVED_LABELS: Final = frozenset(
 )  # fmt: skip
 _LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A YAML document expands aliases; this caps the nodes walked (a "billion laughs" file stops here).
-MAX_NODES: Final = 2_000_000
-MAX_DEPTH: Final = 64
 
-DEFAULT_MEASUREMENT: Final = MeasurementConfig()
+DEFAULT_MEASUREMENT: Final = MeasureSettings()
 DEFAULT_PREDICTION: Final = PredictorSettings()
-STRATEGIES: Final = ("auto", "extended", "sweep-ms", "sweep-s")
-ZERO_PAGE_METHODS: Final = ("auto", "host-smaps", "guest-sample", "none")
 PREDICTION_MODES: Final = ("qemu", "seed")
-
-
-def _default_grid() -> Grid:
-    return Grid(
-        bandwidths=tuple(parse_bandwidth(b) for b in DEFAULT_BANDWIDTHS),
-        downtimes=tuple(parse_duration(d, allow_unlimited=True) for d in DEFAULT_DOWNTIMES),
-        bandwidth_labels=DEFAULT_BANDWIDTHS,
-        downtime_labels=DEFAULT_DOWNTIMES,
-    )
-
-
-DEFAULT_GRID: Final = _default_grid()
-
-# --- YAML with line numbers ------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Y:
-    """A YAML value with its line: ``value`` is a scalar, ``dict[str, _Y]`` or ``list[_Y]``.
-
-    ``line`` is where the value's key (in a mapping) or item (in a sequence) starts: what a reader of
-    ``targets[3].interval`` looks for.
-    """
-
-    value: Any
-    line: int
-
-
-class _Problems:
-    """Collects problems for one file; never stops at the first."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.items: list[ConfigProblem] = []
-
-    def add(self, line: int | None, key: str, message: str) -> None:
-        self.items.append(ConfigProblem(self.file, line, key, message))
-
-    def sorted(self) -> list[ConfigProblem]:
-        """In file order, as a reader fixes them (YAML problems are found before schema ones)."""
-        return sorted(self.items, key=lambda x: x.line or 0)
-
-
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: about 10x faster on big files
-_STANDARD_TAGS: Final = frozenset(
-    f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null", "merge")
-)
-
-
-def _read_text(path: Path, problems: _Problems) -> str | None:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        problems.add(None, "", f"cannot read: {e.strerror or e}")
-        return None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        problems.add(data[: e.start].count(b"\n") + 1, "", f"not UTF-8: byte 0x{data[e.start]:02x}")
-        return None
-
-
-def _compose(text: str, problems: _Problems) -> _Y | None:
-    """Parse ``text`` into line-tagged values; YAML errors, duplicate keys and odd tags become problems."""
-    try:
-        too_deep = _too_deep(text)
-        if too_deep is not None:
-            problems.add(too_deep, "", f"invalid YAML: nested more than {MAX_DEPTH} levels deep")
-            return None
-        node = yaml.compose(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        what = " ".join(x for x in (e.context, e.problem) if x)
-        problems.add(mark.line + 1 if mark else None, "", f"invalid YAML: {what}")
-        return None
-    except yaml.YAMLError as e:
-        problems.add(None, "", f"invalid YAML: {e}")
-        return None
-    except RecursionError:
-        problems.add(None, "", "invalid YAML: nested too deeply")
-        return None
-    if node is None:
-        return None
-    converter = _Converter(problems)
-    y = converter.convert(node, node.start_mark.line + 1, "", 0)
-    return None if converter.aborted else y  # a half-converted tree would only add noise
-
-
-def _excerpt(text: str, limit: int = 40) -> str:
-    """A scalar's text for a message, cut short: the offending value may be kilobytes long."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def _too_deep(text: str) -> int | None:
-    """The line where nesting first exceeds MAX_DEPTH, from the (iterative) event stream.
-
-    libyaml's composer recurses in C: a file of 100,000 ``[`` crashes the process instead of raising.
-    """
-    depth = 0
-    for event in yaml.parse(text, Loader=_Loader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_DEPTH:
-                return event.start_mark.line + 1 if event.start_mark else 1
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
-    return None
-
-
-class _Converter:
-    """YAML nodes -> :class:`_Y`, recording duplicate keys, odd tags and alias abuse as problems."""
-
-    def __init__(self, problems: _Problems) -> None:
-        self.problems = problems
-        self.constructor = yaml.SafeLoader("")
-        self.budget = MAX_NODES
-        self.open: set[int] = set()  # ids of the collections being converted: an alias to one is a cycle
-        self.aborted = False
-
-    def convert(self, node: yaml.Node, line: int, key: str, depth: int) -> _Y:
-        self.budget -= 1
-        if self.aborted or self.budget < 0 or depth > MAX_DEPTH:
-            if not self.aborted:
-                what = "nested too deeply" if depth > MAX_DEPTH else "too many nodes after expanding aliases"
-                self.problems.add(line, key, f"invalid YAML: {what}")
-            self.aborted = True
-            return _Y(None, line)
-        if isinstance(node, yaml.ScalarNode):
-            try:
-                return _Y(self.constructor.construct_object(node), line)
-            except (yaml.YAMLError, ValueError) as e:
-                # YAMLError: e.g. !!python/object, which SafeLoader refuses. ValueError (found by
-                # fuzzing): an int of 5,000 digits, a date such as 2001-02-30.
-                what = getattr(e, "problem", None) or str(e).split(";")[0]
-                self.problems.add(line, key, f"invalid YAML value {_excerpt(node.value)}: {what}")
-                return _Y(None, line)
-        if node.tag not in _STANDARD_TAGS:
-            self.problems.add(line, key, f"unsupported YAML tag {node.tag!r}")
-        if id(node) in self.open:
-            self.problems.add(line, key, "invalid YAML: an alias refers to itself")
-            return _Y(None, line)
-        self.open.add(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                items = [
-                    self.convert(n, n.start_mark.line + 1, f"{key}[{i}]", depth + 1)
-                    for i, n in enumerate(node.value)
-                ]
-                return _Y(items, line)
-            assert isinstance(node, yaml.MappingNode)
-            return _Y(self._mapping(node, key, depth), line)
-        finally:
-            self.open.discard(id(node))
-
-    def _mapping(self, node: yaml.MappingNode, path: str, depth: int) -> dict[str, _Y]:
-        own: dict[str, _Y] = {}
-        merged: dict[str, _Y] = {}
-        for key_node, value_node in node.value:
-            if self.aborted:
-                break
-            key_line = key_node.start_mark.line + 1
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`; own keys win, first merge wins
-                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-                for source in sources:
-                    converted = self.convert(source, key_line, path, depth + 1)
-                    if not isinstance(converted.value, dict):
-                        self.problems.add(
-                            key_line, _join(path, "<<"), "invalid YAML: '<<' merges only mappings"
-                        )
-                        continue
-                    for k, v in converted.value.items():
-                        merged.setdefault(k, v)
-                continue
-            key = self.convert(key_node, key_line, path, depth + 1).value
-            if not isinstance(key, str):
-                message = f"mapping keys must be strings, not {_type_name(key)} {key!r}"
-                self.problems.add(key_line, path, message)
-                continue
-            if key in own:
-                message = f"duplicate key {key!r} (first at line {own[key].line})"
-                self.problems.add(key_line, _join(path, key), message)
-                continue
-            own[key] = self.convert(value_node, key_line, _join(path, key), depth + 1)
-        return {**merged, **own}
 
 
 # --- schema helpers ----------------------------------------------------------------------------------------
 
 
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number"}.get(type(value), type(value).__name__)  # fmt: skip
-
-
-def _join(key: str, child: str) -> str:
-    return f"{key}.{child}" if key else child
-
-
 def _mapping(
-    y: _Y, key: str, allowed: Sequence[str], p: _Problems, *, extensions: bool = False
-) -> dict[str, _Y] | None:
+    y: Node, key: str, allowed: Sequence[str], p: Problems, *, extensions: bool = False
+) -> dict[str, Node] | None:
     """The mapping's entries, reporting unknown keys (with a did-you-mean) and a non-mapping value.
 
     With ``extensions``, keys starting with ``x-`` are ignored: a place for YAML anchors, as in Compose files.
     """
     if not isinstance(y.value, dict):
-        p.add(y.line, key, f"must be a mapping, not {_type_name(y.value)}")
+        p.add(y.line, key, f"must be a mapping, not {type_name(y.value)}")
         return None
     for k, v in y.value.items():
         if k not in allowed and not (extensions and k.startswith("x-")):
             close = difflib.get_close_matches(k, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(allowed)}"
-            p.add(v.line, _join(key, k), f"unknown key{hint}")
+            p.add(v.line, join(key, k), f"unknown key{hint}")
     return {k: v for k, v in y.value.items() if k in allowed}
 
 
-def _string(y: _Y, key: str, p: _Problems) -> str | None:
+def _string(y: Node, key: str, p: Problems) -> str | None:
     if isinstance(y.value, str):
         return y.value
     hint = f" (quote it: '{y.value}')" if isinstance(y.value, int | float | bool) else ""
-    p.add(y.line, key, f"must be a string, not {_type_name(y.value)}{hint}")
+    p.add(y.line, key, f"must be a string, not {type_name(y.value)}{hint}")
     return None
 
 
-def _with_unit(y: _Y, key: str, what: str, example: str, p: _Problems) -> str | None:
+def _with_unit(y: Node, key: str, what: str, example: str, p: Problems) -> str | None:
     """The text of a value that must carry a unit: a bare ``30`` is ambiguous (ms? s?), so it is refused."""
     if isinstance(y.value, int | float) and not isinstance(y.value, bool):
         p.add(y.line, key, f"{what} {y.value!r} needs a unit, e.g. {example!r}")
@@ -407,7 +197,7 @@ def _with_unit(y: _Y, key: str, what: str, example: str, p: _Problems) -> str | 
 
 
 def _duration(
-    y: _Y, key: str, p: _Problems, *, minimum: float = 0.0, strict: bool = False, unlimited: bool = False
+    y: Node, key: str, p: Problems, *, minimum: float = 0.0, strict: bool = False, unlimited: bool = False
 ) -> float | None:
     """Seconds from ``30s``/``5m``/``500ms`` (``unlim`` when allowed), at least (or above) ``minimum``."""
     text = _with_unit(y, key, "duration", "30s", p)
@@ -429,9 +219,9 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds * 1000:g}ms" if 0 < seconds < 1 else f"{seconds:g}s"
 
 
-def _integer(y: _Y, key: str, p: _Problems, *, low: int, high: int) -> int | None:
+def _integer(y: Node, key: str, p: Problems, *, low: int, high: int) -> int | None:
     if not isinstance(y.value, int) or isinstance(y.value, bool):
-        p.add(y.line, key, f"must be an integer, not {_type_name(y.value)}")
+        p.add(y.line, key, f"must be an integer, not {type_name(y.value)}")
         return None
     if not low <= y.value <= high:
         p.add(y.line, key, f"must be in {low}..{high}, not {y.value}")
@@ -439,9 +229,9 @@ def _integer(y: _Y, key: str, p: _Problems, *, low: int, high: int) -> int | Non
     return y.value
 
 
-def _number(y: _Y, key: str, p: _Problems, *, low: float, high: float, strict: bool = False) -> float | None:
+def _number(y: Node, key: str, p: Problems, *, low: float, high: float, strict: bool = False) -> float | None:
     if not isinstance(y.value, int | float) or isinstance(y.value, bool) or not math.isfinite(y.value):
-        p.add(y.line, key, f"must be a finite number, not {_type_name(y.value)} {y.value!r}")
+        p.add(y.line, key, f"must be a finite number, not {type_name(y.value)} {y.value!r}")
         return None
     value = float(y.value)
     if not (low < value if strict else low <= value) or value > high:
@@ -450,7 +240,7 @@ def _number(y: _Y, key: str, p: _Problems, *, low: float, high: float, strict: b
     return value
 
 
-def _choice(y: _Y, key: str, choices: Sequence[str], p: _Problems) -> str | None:
+def _choice(y: Node, key: str, choices: Sequence[str], p: Problems) -> str | None:
     text = _string(y, key, p)
     if text is not None and text not in choices:
         p.add(y.line, key, f"must be one of {', '.join(choices)}, not {text!r}")
@@ -458,9 +248,9 @@ def _choice(y: _Y, key: str, choices: Sequence[str], p: _Problems) -> str | None
     return text
 
 
-def _list(y: _Y, key: str, p: _Problems, *, high: int, what: str) -> list[_Y] | None:
+def _list(y: Node, key: str, p: Problems, *, high: int, what: str) -> list[Node] | None:
     if not isinstance(y.value, list):
-        p.add(y.line, key, f"must be a list, not {_type_name(y.value)}")
+        p.add(y.line, key, f"must be a list, not {type_name(y.value)}")
         return None
     if not y.value:
         p.add(y.line, key, f"needs at least one {what}")
@@ -471,20 +261,20 @@ def _list(y: _Y, key: str, p: _Problems, *, high: int, what: str) -> list[_Y] | 
     return y.value
 
 
-_Parser = Callable[[_Y, str], object]  # returns the parsed value, or None after recording a problem
+_Parser = Callable[[Node, str], object]  # returns the parsed value, or None after recording a problem
 
 
-def _drop_nulls(entries: dict[str, _Y]) -> dict[str, _Y]:
+def _drop_nulls(entries: dict[str, Node]) -> dict[str, Node]:
     """``key:`` with nothing after it (say, every line below commented out) means "the default"."""
     return {k: v for k, v in entries.items() if v.value is not None}
 
 
-def _fields(entries: dict[str, _Y], key: str, specs: Mapping[str, tuple[str, _Parser]]) -> dict[str, Any]:
+def _fields(entries: dict[str, Node], key: str, specs: Mapping[str, tuple[str, _Parser]]) -> dict[str, Any]:
     """``{attribute: value}`` for the YAML keys present that parse; failures are already problems."""
     out: dict[str, Any] = {}
     for name, (attr, parse) in specs.items():
         if name in entries:
-            value = parse(entries[name], _join(key, name))
+            value = parse(entries[name], join(key, name))
             if value is not None:
                 out[attr] = value
     return out
@@ -498,28 +288,34 @@ _MEASUREMENT_KEYS: Final = (
 )  # fmt: skip
 
 
-def _measurement(y: _Y, key: str, base: MeasurementConfig, p: _Problems) -> MeasurementConfig:
+def _measurement(y: Node, key: str, base: MeasureSettings, p: Problems) -> MeasureSettings:
     """``base`` with the keys given in ``y`` replaced (a target's section merges over the global one)."""
     entries = _mapping(y, key, _MEASUREMENT_KEYS, p)
     if entries is None:
         return base
     entries = _drop_nulls(entries) | ({"periods": entries["periods"]} if "periods" in entries else {})
 
-    def duration(v: _Y, k: str) -> float | None:
+    def duration(v: Node, k: str) -> float | None:
         return _duration(v, k, p, strict=True)
+
+    def sample_pages(v: Node, k: str) -> int | None:
+        return _integer(v, k, p, low=MIN_SAMPLE_PAGES, high=MAX_SAMPLE_PAGES)
+
+    def guest_sample_pages(v: Node, k: str) -> int | None:
+        return _integer(v, k, p, low=1, high=MAX_GUEST_SAMPLE_PAGES)
 
     out = _fields(entries, key, {
         "strategy": ("strategy", lambda v, k: _choice(v, k, STRATEGIES, p)),
         "zero_pages": ("zero_pages", lambda v, k: _choice(v, k, ZERO_PAGE_METHODS, p)),
-        "sample_pages": ("sample_pages", lambda v, k: _integer(v, k, p, low=MIN_SAMPLE, high=MAX_SAMPLE)),
-        "guest_sample_pages": ("guest_sample_pages", lambda v, k: _integer(v, k, p, low=1, high=1 << 20)),
+        "sample_pages": ("sample_pages", sample_pages),
+        "guest_sample_pages": ("guest_sample_pages", guest_sample_pages),
         "connect_timeout": ("connect_timeout", duration),
         "command_timeout": ("command_timeout", duration),
         "poll_interval": ("poll_interval", duration),
         "settle_timeout": ("settle_timeout", duration),
     })  # fmt: skip
     if "periods" in entries:
-        periods_key = _join(key, "periods")
+        periods_key = join(key, "periods")
         if entries["periods"].value is None:  # explicit null: back to the strategy's own periods
             out["periods_ms"] = None
         else:
@@ -529,7 +325,7 @@ def _measurement(y: _Y, key: str, base: MeasurementConfig, p: _Problems) -> Meas
     return dataclasses.replace(base, **out)
 
 
-def _periods(y: _Y, key: str, p: _Problems) -> tuple[float, ...] | None:
+def _periods(y: Node, key: str, p: Problems) -> tuple[float, ...] | None:
     items = _list(y, key, p, high=MAX_PERIODS, what="period")
     if items is None:
         return None
@@ -541,7 +337,7 @@ def _periods(y: _Y, key: str, p: _Problems) -> tuple[float, ...] | None:
             ok = False
             continue
         ms = seconds * 1000.0
-        if not MIN_PERIOD_MS <= ms <= MAX_PERIOD_MS:
+        if not MIN_CALC_MS <= ms <= MAX_CALC_MS:
             p.add(
                 item.line, f"{key}[{i}]", f"must be within 50ms..60s (calc-dirty-rate's range), not {ms:g}ms"
             )
@@ -553,17 +349,17 @@ def _periods(y: _Y, key: str, p: _Problems) -> tuple[float, ...] | None:
     return tuple(result) if ok else None
 
 
-def _check_measurement(m: MeasurementConfig, interval: float, line: int, key: str, p: _Problems) -> None:
+def _check_measurement(m: MeasureSettings, interval: float, line: int, key: str, p: Problems) -> None:
     """Rules that involve more than one key, checked on the merged section."""
     if m.periods_ms is None:
         return
     if m.strategy == "sweep-s" and any(ms % 1000 or ms < 1000 for ms in m.periods_ms):
-        p.add(line, _join(key, "periods"), "strategy sweep-s (QEMU 7.2 .. 8.1) takes whole seconds only")
+        p.add(line, join(key, "periods"), "strategy sweep-s (QEMU 7.2 .. 8.1) takes whole seconds only")
     total = sum(m.periods_ms) / 1000.0
     if total >= interval:
         p.add(
             line,
-            _join(key, "periods"),
+            join(key, "periods"),
             f"one sweep samples for {total:g}s, not less than the interval ({interval:g}s)",
         )
 
@@ -574,13 +370,13 @@ _PREDICTION_KEYS: Final = (
 )  # fmt: skip
 
 
-def _prediction(y: _Y, key: str, p: _Problems) -> PredictorSettings:
+def _prediction(y: Node, key: str, p: Problems) -> PredictorSettings:
     entries = _mapping(y, key, _PREDICTION_KEYS, p)
     if entries is None:
         return DEFAULT_PREDICTION
     entries = _drop_nulls(entries)
 
-    def speedup(v: _Y, k: str) -> float | None:
+    def speedup(v: Node, k: str) -> float | None:
         return _number(v, k, p, low=0, high=100, strict=True)
 
     out = _fields(entries, key, {
@@ -600,7 +396,7 @@ def _prediction(y: _Y, key: str, p: _Problems) -> PredictorSettings:
         return DEFAULT_PREDICTION
 
 
-def _grid(y: _Y, key: str, p: _Problems) -> Grid:
+def _grid(y: Node, key: str, p: Problems) -> Grid:
     entries = _mapping(y, key, ("bandwidths", "max_downtimes"), p)
     if entries is None:
         return DEFAULT_GRID
@@ -612,9 +408,9 @@ def _grid(y: _Y, key: str, p: _Problems) -> Grid:
         zip(DEFAULT_GRID.downtimes, DEFAULT_DOWNTIMES, strict=True)
     )
     if "bandwidths" in entries:
-        bandwidths = _axis(entries["bandwidths"], _join(key, "bandwidths"), p, _bandwidth, "bandwidth")
+        bandwidths = _axis(entries["bandwidths"], join(key, "bandwidths"), p, _bandwidth, "bandwidth")
     if "max_downtimes" in entries:
-        downtimes = _axis(entries["max_downtimes"], _join(key, "max_downtimes"), p, _downtime, "max downtime")
+        downtimes = _axis(entries["max_downtimes"], join(key, "max_downtimes"), p, _downtime, "max downtime")
     if bandwidths is None or downtimes is None:
         return DEFAULT_GRID
     cells = len(bandwidths) * len(downtimes)
@@ -634,7 +430,7 @@ def _grid(y: _Y, key: str, p: _Problems) -> Grid:
     )
 
 
-def _bandwidth(y: _Y, key: str, p: _Problems) -> float | None:
+def _bandwidth(y: Node, key: str, p: Problems) -> float | None:
     text = _with_unit(y, key, "bandwidth", "1Gbps", p)
     if text is None:
         return None
@@ -645,7 +441,7 @@ def _bandwidth(y: _Y, key: str, p: _Problems) -> float | None:
         return None
 
 
-def _downtime(y: _Y, key: str, p: _Problems) -> float | None:
+def _downtime(y: Node, key: str, p: Problems) -> float | None:
     seconds = _duration(y, key, p, unlimited=True)
     if seconds is not None and math.isfinite(seconds) and seconds > MAX_DOWNTIME_SECONDS:
         p.add(
@@ -658,7 +454,7 @@ def _downtime(y: _Y, key: str, p: _Problems) -> float | None:
 
 
 def _axis(
-    y: _Y, key: str, p: _Problems, parse: Callable[[_Y, str, _Problems], float | None], what: str
+    y: Node, key: str, p: Problems, parse: Callable[[Node, str, Problems], float | None], what: str
 ) -> tuple[tuple[float, str], ...] | None:
     """``(value, label)`` pairs, strictly increasing (no duplicates; tables and derived answers read in
     order). The label is the text as written: it is the metric label value."""
@@ -691,10 +487,10 @@ _TARGET_KEYS: Final = ("name", "qmp", "labels", "interval", "measurement")
 class _Defaults:
     interval: float
     jitter: float
-    measurement: MeasurementConfig
+    measurement: MeasureSettings
 
 
-def _qmp_address(y: _Y, key: str, p: _Problems) -> str | None:
+def _qmp_address(y: Node, key: str, p: Problems) -> str | None:
     """Check the address with the measure edge's own parser (``unix:/path``, ``tcp:HOST:PORT``, ``/path``)."""
     text = _string(y, key, p)
     if text is None:
@@ -716,12 +512,13 @@ def _qmp_problem(text: str) -> str | None:
 
 def _qmp_identity(text: str) -> str:
     """One spelling per socket, so two targets on the same monitor are caught however they write it."""
-    if text.startswith("tcp:"):
-        return text.lower()
-    return "unix:" + os.path.normpath(text.removeprefix("unix:"))
+    address = parse_address(text)
+    if isinstance(address, tuple):
+        return format_address((address[0].lower(), address[1]))
+    return format_address(os.path.normpath(address))
 
 
-def _name(y: _Y, key: str, p: _Problems) -> str | None:
+def _name(y: Node, key: str, p: Problems) -> str | None:
     text = _string(y, key, p)
     if text is None:
         return None
@@ -736,9 +533,9 @@ def _name(y: _Y, key: str, p: _Problems) -> str | None:
     return None
 
 
-def _labels(y: _Y, key: str, p: _Problems) -> Labels | None:
+def _labels(y: Node, key: str, p: Problems) -> Labels | None:
     if not isinstance(y.value, dict):
-        p.add(y.line, key, f"must be a mapping of label names to strings, not {_type_name(y.value)}")
+        p.add(y.line, key, f"must be a mapping of label names to strings, not {type_name(y.value)}")
         return None
     if len(y.value) > MAX_LABELS:
         p.add(y.line, key, f"has {len(y.value)} labels; at most {MAX_LABELS} (each is on every series)")
@@ -746,7 +543,7 @@ def _labels(y: _Y, key: str, p: _Problems) -> Labels | None:
     out: dict[str, str] = {}
     ok = True
     for name, v in y.value.items():
-        k = _join(key, name)
+        k = join(key, name)
         if not _LABEL_NAME.match(name) or name.startswith("__"):
             p.add(
                 v.line, k, f"{name!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, no '__' prefix)"
@@ -766,7 +563,9 @@ def _labels(y: _Y, key: str, p: _Problems) -> Labels | None:
     return Labels(out) if ok else None
 
 
-def _target(y: _Y, key: str, defaults: _Defaults, p: _Problems) -> tuple[TargetConfig | None, dict[str, _Y]]:
+def _target(
+    y: Node, key: str, defaults: _Defaults, p: Problems
+) -> tuple[TargetConfig | None, dict[str, Node]]:
     """The target, or None when it has problems; also its entries, whose lines locate duplicates."""
     start = len(p.items)
     entries = _mapping(y, key, _TARGET_KEYS, p)
@@ -776,31 +575,31 @@ def _target(y: _Y, key: str, defaults: _Defaults, p: _Problems) -> tuple[TargetC
     for required in ("name", "qmp"):
         if required not in entries:
             p.add(y.line, key, f"missing required key {required!r}")
-    name = _name(entries["name"], _join(key, "name"), p) if "name" in entries else None
-    qmp = _qmp_address(entries["qmp"], _join(key, "qmp"), p) if "qmp" in entries else None
+    name = _name(entries["name"], join(key, "name"), p) if "name" in entries else None
+    qmp = _qmp_address(entries["qmp"], join(key, "qmp"), p) if "qmp" in entries else None
     labels: Labels | None = Labels()
     if "labels" in entries:
-        labels = _labels(entries["labels"], _join(key, "labels"), p)
+        labels = _labels(entries["labels"], join(key, "labels"), p)
     interval: float | None = defaults.interval
     if "interval" in entries:
-        interval = _duration(entries["interval"], _join(key, "interval"), p, minimum=MIN_INTERVAL_SECONDS)
+        interval = _duration(entries["interval"], join(key, "interval"), p, minimum=MIN_INTERVAL_SECONDS)
         if interval is not None and defaults.jitter >= interval:
             p.add(
                 entries["interval"].line,
-                _join(key, "interval"),
+                join(key, "interval"),
                 f"must be longer than global.jitter ({defaults.jitter:g}s)",
             )
             interval = None
     before = len(p.items)
     measurement = defaults.measurement
     if "measurement" in entries:
-        measurement = _measurement(entries["measurement"], _join(key, "measurement"), measurement, p)
+        measurement = _measurement(entries["measurement"], join(key, "measurement"), measurement, p)
         if interval is not None and len(p.items) == before:
             _check_measurement(
-                measurement, interval, entries["measurement"].line, _join(key, "measurement"), p
+                measurement, interval, entries["measurement"].line, join(key, "measurement"), p
             )
     elif interval is not None and "interval" in entries:
-        _check_measurement(measurement, interval, entries["interval"].line, _join(key, "interval"), p)
+        _check_measurement(measurement, interval, entries["interval"].line, join(key, "interval"), p)
     if len(p.items) > start or name is None or qmp is None or labels is None or interval is None:
         return None, entries
     target = TargetConfig(
@@ -842,7 +641,7 @@ class _Registry:
 
 
 def _targets(
-    items: list[_Y], key: str, defaults: _Defaults, registry: _Registry, p: _Problems
+    items: list[Node], key: str, defaults: _Defaults, registry: _Registry, p: Problems
 ) -> list[TargetConfig]:
     result: list[TargetConfig] = []
     for i, item in enumerate(items):
@@ -852,16 +651,16 @@ def _targets(
         if target is not None:
             name_problem, socket_problem = registry.add(target, target.source)
             if name_problem:
-                p.add(entries["name"].line, _join(tkey, "name"), name_problem)
+                p.add(entries["name"].line, join(tkey, "name"), name_problem)
             elif socket_problem:
-                p.add(entries["qmp"].line, _join(tkey, "qmp"), socket_problem)
+                p.add(entries["qmp"].line, join(tkey, "qmp"), socket_problem)
             else:
                 result.append(target)
         elif name_node is not None and isinstance(name_node.value, str) and name_node.value.strip():
             # A broken target still claims its name: its duplicate elsewhere is a problem of its own.
             problem = registry.add_name_only(name_node.value, f"{p.file}:{item.line}")
             if problem:
-                p.add(name_node.line, _join(tkey, "name"), problem)
+                p.add(name_node.line, join(tkey, "name"), problem)
     return result
 
 
@@ -874,11 +673,8 @@ _GLOBAL_KEYS: Final = (
 _EXPOSITION_KEYS: Final = ("per_cell_details",)
 
 
-def _document(path: Path, p: _Problems) -> _Y | None:
-    text = _read_text(path, p)
-    if text is None:
-        return None
-    y = _compose(text, p)
+def _document(path: Path, p: Problems) -> Node | None:
+    y = read_yaml(path, p)
     if y is None and not p.items:
         p.add(1, "", "the file is empty (write 'targets: []' for no targets)")
     return y
@@ -890,7 +686,7 @@ def load_config(path: str | Path) -> Config:
     :raises ConfigError: listing every problem found, each with file, line and key.
     """
     path = Path(path)
-    p = _Problems(str(path))
+    p = Problems(str(path))
     y = _document(path, p)
     if y is None:
         raise ConfigError(p.sorted())
@@ -952,7 +748,7 @@ def load_config(path: str | Path) -> Config:
             defaults = _Defaults(interval, jitter, measurement)
             targets = _targets(top["targets"].value, "targets", defaults, _Registry(), p)
         else:
-            p.add(top["targets"].line, "targets", f"must be a list, not {_type_name(top['targets'].value)}")
+            p.add(top["targets"].line, "targets", f"must be a list, not {type_name(top['targets'].value)}")
     if p.items:
         raise ConfigError(p.sorted())
     return Config(
@@ -995,10 +791,10 @@ def load_targets_dir(directory: str | Path, defaults: Config) -> tuple[TargetCon
     base = _Defaults(defaults.interval_seconds, defaults.jitter_seconds, defaults.measurement)
     result: list[TargetConfig] = []
     for file in files:
-        p = _Problems(str(file))
+        p = Problems(str(file))
         y = _document(file, p)
         if y is not None:
-            items: list[_Y] | None = None
+            items: list[Node] | None = None
             if isinstance(y.value, list):
                 items = y.value
             else:
@@ -1007,7 +803,7 @@ def load_targets_dir(directory: str | Path, defaults: Config) -> tuple[TargetCon
                     p.add(y.line, "", "expected a list of targets or a mapping with 'targets'")
                 elif entries is not None and not isinstance(entries["targets"].value, list):
                     value = entries["targets"]
-                    p.add(value.line, "targets", f"must be a list, not {_type_name(value.value)}")
+                    p.add(value.line, "targets", f"must be a list, not {type_name(value.value)}")
                 elif entries is not None:
                     items = entries["targets"].value
             if items is not None:

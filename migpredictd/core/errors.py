@@ -1,4 +1,4 @@
-"""The one error tree of migpredictd.
+"""The error tree of migpredictd: every error the daemon and the CLI raise derives from one class here.
 
 ::
 
@@ -6,9 +6,10 @@
      +-- InputError             bad user input: a measurement file, a CLI value (names the field)
      |    +-- UnitError         a bandwidth, duration or size that does not parse
      +-- ConfigError            a YAML config with problems (each names file, line and key)
-     |    +-- WebConfigError    the --web.config.file (web.py)
-     +-- WebListenError         the listen address cannot be bound (web.py)
-     +-- RigError               the lab rig cannot give a guest (rig/)
+     |    +-- WebConfigError    the --web.config.file
+     +-- WebListenError         the listen address cannot be bound
+     +-- ZeroPagesUnavailable   no zero-page estimate here (no permission, not on the hypervisor)
+     +-- RigError               the lab rig cannot give a guest (defined in lab/rig/, outside the runtime)
      +-- TargetError            measuring one VM failed (names the target and the QMP command)
           +-- QMPConnectError   cannot connect or negotiate
           +-- QMPTimeoutError   a command did not answer within its timeout
@@ -67,6 +68,22 @@ class ConfigError(MigpredictdError):
     def __init__(self, problems: Sequence[ConfigProblem]) -> None:
         self.problems = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class WebConfigError(ConfigError):
+    """A ``--web.config.file`` that cannot be used; every problem names the file and the key."""
+
+
+class WebListenError(MigpredictdError):
+    """The server cannot listen on the requested address (in use, not permitted, no such host)."""
+
+
+class ZeroPagesUnavailableError(MigpredictdError):
+    """The zero-page estimate cannot be made here (not on the hypervisor, no permission, mapping not found).
+
+    Not a :class:`TargetError`: the measurement goes on with ``zero_pages=None`` and a note carrying this
+    message.
+    """
 
 
 # Reasons are label values: keep this set small and fixed.

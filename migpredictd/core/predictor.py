@@ -50,6 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from migpredictd.core.model import MemoryModel
+from migpredictd.core.units import format_bandwidth, format_downtime, parse_bandwidth, parse_duration
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -943,6 +944,30 @@ class Grid:
             raise ValueError("bandwidths must be positive and finite")
         if any(not d >= 0 for d in self.downtimes):
             raise ValueError("downtimes must be non-negative (inf = unlimited)")
+
+
+# The seed's grid (scripts/predict_migration.py of the 2023 patch series): the default of the CLI and the
+# config.
+DEFAULT_BANDWIDTHS: Final = ("100Mbps", "1Gbps", "2Gbps", "2.5Gbps", "5Gbps", "10Gbps", "25Gbps", "40Gbps")
+DEFAULT_DOWNTIMES: Final = ("125ms", "250ms", "500ms", "1000ms", "5000ms", "unlim")
+
+
+def make_grid(bandwidths: Sequence[str], downtimes: Sequence[str]) -> Grid:
+    """A grid from human-readable values; labels are normalised (``1 Gbps`` -> ``1Gbps``).
+
+    :raises UnitError: a value that does not parse.
+    """
+    bws = tuple(parse_bandwidth(b) for b in bandwidths)
+    dts = tuple(parse_duration(d, allow_unlimited=True) for d in downtimes)
+    return Grid(
+        bandwidths=bws,
+        downtimes=dts,
+        bandwidth_labels=tuple(format_bandwidth(b) for b in bws),
+        downtime_labels=tuple(format_downtime(d) for d in dts),
+    )
+
+
+DEFAULT_GRID: Final = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
 
 
 @dataclass(frozen=True, slots=True)

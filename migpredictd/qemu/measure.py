@@ -28,9 +28,10 @@ import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
+from migpredictd.core.address import Address, parse_address
 from migpredictd.core.errors import (
     InputError,
     MigpredictdError,
@@ -40,9 +41,15 @@ from migpredictd.core.errors import (
     TargetSkipped,
 )
 from migpredictd.core.measurement import Measurement, measurement_from_extended, measurement_from_sweep
-from migpredictd.qemu.qmp import READ_ONLY_COMMANDS, SAFE_DIRTY_RATE_MODE, Address, QMPSession, parse_address
+from migpredictd.qemu.qmp import READ_ONLY_COMMANDS, SAFE_DIRTY_RATE_MODE, QMPSession
+from migpredictd.qemu.settings import (
+    DEFAULT_PERIODS_MS,
+    DEFAULT_SAMPLE_PAGES,
+    STRATEGIES,
+    ZERO_PAGE_METHODS,
+    MeasureSettings,
+)
 from migpredictd.qemu.zeropages import (
-    DEFAULT_GUEST_SAMPLE_PAGES,
     ZeroPagesUnavailableError,
     guest_sample_estimate,
     smaps_estimate,
@@ -51,22 +58,6 @@ from migpredictd.qemu.zeropages import (
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-STRATEGY_CHOICES: Final = ("auto", "extended", "sweep-ms", "sweep-s")
-ZERO_PAGE_CHOICES: Final = ("auto", "host-smaps", "guest-sample", "none")
-
-# Defaults chosen by measurement on real 7.2 and 10.0 guests (docs/measuring.md has the numbers):
-# a sweep must reach about as long as the first migration pass to see a working set that fills up
-# later, and each run costs its whole period in wall time, so the periods double.
-DEFAULT_PERIODS_MS: Final[Mapping[str, tuple[float, ...]]] = {
-    "sweep-ms": (125.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0),  # 15.9 s of sampling
-    "sweep-s": (1000.0, 2000.0, 4000.0, 8000.0),  # 15 s of sampling
-    "extended": (8000.0,),  # one run; QEMU reports its own periods up to this calc-time
-}
-# Per GiB of guest memory. 512 (QEMU's default) read 8..28 MiB/s for a true 19.5; 16384 read 19..21.
-# Hashing a sampled page costs QEMU almost nothing next to the calc-time, so we take the maximum.
-DEFAULT_SAMPLE_PAGES: Final = 16384
-MIN_SAMPLE_PAGES, MAX_SAMPLE_PAGES = 128, 16384  # QEMU's limits
-MIN_CALC_MS, MAX_CALC_MS = 50.0, 60000.0  # calc-time-unit millisecond range (8.2+)
 MAX_SANE_MEMORY_BYTES: Final = 1 << 48  # 256 TiB: beyond any x86 guest; a larger answer is garbage
 PAGE_SIZE: Final = 4096  # x86 target page size; calc-dirty-rate samples target pages
 
@@ -90,48 +81,6 @@ BUSY_MESSAGE: Final = "already being measured"
 
 Progress = Callable[[str], None]
 Sleep = Callable[[float], Awaitable[None]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class MeasureSettings:
-    """How to measure one target. Frozen; every field is validated (:class:`InputError` names it)."""
-
-    connect_timeout: float = 5.0
-    command_timeout: float = 10.0
-    strategy: str = "auto"
-    periods_ms: tuple[float, ...] | None = None  # None: DEFAULT_PERIODS_MS of the chosen strategy
-    sample_pages: int = DEFAULT_SAMPLE_PAGES  # per GiB, as calc-dirty-rate's sample-pages
-    zero_pages: str = "auto"
-    guest_sample_pages: int = DEFAULT_GUEST_SAMPLE_PAGES
-    poll_interval: float = 0.05
-    # How long past calc-time QEMU may take to say "measured" (it takes about 10 ms).
-    settle_timeout: float = 10.0
-    allowed_commands: frozenset[str] = field(default=READ_ONLY_COMMANDS)
-
-    def __post_init__(self) -> None:
-        for name in ("connect_timeout", "command_timeout", "poll_interval", "settle_timeout"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise InputError(f"must be a positive number of seconds, got {value!r}", field=name)
-        if self.strategy not in STRATEGY_CHOICES:
-            raise InputError(f"must be one of {', '.join(STRATEGY_CHOICES)}", field="strategy")
-        if self.zero_pages not in ZERO_PAGE_CHOICES:
-            raise InputError(f"must be one of {', '.join(ZERO_PAGE_CHOICES)}", field="zero_pages")
-        if not MIN_SAMPLE_PAGES <= self.sample_pages <= MAX_SAMPLE_PAGES:
-            raise InputError(f"must be in {MIN_SAMPLE_PAGES}..{MAX_SAMPLE_PAGES}", field="sample_pages")
-        if self.guest_sample_pages < 1:
-            raise InputError("must be positive", field="guest_sample_pages")
-        if self.periods_ms is not None:
-            if not self.periods_ms:
-                raise InputError("needs at least one period", field="periods_ms")
-            previous = 0.0
-            for i, p in enumerate(self.periods_ms):
-                if not (MIN_CALC_MS <= p <= MAX_CALC_MS) or p <= previous:
-                    raise InputError(
-                        f"periods must increase strictly within {MIN_CALC_MS:g}..{MAX_CALC_MS:g} ms",
-                        field=f"periods_ms[{i}]",
-                    )
-                previous = p
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +139,7 @@ def plan_runs(strategy: str, periods_ms: Sequence[float] | None) -> list[float]:
 
 
 async def measure(
-    address: str | Address,
+    address: str | tuple[str, int],
     *,
     target: str,
     settings: MeasureSettings | None = None,
@@ -198,6 +147,9 @@ async def measure(
     sleep: Sleep = asyncio.sleep,
 ) -> Measurement:
     """Measure one VM and return its :class:`Measurement`.
+
+    ``address`` is the monitor's address as text (``unix:/path``, ``tcp:HOST:PORT`` or ``/path``, parsed
+    by :func:`~migpredictd.core.address.parse_address`), or ``(host, port)``.
 
     ``sleep`` waits out each calc-time (tests pass a scaled one for a fake QEMU with a fast clock).
 
@@ -283,7 +235,7 @@ def _session(
         addr,
         target=target,
         timeout=settings.connect_timeout,
-        allowed=settings.allowed_commands,
+        allowed=READ_ONLY_COMMANDS,
     )
 
 
@@ -537,7 +489,7 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``migpredictd measure ADDRESS``."""
     parser.add_argument("address", help="QMP monitor: unix:/path, tcp:HOST:PORT or /path")
     parser.add_argument("--target", help="name recorded in the measurement (default: the address)")
-    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto")
     parser.add_argument(
         "--periods",
         help="comma-separated calc-times in ms (default per strategy: "
@@ -549,7 +501,7 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--zero-pages",
-        choices=ZERO_PAGE_CHOICES,
+        choices=ZERO_PAGE_METHODS,
         default="auto",
         help="auto (default) = guest-sample (tests sampled guest pages for zero) where /proc/PID/mem can be "
         "read, else host-smaps (resident set); none = assume no zero pages",
@@ -583,10 +535,9 @@ def measure_command(args: argparse.Namespace) -> int:
     """Run ``migpredictd measure``: canonical JSON on stdout, progress on stderr; 1 on any error."""
     try:
         settings = settings_from_args(args)
-        address = parse_address(args.address) if args.address.startswith(("unix:", "tcp:")) else args.address
         progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
         result = asyncio.run(
-            measure(address, target=args.target or args.address, settings=settings, progress=progress)
+            measure(args.address, target=args.target or args.address, settings=settings, progress=progress)
         )
     except MigpredictdError as exc:
         print(f"migpredictd measure: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.error import ProtocolError
 from qemu.qmp.qmp_client import GreetingError
 
-from migpredictd.core.address import Address, format_address, parse_address
+from migpredictd.core.address import Address, format_address
 from migpredictd.core.errors import (
     QMPCommandError,
     QMPConnectError,
@@ -125,7 +125,7 @@ class QMPSession:
     @contextlib.asynccontextmanager
     async def connect(
         cls,
-        address: Address | str,
+        address: Address,
         *,
         target: str,
         # The timeout is ours to own (not the caller's asyncio.timeout): expiry must become a typed
@@ -140,8 +140,6 @@ class QMPSession:
             the single-client monitor).
         :raises QMPProtocolError: the peer does not speak QMP.
         """
-        if isinstance(address, str) and (address.startswith(("unix:", "tcp:"))):
-            address = parse_address(address)
         # No name: qemu.qmp would make a logger per name (``qemu.qmp.protocol.<name>``), and loggers
         # are never freed, so every target name ever measured would stay in memory. Our own errors
         # and log lines name the target.
@@ -307,9 +305,6 @@ __all__ = [
     "LAB_COMMANDS",
     "READ_ONLY_COMMANDS",
     "SAFE_DIRTY_RATE_MODE",
-    "Address",
     "QMPSession",
     "check_allowed",
-    "format_address",
-    "parse_address",
 ]

@@ -28,12 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-# Standard error of the zero share <= 0.5 / sqrt(samples): 0.39% of guest RAM at 16384. The lab's
-# guest-sample errors against ram.duplicate (47 real migrations, 4096 samples then) had the spread of
-# binomial noise (sd 1.26 of its sigma, mean -0.15), about 1000 pages on a 576 MiB guest, i.e. 2-3% of
-# a first pass; so the fix is more samples. Cost on a 1 GiB guest (5 runs each): 4096 pages 13 ms,
-# 16384 pages 39 ms, 65536 pages 153 ms; spread of the estimate 2906, 480 and 346 pages.
-DEFAULT_GUEST_SAMPLE_PAGES: Final = 16384
+from migpredictd.core.errors import ZeroPagesUnavailableError
+from migpredictd.qemu.settings import DEFAULT_GUEST_SAMPLE_PAGES
+
 # Slices of guest RAM the zero share is also reported for (Measurement.zero_profile). QEMU sends the
 # first pass in address order, so where the zero pages lie decides what is left for the unthrottled
 # stop-and-copy (docs/accuracy.md, round 5). 64 slices of 256 samples each at the default: the share
@@ -41,14 +38,6 @@ DEFAULT_GUEST_SAMPLE_PAGES: Final = 16384
 PROFILE_BINS: Final = 64
 
 _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
-
-
-class ZeroPagesUnavailableError(Exception):
-    """The estimate cannot be made here (not on the hypervisor, no permission, mapping not found).
-
-    Not a :class:`~migpredictd.core.errors.TargetError`: the measurement goes on with ``zero_pages=None``
-    and a note carrying this message.
-    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,16 +28,16 @@ from prometheus_client.registry import Collector
 from migpredictd import __version__
 from migpredictd.config.schema import Config, TargetConfig, load_full_config
 from migpredictd.core.calibration import rate_limiter_for
-from migpredictd.core.errors import ConfigError, InputError, TargetError
+from migpredictd.core.errors import ConfigError, InputError, TargetError, WebListenError
 from migpredictd.core.measurement import Measurement
 from migpredictd.core.model import MemoryModel, build_model
 from migpredictd.core.predictor import FloatArray, RateLimiter, VMPrediction, predict_derived, predict_grid
-from migpredictd.qemu.measure import MeasureSettings, measure
+from migpredictd.qemu.measure import measure
 from migpredictd.serve.collector import DaemonCollector, MetricsRenderer
 from migpredictd.serve.logs import setup_logging
 from migpredictd.serve.scheduler import MeasurementScheduler, Schedule
 from migpredictd.serve.state import State
-from migpredictd.web.server import StreamedMetrics, WebListenError, WebServer
+from migpredictd.web.server import StreamedMetrics, WebServer
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,6 @@ def in_shard(name: str, shard: tuple[int, int]) -> bool:
     k, n = shard
     digest = hashlib.md5(name.encode(), usedforsecurity=False).digest()
     return int.from_bytes(digest[8:], "big") % n == k
-
-
-def measure_settings(target: TargetConfig) -> MeasureSettings:
-    """The config's measurement section as the measure edge's settings (same field names)."""
-    names = {f.name for f in dataclasses.fields(MeasureSettings)}
-    values = {k: v for k, v in dataclasses.asdict(target.measurement).items() if k in names}
-    if isinstance(values.get("periods_ms"), list):
-        values["periods_ms"] = tuple(values["periods_ms"])
-    return MeasureSettings(**values)
 
 
 class Daemon:
@@ -199,7 +190,7 @@ class Daemon:
             return
         started, t0 = time.time(), time.monotonic()
         try:
-            m = await measure(target.qmp, target=name, settings=measure_settings(target))
+            m = await measure(target.qmp, target=name, settings=target.measurement)
         except TargetError as e:
             self.state.record_failure(name, e.reason, str(e), at=time.time(), duration=time.monotonic() - t0)
             log.warning("measurement failed", extra={"target": name, "reason": e.reason, "error": str(e)})

@@ -120,7 +120,7 @@ class RigQMP:
 
     def __init__(self, path: str, *, timeout: float = 10.0, target: str = "rig") -> None:
         self._cm: AbstractAsyncContextManager[QMPSession] = QMPSession.connect(
-            f"unix:{path}", target=target, timeout=timeout, allowed=LAB_COMMANDS
+            path, target=target, timeout=timeout, allowed=LAB_COMMANDS
         )
         self._session = _LAB_LOOP.run(self._cm.__aenter__())
         self._closed = False

@@ -1,0 +1,95 @@
+"""The measurement settings and their limits: one definition for the config, the CLI and the QEMU edge.
+
+Pure (no I/O): :mod:`migpredictd.config.schema` builds :class:`MeasureSettings` from YAML,
+:mod:`migpredictd.qemu.measure` from its flags, and both use the limits below. docs/measuring.md gives
+the measurements behind each default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from migpredictd.core.errors import InputError
+
+__all__ = [
+    "DEFAULT_GUEST_SAMPLE_PAGES",
+    "DEFAULT_PERIODS_MS",
+    "DEFAULT_SAMPLE_PAGES",
+    "MAX_CALC_MS",
+    "MAX_GUEST_SAMPLE_PAGES",
+    "MAX_SAMPLE_PAGES",
+    "MIN_CALC_MS",
+    "MIN_SAMPLE_PAGES",
+    "STRATEGIES",
+    "ZERO_PAGE_METHODS",
+    "MeasureSettings",
+]
+
+STRATEGIES: Final = ("auto", "extended", "sweep-ms", "sweep-s")
+ZERO_PAGE_METHODS: Final = ("auto", "host-smaps", "guest-sample", "none")
+
+# A sweep must reach about as long as the first migration pass to see a working set that fills up
+# later, and each run costs its whole period in wall time, so the periods double.
+DEFAULT_PERIODS_MS: Final[Mapping[str, tuple[float, ...]]] = {
+    "sweep-ms": (125.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0),
+    "sweep-s": (1000.0, 2000.0, 4000.0, 8000.0),
+    "extended": (8000.0,),  # one run; QEMU reports its own periods up to this calc-time
+}
+# calc-dirty-rate's sample-pages, per GiB of guest memory: QEMU's maximum, since fewer pages read the
+# dirty rate with a spread of several times its value (docs/measuring.md, "sample-pages").
+DEFAULT_SAMPLE_PAGES: Final = 16384
+MIN_SAMPLE_PAGES: Final = 128  # QEMU's limits
+MAX_SAMPLE_PAGES: Final = 16384
+MIN_CALC_MS: Final = 50.0  # calc-time-unit millisecond's range (QEMU 8.2+)
+MAX_CALC_MS: Final = 60000.0
+# Guest pages the guest-sample zero-page estimate reads: its error is binomial, so more samples are the
+# fix, and the cost stays tens of milliseconds (docs/measuring.md, "Zero pages").
+DEFAULT_GUEST_SAMPLE_PAGES: Final = 16384
+MAX_GUEST_SAMPLE_PAGES: Final = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasureSettings:
+    """How to measure one target: the one definition, built by the YAML config and by ``measure``'s flags.
+
+    Frozen; every field is validated (:class:`~migpredictd.core.errors.InputError` names it).
+    """
+
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    strategy: str = "auto"
+    periods_ms: tuple[float, ...] | None = None  # None: DEFAULT_PERIODS_MS of the chosen strategy
+    sample_pages: int = DEFAULT_SAMPLE_PAGES  # per GiB, as calc-dirty-rate's sample-pages
+    zero_pages: str = "auto"
+    guest_sample_pages: int = DEFAULT_GUEST_SAMPLE_PAGES
+    poll_interval: float = 0.05
+    # How long past calc-time QEMU may take to say "measured" (it normally answers within milliseconds).
+    settle_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "command_timeout", "poll_interval", "settle_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise InputError(f"must be a positive number of seconds, got {value!r}", field=name)
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"must be one of {', '.join(STRATEGIES)}", field="strategy")
+        if self.zero_pages not in ZERO_PAGE_METHODS:
+            raise InputError(f"must be one of {', '.join(ZERO_PAGE_METHODS)}", field="zero_pages")
+        if not MIN_SAMPLE_PAGES <= self.sample_pages <= MAX_SAMPLE_PAGES:
+            raise InputError(f"must be in {MIN_SAMPLE_PAGES}..{MAX_SAMPLE_PAGES}", field="sample_pages")
+        if not 1 <= self.guest_sample_pages <= MAX_GUEST_SAMPLE_PAGES:
+            raise InputError(f"must be in 1..{MAX_GUEST_SAMPLE_PAGES}", field="guest_sample_pages")
+        if self.periods_ms is not None:
+            if not self.periods_ms:
+                raise InputError("needs at least one period", field="periods_ms")
+            previous = 0.0
+            for i, p in enumerate(self.periods_ms):
+                if not (MIN_CALC_MS <= p <= MAX_CALC_MS) or p <= previous:
+                    raise InputError(
+                        f"periods must increase strictly within {MIN_CALC_MS:g}..{MAX_CALC_MS:g} ms",
+                        field=f"periods_ms[{i}]",
+                    )
+                previous = p
