@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import gzip
 import http.client
-import ipaddress
 import json
 import select
 import shutil
@@ -29,14 +27,11 @@ from typing import Any
 
 import bcrypt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from migpredictd.core.errors import ConfigError, InputError, MigpredictdError, WebConfigError, WebListenError
 from migpredictd.web.server import METRICS_CONTENT_TYPE, WebServer, parse_listen_address
 from migpredictd.web.webconfig import load_web_config
+from tests.tls_helpers import PKI, make_pki
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,97 +134,9 @@ def serve() -> Iterator[Callable[..., WebServer]]:
 # certificates
 
 
-@dataclass(frozen=True)
-class PKI:
-    dir: Path
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path  # signed by ca, SAN DNS:prometheus.example
-    client_key: Path
-    other_client_cert: Path  # signed by ca, SAN DNS:intruder.example
-    other_client_key: Path
-    rogue_cert: Path  # self-signed, not by ca, SAN DNS:prometheus.example
-    rogue_key: Path
-
-    def client_ctx(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca))
-        if cert and key:
-            ctx.load_cert_chain(str(cert), str(key))
-        return ctx
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-
-
-def _cert(
-    name: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    sans: list[x509.GeneralName],
-    *,
-    ca: bool = False,
-) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = issuer or (subject, key)
-    now = datetime.datetime.now(datetime.UTC)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    d = tmp_path_factory.mktemp("pki")
-    files: dict[str, Path] = {}
-
-    def save(name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-        files[name + "_cert"] = d / f"{name}.crt"
-        files[name + "_key"] = d / f"{name}.key"
-        files[name + "_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(files[name + "_key"], key)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = _cert("test CA", ca_key, None, [], ca=True)
-    save("ca", ca_cert, ca_key)
-    by_ca = (ca_cert.subject, ca_key)
-    named: tuple[tuple[str, list[x509.GeneralName]], ...] = (
-        ("server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-        ("client", [x509.DNSName("prometheus.example")]),
-        ("other", [x509.DNSName("intruder.example")]),
-    )
-    for name, sans in named:
-        k = ec.generate_private_key(ec.SECP256R1())
-        save(name, _cert(name, k, by_ca, sans), k)
-    rk = ec.generate_private_key(ec.SECP256R1())
-    save("rogue", _cert("rogue", rk, None, [x509.DNSName("prometheus.example")]), rk)
-    return PKI(
-        d,
-        files["ca_cert"],
-        files["server_cert"],
-        files["server_key"],
-        files["client_cert"],
-        files["client_key"],
-        files["other_cert"],
-        files["other_key"],
-        files["rogue_cert"],
-        files["rogue_key"],
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def write_config(tmp_path: Path, text: str, name: str = "web.yml") -> Path:

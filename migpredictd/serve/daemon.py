@@ -16,10 +16,14 @@ import dataclasses
 import hashlib
 import html
 import logging
+import os
 import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -51,6 +55,9 @@ MAX_PREDICTION_BATCH = 500
 DERIVE_BATCH_DELAY = 2.0
 MAX_DERIVE_BATCH = 1000
 LOOP_LAG_PROBE_SECONDS = 0.25
+# Shutdown: measurements get this long to close their QMP sessions, and the HTTP server as long to stop;
+# the process then exits whatever is still running (a prediction batch in a worker thread).
+SHUTDOWN_GRACE_SECONDS = 2.0
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -99,6 +106,13 @@ class Daemon:
         # no more (run_command also keeps every thread on one malloc arena).
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migpredictd-predict")
         self._deriver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migpredictd-derive")
+        # Config and web-config loads (YAML, certificates) run here, off the loop; one at a time.
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migpredictd-load")
+        self._reload_lock = asyncio.Lock()
+        self._reload_queued = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._server: WebServer | None = None
+        self._web_config_file: str | None = None
         # Measurements whose derived answers are still to compute, latest per target (older ones are
         # superseded: only the newest measurement's answers are ever published).
         self._underived: dict[str, tuple[Measurement, MemoryModel, RateLimiter]] = {}
@@ -138,17 +152,47 @@ class Daemon:
         self.state.record_reload(True, at=time.time())
         log.info("config loaded", extra={"file": self.config_file, "targets": len(targets)})
 
-    def reload(self) -> tuple[bool, str]:
-        """Reload the config; a bad one is reported and the old one kept."""
-        try:
-            config = self.load()
-        except ConfigError as e:
-            self.state.record_reload(False, at=time.time())
-            for p in e.problems:
-                log.error("config reload failed, keeping the old config", extra={"problem": str(p)})
-            return False, str(e)
-        self.apply(config)
-        return True, f"config reloaded: {len(self._targets)} targets"
+    async def reload(self) -> tuple[bool, str]:
+        """Reload the config and the web config, both parsed off the loop; a bad one is reported and the
+        old one kept. Reloads run one at a time, in the order asked."""
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            try:
+                config = await loop.run_in_executor(self._loader, self.load)
+            except ConfigError as e:
+                self.state.record_reload(False, at=time.time())
+                for p in e.problems:
+                    log.error("config reload failed, keeping the old config", extra={"problem": str(p)})
+                return False, str(e)
+            self.apply(config)
+            message = f"config reloaded: {len(self._targets)} targets"
+            server = self._server
+            if server is None or self._web_config_file is None:
+                return True, message
+            try:
+                await loop.run_in_executor(self._loader, server.reload_web_config)
+            except ConfigError as e:
+                self.state.record_reload(False, at=time.time())
+                for p in e.problems:
+                    log.error("web config reload failed, keeping the old one", extra={"problem": str(p)})
+                return False, f"{message}; web config not reloaded:\n{e}"
+            log.info("web config reloaded", extra={"file": self._web_config_file})
+            return True, f"{message}; web config reloaded"
+
+    def _reload_soon(self) -> None:
+        """SIGHUP: start a reload unless one is already waiting to start (a storm of signals is one)."""
+        if self._reload_queued:
+            return
+        self._reload_queued = True
+
+        async def run() -> None:
+            async with self._reload_lock:
+                self._reload_queued = False
+            await self.reload()
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _dir_signature(self) -> object:
         d = self.config.targets_dir if self.config else None
@@ -172,7 +216,7 @@ class Daemon:
                 and self._dir_signature() != self._targets_dir_signature
             ):
                 log.info("targets_dir changed, reloading", extra={"dir": self.config.targets_dir})
-                self.reload()
+                await self.reload()
 
     async def _watch_loop_lag(self) -> None:
         """How late the loop wakes a sleeper: a starved loop (too much work per tick) shows here."""
@@ -312,7 +356,7 @@ class Daemon:
         loop = self._loop
         if loop is None:
             return False, "not running"
-        future = asyncio.run_coroutine_threadsafe(_call(self.reload), loop)
+        future = asyncio.run_coroutine_threadsafe(self.reload(), loop)
         return future.result(timeout=60)
 
     def landing_page(self) -> str:
@@ -340,29 +384,40 @@ class Daemon:
 
     async def run(self, listen: str, web_config_file: str | None) -> int:
         self._loop = asyncio.get_running_loop()
-        config = self.load()  # a bad config at start-up is fatal: there is nothing to keep
+        # A bad config at start-up is fatal: there is nothing to keep.
+        config = await self._loop.run_in_executor(self._loader, self.load)
         scheduler = MeasurementScheduler(self.measure_target, max_concurrent=config.max_concurrent)
         self._scheduler = scheduler
         self.apply(config)
         server = WebServer(_WebAdapter(self), listen, web_config_file)
-        server.start()
+        await self._loop.run_in_executor(self._loader, server.start)
+        self._server, self._web_config_file = server, web_config_file
         scheduler.start()
         self._ready = True
         host, port = server.address
         log.info("listening", extra={"address": f"{host}:{port}", "version": __version__})
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
-        self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
         watcher = asyncio.create_task(self._watch_targets_dir())
         lag = asyncio.create_task(self._watch_loop_lag())
         await self._stop.wait()
         log.info("shutting down")
-        await scheduler.shutdown(grace_seconds=3.0)
+        started = time.monotonic()
         watcher.cancel()
         lag.cancel()
-        self._worker.shutdown(wait=False, cancel_futures=True)
-        self._deriver.shutdown(wait=False, cancel_futures=True)
-        server.stop(timeout=2.0)
+        for task in self._background:
+            task.cancel()
+        # Bounded: measurements get a grace period to close their QMP sessions, the HTTP server stops in
+        # a thread; a prediction batch still running in a worker is abandoned (run_command exits without
+        # waiting for it: nothing is lost, the next start measures again).
+        await scheduler.shutdown(grace_seconds=SHUTDOWN_GRACE_SECONDS)
+        for pool in (self._worker, self._deriver, self._loader):
+            pool.shutdown(wait=False, cancel_futures=True)
+        stopper = threading.Thread(target=server.stop, args=(SHUTDOWN_GRACE_SECONDS,), daemon=True)
+        stopper.start()
+        await asyncio.to_thread(stopper.join, SHUTDOWN_GRACE_SECONDS)
+        log.info("stopped", extra={"seconds": round(time.monotonic() - started, 3)})
         return 0
 
 
@@ -408,10 +463,6 @@ def _trim_heap() -> None:
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
-
-
-async def _call(fn: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
-    return fn()
 
 
 class _WebAdapter:
@@ -495,16 +546,27 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> NoReturn:
+    """``migpredictd run``: serve until SIGTERM or SIGINT, then exit (0; 1 when it cannot start)."""
     _one_malloc_arena()
     setup_logging(args.log_format, args.log_level)
     daemon = Daemon(args.config_file, shard=parse_shard(args.shard))
     try:
-        return asyncio.run(daemon.run(args.listen, args.web_config_file))
+        code = asyncio.run(daemon.run(args.listen, args.web_config_file))
     except ConfigError as e:  # the config or the web config: nothing to fall back on at start-up
         for p in e.problems:
             log.error("invalid config", extra={"problem": str(p)})
-        return 1
+        code = 1
     except (InputError, WebListenError) as e:
         log.error("cannot start", extra={"error": str(e)})
-        return 1
+        code = 1
+    _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    """Exit now, without joining worker threads: a prediction batch still running would otherwise hold
+    the process for as long as it takes. Nothing is lost; the daemon keeps no state on disk."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
