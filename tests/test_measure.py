@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,8 @@ from migpredictd.core.errors import (
 )
 from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
 from migpredictd.qemu.measure import (
+    Capabilities,
+    CapabilityCache,
     add_measure_arguments,
     measure,
     measure_command,
@@ -65,6 +68,43 @@ def calc_requests(ep: Any) -> list[dict[str, Any]]:
 
 
 FAST = MeasureSettings(connect_timeout=2.0, command_timeout=2.0, zero_pages="none", settle_timeout=2.0)
+
+
+# --- the schema, once per QEMU process ------------------------------------------------------------------
+
+
+async def test_the_schema_is_fetched_once_per_qemu_process(fleet: FakeQMPFleet) -> None:
+    ep = await fleet.spawn("vm", FakeVM(version=V72, noise=False))
+    cache = CapabilityCache()
+    settings = MeasureSettings(periods_ms=(1000.0,), zero_pages="none", connect_timeout=2.0)
+    for _ in range(3):
+        m = await measure(ep.address, target="vm", settings=settings, sleep=scaled_sleep, capabilities=cache)
+        assert m.strategy == "sweep-s"
+    assert ep.commands.count("query-qmp-schema") == 1
+    assert ep.commands.count("query-version") == 3  # the version is asked every time: it is the key
+    assert (cache.hits, cache.misses, len(cache)) == (2, 1, 1)
+
+    # The same socket now answers as another QEMU (upgraded and restarted): a new entry, a new schema.
+    ep.vm = dataclasses.replace(ep.vm, version=V10)
+    m = await measure(ep.address, target="vm", settings=settings, sleep=scaled_sleep, capabilities=cache)
+    assert m.strategy == "sweep-ms"  # what the new schema says, not the cached 7.2 answer
+    assert ep.commands.count("query-qmp-schema") == 2
+    assert len(cache) == 2
+
+    # Without a cache (the CLI's one-off measure), every measurement asks.
+    await measure(ep.address, target="vm", settings=settings, sleep=scaled_sleep)
+    assert ep.commands.count("query-qmp-schema") == 3
+
+
+def test_the_cache_is_bounded_least_recently_used_first() -> None:
+    cache = CapabilityCache(max_entries=2)
+    caps = [Capabilities(version=(10, 0, i), version_text=f"10.0.{i}", calc_time_unit=True, extended=False)
+            for i in range(3)]  # fmt: skip
+    cache.put(("a",), caps[0])
+    cache.put(("b",), caps[1])
+    assert cache.get(("a",)) == caps[0]  # "a" is now the most recent
+    cache.put(("c",), caps[2])
+    assert (cache.get(("a",)), cache.get(("b",)), cache.get(("c",))) == (caps[0], None, caps[2])
 
 
 # --- strategy per generation ------------------------------------------------------------------------

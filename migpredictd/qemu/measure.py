@@ -1,7 +1,8 @@
 """Measure one VM over QMP: guards, a calc-dirty-rate strategy per QEMU generation, zero pages.
 
 Flow: connect; ``query-version``; capabilities from ``query-qmp-schema`` (``calc-time-unit`` on 8.2+,
-``periods`` for the unmerged 2023 extended output); guards (``query-status`` running, no active
+``periods`` for the unmerged 2023 extended output), kept per QEMU process in a :class:`CapabilityCache`
+when the caller gives one; guards (``query-status`` running, no active
 migration, no calc-dirty-rate already in progress); ``query-memory-size-summary``; then one
 ``calc-dirty-rate`` (page-sampling only) per period, each on its own connection and with the monitor
 *released while QEMU samples* (a QMP socket serves one client at a time: other tools, libvirt or
@@ -27,8 +28,10 @@ import logging
 import math
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from migpredictd.core.address import Address, parse_address
@@ -145,8 +148,13 @@ async def measure(
     settings: MeasureSettings | None = None,
     progress: Progress | None = None,
     sleep: Sleep = asyncio.sleep,
+    capabilities: CapabilityCache | None = None,
 ) -> Measurement:
     """Measure one VM and return its :class:`Measurement`.
+
+    ``capabilities`` keeps what ``query-qmp-schema`` told about each QEMU process, so that a daemon
+    measuring the same VM every few minutes fetches and parses its schema (hundreds of kilobytes of
+    JSON, on the event loop) once per QEMU process rather than at every measurement.
 
     ``address`` is the monitor's address as text (``unix:/path``, ``tcp:HOST:PORT`` or ``/path``, parsed
     by :func:`~migpredictd.core.address.parse_address`), or ``(host, port)``.
@@ -162,7 +170,7 @@ async def measure(
     started_wall, started = time.time(), time.monotonic()
 
     async with _session(addr, target, settings) as s:
-        caps = await _capabilities(s)
+        caps = await _capabilities(s, capabilities)
         strategy = choose_strategy(settings.strategy, caps, target=target)
         await _guards(s)
         kvm = await s.execute_dict("query-kvm")
@@ -239,7 +247,56 @@ def _session(
     )
 
 
-async def _capabilities(s: QMPSession) -> Capabilities:
+class CapabilityCache:
+    """What the QMP schema says, per QEMU process; bounded, least recently used out first.
+
+    The key is the monitor's address, the process behind it (its PID and start time, from
+    ``SO_PEERCRED`` and ``/proc``; unknown over TCP) and ``query-version``'s whole reply, so a restarted
+    or upgraded QEMU, or a PID reused by another process, is a new entry.
+    """
+
+    def __init__(self, max_entries: int = 65536) -> None:
+        self._entries: OrderedDict[tuple[object, ...], Capabilities] = OrderedDict()
+        self._max = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[object, ...]) -> Capabilities | None:
+        caps = self._entries.get(key)
+        if caps is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return caps
+
+    def put(self, key: tuple[object, ...], caps: Capabilities) -> None:
+        self._entries[key] = caps
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[tuple[object, ...]]:
+        """The keys held, least recently used first: (address, PID, start time, version, package)."""
+        return list(self._entries)
+
+
+def _process_start(pid: int | None) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
+async def _capabilities(s: QMPSession, cache: CapabilityCache | None = None) -> Capabilities:
     """Version plus schema introspection: calc-time-unit (8.2+) and the extended ``periods`` member."""
     version = await s.execute_dict("query-version")
     qemu = version.get("qemu")
@@ -250,6 +307,9 @@ async def _capabilities(s: QMPSession) -> Capabilities:
         raise QMPProtocolError(f"unexpected reply {version!r}", target=s.target, command="query-version")
     triple = (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
     text = ".".join(str(x) for x in triple)
+    key = (s.address, s.peer_pid, _process_start(s.peer_pid), triple, str(version.get("package", "")))
+    if cache is not None and (cached := cache.get(key)) is not None:
+        return cached
     schema = await s.execute("query-qmp-schema")
     if not isinstance(schema, list) or not all(isinstance(e, dict) and "name" in e for e in schema):
         raise QMPProtocolError(
@@ -267,12 +327,15 @@ async def _capabilities(s: QMPSession) -> Capabilities:
         )
     arg_members = _member_names(by_name, calc.get("arg-type"))
     ret_members = _member_names(by_name, query.get("ret-type"))
-    return Capabilities(
+    caps = Capabilities(
         version=triple,
         version_text=text,
         calc_time_unit="calc-time-unit" in arg_members,
         extended="periods" in ret_members,
     )
+    if cache is not None:
+        cache.put(key, caps)
+    return caps
 
 
 def _member_names(by_name: Mapping[str, Any], type_name: object) -> set[str]:
@@ -550,6 +613,7 @@ __all__ = [
     "DEFAULT_PERIODS_MS",
     "DEFAULT_SAMPLE_PAGES",
     "Capabilities",
+    "CapabilityCache",
     "MeasureSettings",
     "add_measure_arguments",
     "choose_strategy",
