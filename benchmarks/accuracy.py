@@ -9,7 +9,7 @@ daemon's own code path), predict that exact cell in ``seed`` and ``qemu`` mode, 
     python benchmarks/accuracy.py --set holdout --out benchmarks/results/accuracy-holdout.jsonl
     python benchmarks/accuracy.py --quick                  # the CI slice, < 3 minutes
     python benchmarks/accuracy.py --summarize FILE.jsonl   # summary of recorded rows, no QEMU
-    python benchmarks/accuracy.py --fit FILE.jsonl         # loopback constants for calibration.py
+    python benchmarks/accuracy.py --fit FILE.jsonl         # fits lab/loopback.py, core/calibration.py
     python benchmarks/accuracy.py --set holdout --only h07 --out ...   # re-run one case (appends)
 
 Every QEMU is started by the rig and killed by PID when its case ends, whatever happens.
@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from migpredictd.core.calibration import SEED_PREDICTOR, loopback_predictor, rate_limiter_for
+from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.core.errors import ZeroPagesUnavailableError
 from migpredictd.core.measurement import DirtyPoint, Measurement, fit_dirty_curve, parse_measurement
 from migpredictd.core.model import build_model
@@ -44,6 +44,7 @@ from migpredictd.core.predictor import (
     RateLimiter,
     simulate,
 )
+from migpredictd.lab.loopback import SEED_PREDICTOR, loopback_predictor
 from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
 from migpredictd.lab.rig.migration import MigrationResult, migrate
 from migpredictd.qemu.measure import measure
@@ -588,7 +589,7 @@ def summarize(rows: Sequence[Row], title: str) -> str:
 
 def fit(rows: Iterable[Row]) -> str:
     """Least-squares loopback constants from completed migrations: downtime = switchover + bytes / link,
-    and setup-time. Printed for migpredictd/core/calibration.py."""
+    and setup-time. Printed for migpredictd/lab/loopback.py and migpredictd/core/calibration.py."""
     xs, ys, setups = [], [], []
     factors: dict[str, list[float]] = {}
     excess: dict[tuple[str, str], list[str]] = {}

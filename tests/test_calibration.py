@@ -6,16 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from migpredictd.core.calibration import (
-    EXACT,
-    FLUSH_COUNTING,
-    LOOPBACK_LINK_BYTES_PER_SECOND,
-    loopback_predictor,
-    rate_limiter_for,
-)
+from migpredictd.core.calibration import EXACT, FLUSH_COUNTING, rate_limiter_for
 from migpredictd.core.measurement import DirtyPoint, Measurement
 from migpredictd.core.model import build_model
 from migpredictd.core.predictor import Grid, PredictorSettings, RateLimiter, predict_grid
+from migpredictd.lab.loopback import LOOPBACK_LINK_BYTES_PER_SECOND, loopback_predictor
 
 MBIT = 125_000.0
 
