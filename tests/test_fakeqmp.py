@@ -33,6 +33,7 @@ from migpredictd.lab.fakeqmp import (
     StreamOverflowError,
     main,
 )
+from tests.waits import until
 
 GREETING_7_2 = {
     "QMP": {
@@ -67,7 +68,7 @@ class Client:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, address: Address, *, limit: int = 2**16) -> Client:
+    async def connect(cls, address: Address, *, limit: int = 10 * 2**20) -> Client:  # as qemu.qmp
         if isinstance(address, str):
             reader, writer = await asyncio.open_unix_connection(address, limit=limit)
         else:
@@ -509,7 +510,7 @@ async def test_one_client_at_a_time_like_qemus_chardev(fleet: FakeQMPFleet) -> N
     await first.close()
     assert "QMP" in await second.read()
     await second.close()
-    await asyncio.sleep(0.05)
+    await until(lambda: ep.concurrent == 0, 5, "the fake notices both hang-ups")
     assert (ep.connections, ep.concurrent, ep.max_concurrent) == (2, 0, 2)
 
 

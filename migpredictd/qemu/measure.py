@@ -307,9 +307,11 @@ async def _capabilities(s: QMPSession, cache: CapabilityCache | None = None) -> 
         raise QMPProtocolError(f"unexpected reply {version!r}", target=s.target, command="query-version")
     triple = (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
     text = ".".join(str(x) for x in triple)
-    key = (s.address, s.peer_pid, _process_start(s.peer_pid), triple, str(version.get("package", "")))
-    if cache is not None and (cached := cache.get(key)) is not None:
-        return cached
+    key: tuple[object, ...] = ()
+    if cache is not None:
+        key = (s.address, s.peer_pid, _process_start(s.peer_pid), triple, str(version.get("package", "")))
+        if (cached := cache.get(key)) is not None:
+            return cached
     schema = await s.execute("query-qmp-schema")
     if not isinstance(schema, list) or not all(isinstance(e, dict) and "name" in e for e in schema):
         raise QMPProtocolError(
