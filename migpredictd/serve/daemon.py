@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
 import hashlib
 import html
+import itertools
 import logging
+import math
 import os
 import signal
 import sys
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from migpredictd import __version__
@@ -55,6 +58,7 @@ MAX_PREDICTION_BATCH = 500
 DERIVE_BATCH_DELAY = 2.0
 MAX_DERIVE_BATCH = 1000
 LOOP_LAG_PROBE_SECONDS = 0.25
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
 # Shutdown: measurements get this long to close their QMP sessions, and the HTTP server as long to stop;
 # the process then exits whatever is still running (a prediction batch in a worker thread).
 SHUTDOWN_GRACE_SECONDS = 2.0
@@ -123,6 +127,8 @@ class Daemon:
         self.predicted = {"grid": 0, "derived": 0}
         self.loop_lag = 0.0  # seconds the event loop answered late at the last check, and the worst
         self.loop_lag_max = 0.0
+        self.loop_lag_counts = [0] * len(LOOP_LAG_BUCKETS)  # per bucket (not cumulative), +Inf last
+        self.loop_lag_sum = 0.0
 
     # --- config -----------------------------------------------------------------------------------
 
@@ -226,6 +232,8 @@ class Daemon:
             await asyncio.sleep(LOOP_LAG_PROBE_SECONDS)
             self.loop_lag = max(0.0, time.monotonic() - t0 - LOOP_LAG_PROBE_SECONDS)
             self.loop_lag_max = max(self.loop_lag_max, self.loop_lag)
+            self.loop_lag_counts[bisect.bisect_left(LOOP_LAG_BUCKETS, self.loop_lag)] += 1
+            self.loop_lag_sum += self.loop_lag
 
     # --- measuring and predicting -----------------------------------------------------------------
 
@@ -519,6 +527,17 @@ class _RuntimeCollector(Collector):
         )
         worst.add_metric([], d.loop_lag_max)
         yield worst
+        counts = list(itertools.accumulate(d.loop_lag_counts))
+        buckets = [
+            ("+Inf" if b == math.inf else f"{b:g}", float(c))
+            for b, c in zip(LOOP_LAG_BUCKETS, counts, strict=True)
+        ]
+        delay = HistogramMetricFamily(
+            "migpredictd_event_loop_delay_seconds",
+            f"How late the event loop woke a {LOOP_LAG_PROBE_SECONDS:g} s sleeper, at every check.",
+        )
+        delay.add_metric([], buckets, d.loop_lag_sum)
+        yield delay
         cpu = CounterMetricFamily(
             "migpredictd_prediction_cpu_seconds",
             "CPU seconds the prediction workers spent: grids, or derived answers.",
