@@ -82,6 +82,8 @@ def _compose(text: str, problems: Problems) -> Node | None:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         what = " ".join(x for x in (e.context, e.problem) if x)
+        if e.problem == "exceeded maximum nesting depth":  # PyYAML 6.0.4's libyaml checks depth itself
+            what = f"nested more than {MAX_DEPTH} levels deep"
         problems.add(mark.line + 1 if mark else None, "", f"invalid YAML: {what}")
         return None
     except yaml.YAMLError as e:

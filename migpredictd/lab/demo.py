@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from migpredictd.lab.rig.guest import Guest, GuestSpec
-from migpredictd.serve.daemon import add_run_arguments, run_command
+from migpredictd.serve.daemon import add_run_arguments, serve
 
 DEMO_GUESTS = {
     "demo-idle": GuestSpec(qemu="7.2", memory_mib=256, touch_mib=64, wss_mib=0, rate_mib=0),
@@ -48,7 +48,7 @@ def demo_command(args: argparse.Namespace) -> int:
         config.write_text(demo_config(sockets, str(workdir / "nobody.qmp"), args.interval))
         print(f"config: {config}\nmetrics: http://{args.listen}/metrics (Ctrl-C to stop)", flush=True)
         args.config_file = str(config)
-        return run_command(args)
+        return serve(args)
     return 1
 
 

@@ -568,21 +568,25 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_command(args: argparse.Namespace) -> NoReturn:
-    """``migpredictd run``: serve until SIGTERM or SIGINT, then exit (0; 1 when it cannot start)."""
+def serve(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM or SIGINT; 0, or 1 when it cannot start. Returns to the caller (the
+    demo stops its guests afterwards); ``migpredictd run`` then exits through :func:`run_command`."""
     _one_malloc_arena()
     setup_logging(args.log_format, args.log_level)
     daemon = Daemon(args.config_file, shard=parse_shard(args.shard))
     try:
-        code = asyncio.run(daemon.run(args.listen, args.web_config_file))
+        return asyncio.run(daemon.run(args.listen, args.web_config_file))
     except ConfigError as e:  # the config or the web config: nothing to fall back on at start-up
         for p in e.problems:
             log.error("invalid config", extra={"problem": str(p)})
-        code = 1
     except (InputError, WebListenError) as e:
         log.error("cannot start", extra={"error": str(e)})
-        code = 1
-    _exit(code)
+    return 1
+
+
+def run_command(args: argparse.Namespace) -> NoReturn:
+    """``migpredictd run``: :func:`serve`, then exit at once (see :func:`_exit`)."""
+    _exit(serve(args))
 
 
 def _exit(code: int) -> NoReturn:
