@@ -12,18 +12,12 @@ from typing import Final
 
 from migpredictd.core.predictor import PredictorSettings, RateLimiter
 
-# The final stop-and-copy is not rate-limited (QEMU_FACTS.md), so it runs at whatever the path
-# sustains with the guest stopped. Evidence: least squares of downtime against ram.downtime-bytes over
-# the 11 completed calibration migrations: downtime = 0.35 ms + bytes / 1149 MB/s (e.g. 36.5 MB of
-# stop-and-copy took 35 ms on 7.2, c08; an idle guest's 3.2 MB took 2 ms on 10.0, c01). Measured
-# unthrottled pre-copy on the same host is slower (2.4-3.0 Gbit/s: the guest competes for the CPU).
+# The final stop-and-copy is not rate-limited (QEMU_FACTS.md), so it runs at whatever the path sustains
+# with the guest stopped: a line fit of downtime against ram.downtime-bytes gives the link's speed (the
+# slope) and the switchover's fixed cost (the intercept). query-migrate's setup-time gives the setup.
+# The fits and their evidence: docs/accuracy.md, "The calibrated constants".
 LOOPBACK_LINK_BYTES_PER_SECOND: Final = 1149e6
-
-# Fixed cost of the switchover (stop the VM, device state, last sync) on top of sending the pages:
-# the intercept of the same fit (0.35 ms). Immaterial next to total times of 1-40 s.
 LOOPBACK_SWITCHOVER_SECONDS: Final = 0.00035
-
-# query-migrate's setup-time: 1 ms median and max over the calibration migrations (0-1 ms on both).
 LOOPBACK_SETUP_SECONDS: Final = 0.001
 
 # max-bandwidth counts QEMU's own stream bytes, so no TCP/IP framing is added on top.
