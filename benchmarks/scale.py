@@ -140,7 +140,7 @@ def exposition_variant(variant: str, n: int) -> dict[str, float]:
         body = legacy.render()
         changed = time.perf_counter() - t
         t = time.perf_counter()
-        gzip.compress(body, compresslevel=6, mtime=0)  # what web.py did to it at every gzip scrape
+        gzip.compress(body, compresslevel=6, mtime=0)  # what the legacy server did to it at every gzip scrape
         gz = time.perf_counter() - t
     else:
         r = MetricsRenderer(state, CollectorRegistry(), details=variant == "details")
