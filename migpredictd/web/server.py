@@ -1,9 +1,9 @@
 """The only HTTP server of migpredictd: ``/``, ``/metrics``, ``/-/healthy``, ``/-/ready``, ``/-/reload``.
 
-Built on the stdlib's ``http.server`` and ``ssl``, with ``bcrypt`` for basic-auth hashes and PyYAML for
-the web config file. It reads ``--web.config.file`` in the format of
-Prometheus' exporter-toolkit (TLS, client certificates, basic auth, extra headers, rate limit; see
-``docs/web-config.md`` for what differs) so operators can reuse the file they give their other exporters.
+Built on the stdlib's ``http.server`` and ``ssl``, with ``bcrypt`` for basic-auth hashes. Its settings
+come from ``--web.config.file`` in the format of Prometheus' exporter-toolkit (TLS, client certificates,
+basic auth, extra headers, rate limit), read by :mod:`migpredictd.web.webconfig` at start and at every
+reload, so operators can reuse the file they give their other exporters.
 
 Why it is built this way:
 
