@@ -78,12 +78,13 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
     """
     zero = m.zero_pages if m.zero_pages is not None else 0.0
     ceiling = m.total_pages - zero
-    xs = [p.period_ms for p in m.points]
+    periods, counts = zip(*m.points, strict=True)
+    xs = list(periods)
     # A sampled count can exceed what is possible when zero pages are estimated separately; clamp so the
     # curve stays monotone (a no-op for consistent input, so seed mode is unaffected).
     # A longer window sees at least the pages a shorter one saw: a noisy measurement that dips is read
     # as its running maximum (pessimistic, and a no-op for monotone input, so seed mode is unaffected).
-    ys = list(itertools.accumulate((min(p.dirty_pages, ceiling) for p in m.points), max))
+    ys = list(itertools.accumulate(map(min, counts, itertools.repeat(ceiling)), max))
     if len(xs) == 1 or mode == "qemu":
         # The rate the shortest window saw, from a clean start (a line through the origin).
         xs.insert(0, 0.0)
@@ -116,9 +117,9 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
     slopes = [0.0]
     offsets = [ys[0]]
     for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:], strict=False):
-        s, o = _line(x0, y0, x1, y1)
-        slopes.append(s)
-        offsets.append(o)
+        slope = (y1 - y0) / (x1 - x0)  # _line's operations, inline: this loop runs per segment
+        slopes.append(slope)
+        offsets.append(y0 - slope * x0)
     return MemoryModel(
         page_size_bytes=m.page_size_bytes,
         total_pages=m.total_pages,

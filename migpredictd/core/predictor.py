@@ -188,29 +188,17 @@ class ModelBatch:
         if len(limiters) != len(models):
             raise ValueError("one rate limiter per model")
         k = max(len(m.period_ms) for m in models)
-        shape = (len(models), k)
-        x = np.full(shape, np.inf)
-        y = np.empty(shape)
-        slope = np.zeros(shape)
-        offset = np.empty(shape)
+        inf = math.inf
+        # Rows padded in Python tuples and converted once: a loop of row assignments costs more.
+        x = np.array([m.period_ms + (inf,) * (k - len(m.period_ms)) for m in models])
+        y = np.array([m.dirty_pages + m.dirty_pages[-1:] * (k - len(m.dirty_pages)) for m in models])
+        slope = np.array([m.slopes + (0.0,) * (k - len(m.slopes)) for m in models])
+        offset = np.array([m.offsets + m.dirty_pages[-1:] * (k - len(m.offsets)) for m in models])
         profiles = [_first_pass_cost(m) for m in models]
         kp = max(len(pages) for pages, _, _ in profiles)
-        cold_pages = np.empty((len(models), kp))
-        cold_bytes = np.empty((len(models), kp))
-        cold_slope = np.ones((len(models), kp))
-        for i, (pages, wire, per_page) in enumerate(profiles):
-            n = len(pages)
-            cold_pages[i, :n], cold_pages[i, n:] = pages, pages[-1]
-            cold_bytes[i, :n], cold_bytes[i, n:] = wire, wire[-1]
-            cold_slope[i, :n] = per_page
-        for i, m in enumerate(models):
-            n = len(m.period_ms)
-            x[i, :n] = m.period_ms
-            y[i, :n] = m.dirty_pages
-            y[i, n:] = m.dirty_pages[-1]
-            slope[i, :n] = m.slopes
-            offset[i, :n] = m.offsets
-            offset[i, n:] = m.dirty_pages[-1]
+        cold_pages = np.array([pages + pages[-1:] * (kp - len(pages)) for pages, _, _ in profiles])
+        cold_bytes = np.array([wire + wire[-1:] * (kp - len(wire)) for _, wire, _ in profiles])
+        cold_slope = np.array([per + [1.0] * (kp - len(per)) for _, _, per in profiles])
         return cls(
             x=x,
             y=y,
@@ -258,13 +246,25 @@ class ModelBatch:
 
     def dirty_segment(self, vm: IntArray, ms: FloatArray) -> tuple[FloatArray, IntArray]:
         """:meth:`dirty`, plus the index of the breakpoint that ends each point's segment."""
-        xs = self.x[vm]
-        idx = np.count_nonzero(xs < ms[:, None], axis=1)
-        idx = np.minimum(idx, xs.shape[1] - 1)
-        hit = xs[np.arange(len(vm)), idx] == ms
+        k = self.x.shape[1]
+        # How many of the VM's breakpoints lie below ms (each row ascending), by a bisection over the
+        # columns: a few gathers of one value per cell instead of copying every cell's whole row.
+        base = vm * k
+        flat_x = self.x.ravel()
+        lo = np.zeros(len(vm), dtype=np.intp)
+        hi = np.full(len(vm), k, dtype=np.intp)
+        for _ in range(k.bit_length()):
+            mid = (lo + hi) >> 1
+            below = flat_x[base + np.minimum(mid, k - 1)] < ms
+            below &= lo < hi
+            lo = np.where(below, mid + 1, lo)
+            hi = np.where(below, hi, mid)
+        idx = np.minimum(lo, k - 1)
+        at = base + idx
+        hit = flat_x[at] == ms
         with np.errstate(invalid="ignore"):  # 0 * inf on the last, flat segment; `hit` picks y there
-            line = self.offset[vm, idx] + self.slope[vm, idx] * ms
-        return np.where(hit, self.y[vm, idx], line), idx
+            line = self.offset.ravel()[at] + self.slope.ravel()[at] * ms
+        return np.where(hit, self.y.ravel()[at], line), idx
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ import functools
 import math
 from typing import Any
 
+import numpy as np
+
 from migpredictd.core.predictor import Grid, VMPrediction
 from migpredictd.core.units import format_bandwidth, format_downtime, format_eta
 
@@ -18,13 +20,26 @@ def _frame(grid: Grid) -> tuple[str, tuple[str, ...]]:
     return f"{header}\n{'-' * len(header)}\n", labels
 
 
+_EXACT_INTS = 2.0**53  # every whole number below is a float exactly
+
+
+@functools.lru_cache(maxsize=65536)
+def _cell(total_seconds: int) -> str:
+    """One cell of a row, padded: whole seconds rounded up, or ``-`` (passed as -1) for no convergence."""
+    return f"{format_eta(total_seconds) if total_seconds >= 0 else '-':>7} |  "
+
+
 def render_table(prediction: VMPrediction, grid: Grid) -> str:
     """The seed's table: bandwidths down, max downtimes across, ``-`` where it does not converge."""
     head, labels = _frame(grid)
-    rows = [
-        label + "".join([f"{format_eta(s):>7} |  " for s in row])
-        for label, row in zip(labels, prediction.seconds.tolist(), strict=True)
-    ]
+    seconds = prediction.seconds
+    finite = np.isfinite(seconds)
+    if (seconds[finite] >= _EXACT_INTS).any():  # beyond int64: format each cell as it comes
+        cells = [[f"{format_eta(x):>7} |  " for x in row] for row in seconds.tolist()]
+    else:  # whole seconds rounded up, as format_eta does; -1 where it does not converge
+        totals = np.where(finite, np.ceil(np.where(finite, seconds, 0.0)), -1.0).astype(np.int64)
+        cells = [list(map(_cell, row)) for row in totals.tolist()]
+    rows = [label + "".join(row) for label, row in zip(labels, cells, strict=True)]
     return head + "\n".join(rows) + "\n"
 
 
