@@ -17,7 +17,7 @@ from migpredictd.core.measurement import Measurement
 from migpredictd.lab.rig.assets import QemuGeneration
 from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
 from migpredictd.lab.rig.migration import migrate
-from migpredictd.qemu.measure import CapabilityCache, measure
+from migpredictd.qemu.measure import measure
 from migpredictd.qemu.settings import MeasureSettings
 from migpredictd.qemu.zeropages import PROFILE_BINS, find_guest_ram, guest_sample_estimate, read_smaps
 
@@ -30,13 +30,9 @@ SHORT_PERIODS = {"10.0": (250.0, 1000.0, 2000.0), "7.2": (1000.0, 2000.0)}
 EXPECTED_STRATEGY = {"10.0": "sweep-ms", "7.2": "sweep-s"}
 
 
-def _measure(
-    guest: Guest, qemu: QemuGeneration, cache: CapabilityCache | None = None, **changes: object
-) -> Measurement:
+def _measure(guest: Guest, qemu: QemuGeneration, **changes: object) -> Measurement:
     settings = MeasureSettings(periods_ms=SHORT_PERIODS[qemu], **changes)  # type: ignore[arg-type]
-    return asyncio.run(
-        measure(guest.qmp_address, target=f"rig-{qemu}", settings=settings, capabilities=cache)
-    )
+    return asyncio.run(measure(guest.qmp_address, target=f"rig-{qemu}", settings=settings))
 
 
 def _rates_mib_s(m: Measurement) -> dict[float, float]:
@@ -77,18 +73,8 @@ def test_dirty_rate_matches_the_guest(qemu: QemuGeneration, rate: int, wss: int)
 @pytest.mark.parametrize("qemu", ["7.2", "10.0"])
 def test_idle_guest_reads_near_zero(qemu: QemuGeneration) -> None:
     spec = GuestSpec(qemu=qemu, memory_mib=MEMORY_MIB, touch_mib=64, wss_mib=32, rate_mib=0)
-    cache = CapabilityCache()
     with Guest(spec) as guest:
-        _measure(guest, qemu, cache, zero_pages="none")
-        m = _measure(guest, qemu, cache, zero_pages="none")
-        # The second measurement took its capabilities from the cache, keyed on this QEMU process.
-        assert (cache.hits, cache.misses) == (1, 1)
-        ((address, pid, start, version, package),) = cache.keys()
-        assert (address, pid) == (guest.qmp_path, guest.pid)
-        assert isinstance(start, int)
-        assert isinstance(version, tuple)
-        assert ".".join(map(str, version)).startswith(qemu)
-        assert isinstance(package, str)
+        m = _measure(guest, qemu, zero_pages="none")
     assert m.strategy == EXPECTED_STRATEGY[qemu]
     for period_ms, measured in _rates_mib_s(m).items():
         # 0.5 MiB/s is the truncation correction every point carries; the idle kernel adds little.

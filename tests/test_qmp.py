@@ -29,6 +29,7 @@ from migpredictd.qemu.qmp import (
     READ_ONLY_COMMANDS,
     QMPSession,
 )
+from tests.waits import until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -225,8 +226,7 @@ async def test_hung_monitor_times_out_and_is_released(fleet: FakeQMPFleet) -> No
     assert info.value.command == "qmp_capabilities"
     assert info.value.reason == "timeout"
     assert elapsed < 0.5 + 0.5  # the connect timeout plus a bounded close
-    await asyncio.sleep(0.05)  # let the fake notice the hang-up
-    assert ep.concurrent == 0
+    await until(lambda: ep.concurrent == 0, 5, "the fake notices the hang-up")
 
 
 async def test_slow_command_times_out_and_second_client_gets_in() -> None:
@@ -294,6 +294,6 @@ async def test_broken_replies(fleet: FakeQMPFleet, name: str, error: type[Except
 
 
 async def test_reply_that_is_not_an_object(fleet: FakeQMPFleet) -> None:
-    async with QMPSession.connect(fleet["ok"].address, target="vm1", timeout=2.0) as s:
+    async with QMPSession.connect(fleet["ok"].address, target="vm1", timeout=2.0, allowed=LAB_COMMANDS) as s:
         with pytest.raises(QMPProtocolError, match="expected a JSON object, got list"):
             await s.execute_dict("query-qmp-schema")

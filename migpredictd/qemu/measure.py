@@ -1,10 +1,9 @@
 """Measure one VM over QMP: guards, a calc-dirty-rate strategy per QEMU generation, zero pages.
 
-Flow: connect; ``query-version``; capabilities from ``query-qmp-schema`` (``calc-time-unit`` on 8.2+,
-``periods`` for the unmerged 2023 extended output), kept per QEMU process in a :class:`CapabilityCache`
-when the caller gives one; guards (``query-status`` running, no active
-migration, no calc-dirty-rate already in progress); ``query-memory-size-summary``; then one
-``calc-dirty-rate`` (page-sampling only) per period, each on its own connection and with the monitor
+Flow: connect; ``query-version``, which tells the capabilities (``calc-time-unit`` on 8.2+; the
+unmerged 2023 extended output, ``periods``, is recognised by its reply); guards (``query-status``
+running, no active migration, no calc-dirty-rate already in progress); ``query-memory-size-summary``;
+then one ``calc-dirty-rate`` (page-sampling only) per period, each on its own connection and with the monitor
 *released while QEMU samples* (a QMP socket serves one client at a time: other tools, libvirt or
 Proxmox's ``qm``, must get in). Strategies:
 
@@ -28,10 +27,8 @@ import logging
 import math
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from migpredictd.core.address import Address, parse_address
@@ -61,6 +58,8 @@ from migpredictd.qemu.zeropages import (
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
+CALC_DIRTY_RATE_SINCE: Final = (5, 1, 0)
+CALC_TIME_UNIT_SINCE: Final = (8, 2, 0)
 MAX_SANE_MEMORY_BYTES: Final = 1 << 48  # 256 TiB: beyond any x86 guest; a larger answer is garbage
 PAGE_SIZE: Final = 4096  # x86 target page size; calc-dirty-rate samples target pages
 
@@ -88,7 +87,8 @@ Sleep = Callable[[float], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What this QEMU's calc-dirty-rate can do, from its version and QMP schema."""
+    """What this QEMU's calc-dirty-rate can do, from its version; ``extended`` is known only once a reply
+    shows it (the 2023 series was never merged, so no version has it)."""
 
     version: tuple[int, int, int]
     version_text: str
@@ -108,13 +108,6 @@ def choose_strategy(requested: str, caps: Capabilities, *, target: str) -> str:
     if requested == "sweep-ms" and not caps.calc_time_unit:
         raise QMPCommandError(
             f"QEMU {caps.version_text} has no calc-time-unit (8.2+); use strategy sweep-s or auto",
-            target=target,
-            command="calc-dirty-rate",
-            error_class="Unsupported",
-        )
-    if requested == "extended" and not caps.extended:
-        raise QMPCommandError(
-            f"QEMU {caps.version_text} has no extended calc-dirty-rate output; use auto",
             target=target,
             command="calc-dirty-rate",
             error_class="Unsupported",
@@ -148,13 +141,8 @@ async def measure(
     settings: MeasureSettings | None = None,
     progress: Progress | None = None,
     sleep: Sleep = asyncio.sleep,
-    capabilities: CapabilityCache | None = None,
 ) -> Measurement:
     """Measure one VM and return its :class:`Measurement`.
-
-    ``capabilities`` keeps what ``query-qmp-schema`` told about each QEMU process, so that a daemon
-    measuring the same VM every few minutes fetches and parses its schema (hundreds of kilobytes of
-    JSON, on the event loop) once per QEMU process rather than at every measurement.
 
     ``address`` is the monitor's address as text (``unix:/path``, ``tcp:HOST:PORT`` or ``/path``, parsed
     by :func:`~migpredictd.core.address.parse_address`), or ``(host, port)``.
@@ -170,7 +158,7 @@ async def measure(
     started_wall, started = time.time(), time.monotonic()
 
     async with _session(addr, target, settings) as s:
-        caps = await _capabilities(s, capabilities)
+        caps = await _capabilities(s)
         strategy = choose_strategy(settings.strategy, caps, target=target)
         await _guards(s)
         kvm = await s.execute_dict("query-kvm")
@@ -182,7 +170,9 @@ async def measure(
     )
 
     runs: list[dict[str, Any]] = []
-    for calc_ms in plan_runs(strategy, settings.periods_ms):
+    plan = plan_runs(strategy, settings.periods_ms)
+    while plan:
+        calc_ms = plan.pop(0)
         say(f"{target}: calc-dirty-rate {calc_ms:g} ms")
         reply = await _one_run(
             addr,
@@ -194,9 +184,19 @@ async def measure(
             sleep=sleep,
         )
         runs.append(reply)
-    if "periods" in runs[-1]:
-        # The schema did not announce it, but the reply has the extended shape: it holds every period.
-        strategy = "extended"
+        if "periods" in reply and strategy != "extended":
+            # The extended output of the 2023 series: one run reports every period up to its calc-time,
+            # so the sweep ends with one run as long as the extended plan asks (if this one was shorter).
+            strategy = "extended"
+            longest = plan_runs("extended", settings.periods_ms)[0]
+            plan = [longest] if calc_ms < longest else []
+    if strategy == "extended" and "periods" not in runs[-1]:
+        raise QMPCommandError(
+            f"QEMU {caps.version_text} has no extended calc-dirty-rate output; use auto",
+            target=target,
+            command="query-dirty-rate",
+            error_class="Unsupported",
+        )
 
     meta: dict[str, Any] = {
         "qemu_version": caps.version_text,
@@ -247,57 +247,14 @@ def _session(
     )
 
 
-class CapabilityCache:
-    """What the QMP schema says, per QEMU process; bounded, least recently used out first.
+async def _capabilities(s: QMPSession) -> Capabilities:
+    """What calc-dirty-rate can do here, from ``query-version`` alone: calc-dirty-rate since 5.1,
+    ``calc-time-unit`` since 8.2.
 
-    The key is the monitor's address, the process behind it (its PID and start time, from
-    ``SO_PEERCRED`` and ``/proc``; unknown over TCP) and ``query-version``'s whole reply, so a restarted
-    or upgraded QEMU, or a PID reused by another process, is a new entry.
+    Not from ``query-qmp-schema``: its reply is a quarter of a megabyte of JSON (QEMU_FACTS.md), and
+    decoding it for each of thousands of VMs kept the daemon's event loop busy for minutes. The extended
+    output of the unmerged 2023 series is recognised by its reply instead (:func:`measure`).
     """
-
-    def __init__(self, max_entries: int = 65536) -> None:
-        self._entries: OrderedDict[tuple[object, ...], Capabilities] = OrderedDict()
-        self._max = max_entries
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[object, ...]) -> Capabilities | None:
-        caps = self._entries.get(key)
-        if caps is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return caps
-
-    def put(self, key: tuple[object, ...], caps: Capabilities) -> None:
-        self._entries[key] = caps
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def keys(self) -> list[tuple[object, ...]]:
-        """The keys held, least recently used first: (address, PID, start time, version, package)."""
-        return list(self._entries)
-
-
-def _process_start(pid: int | None) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None."""
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()  # the command name may hold spaces and parentheses
-    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
-
-
-async def _capabilities(s: QMPSession, cache: CapabilityCache | None = None) -> Capabilities:
-    """Version plus schema introspection: calc-time-unit (8.2+) and the extended ``periods`` member."""
     version = await s.execute_dict("query-version")
     qemu = version.get("qemu")
     if not isinstance(qemu, dict) or not all(
@@ -307,45 +264,16 @@ async def _capabilities(s: QMPSession, cache: CapabilityCache | None = None) -> 
         raise QMPProtocolError(f"unexpected reply {version!r}", target=s.target, command="query-version")
     triple = (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
     text = ".".join(str(x) for x in triple)
-    key: tuple[object, ...] = ()
-    if cache is not None:
-        key = (s.address, s.peer_pid, _process_start(s.peer_pid), triple, str(version.get("package", "")))
-        if (cached := cache.get(key)) is not None:
-            return cached
-    schema = await s.execute("query-qmp-schema")
-    if not isinstance(schema, list) or not all(isinstance(e, dict) and "name" in e for e in schema):
-        raise QMPProtocolError(
-            "expected a list of schema entries", target=s.target, command="query-qmp-schema"
-        )
-    by_name = {str(e["name"]): e for e in schema}
-    calc = by_name.get("calc-dirty-rate")
-    query = by_name.get("query-dirty-rate")
-    if calc is None or query is None:
+    if triple < CALC_DIRTY_RATE_SINCE:
         raise QMPCommandError(
             f"QEMU {text} has no calc-dirty-rate (5.1+ needed)",
             target=s.target,
             command="calc-dirty-rate",
             error_class="CommandNotFound",
         )
-    arg_members = _member_names(by_name, calc.get("arg-type"))
-    ret_members = _member_names(by_name, query.get("ret-type"))
-    caps = Capabilities(
-        version=triple,
-        version_text=text,
-        calc_time_unit="calc-time-unit" in arg_members,
-        extended="periods" in ret_members,
+    return Capabilities(
+        version=triple, version_text=text, calc_time_unit=triple >= CALC_TIME_UNIT_SINCE, extended=False
     )
-    if cache is not None:
-        cache.put(key, caps)
-    return caps
-
-
-def _member_names(by_name: Mapping[str, Any], type_name: object) -> set[str]:
-    entry = by_name.get(str(type_name))
-    members = entry.get("members") if isinstance(entry, dict) else None
-    if not isinstance(members, list):
-        return set()
-    return {str(m.get("name")) for m in members if isinstance(m, dict)}
 
 
 async def _guards(s: QMPSession) -> None:
@@ -615,7 +543,6 @@ __all__ = [
     "DEFAULT_PERIODS_MS",
     "DEFAULT_SAMPLE_PAGES",
     "Capabilities",
-    "CapabilityCache",
     "MeasureSettings",
     "add_measure_arguments",
     "choose_strategy",

@@ -49,7 +49,6 @@ READ_ONLY_COMMANDS: Final = frozenset(
         "query-migrate",
         "query-memory-size-summary",
         "query-dirty-rate",
-        "query-qmp-schema",
         "query-name",
         # Not strictly read-only (it starts a measurement thread), but it changes no guest state and
         # page-sampling mode only reads guest memory; the guard below pins the mode.
@@ -64,6 +63,7 @@ LAB_COMMANDS: Final = READ_ONLY_COMMANDS | frozenset(
         "migrate-set-parameters",
         "migrate_cancel",
         "query-migrate-parameters",
+        "query-qmp-schema",
         "quit",
         "stop",
         "cont",

@@ -39,7 +39,7 @@ from migpredictd.core.errors import ConfigError, InputError, TargetError, WebLis
 from migpredictd.core.measurement import Measurement
 from migpredictd.core.model import MemoryModel, build_model
 from migpredictd.core.predictor import FloatArray, RateLimiter, VMPrediction, predict_derived, predict_grid
-from migpredictd.qemu.measure import CapabilityCache, measure
+from migpredictd.qemu.measure import measure
 from migpredictd.serve.collector import DaemonCollector, MetricsRenderer
 from migpredictd.serve.logs import setup_logging
 from migpredictd.serve.scheduler import MeasurementScheduler, Schedule
@@ -113,7 +113,6 @@ class Daemon:
         # Config and web-config loads (YAML, certificates) run here, off the loop; one at a time.
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migpredictd-load")
         self._reload_lock = asyncio.Lock()
-        self.capabilities = CapabilityCache()
         self._reload_queued = False
         self._background: set[asyncio.Task[None]] = set()
         self._server: WebServer | None = None
@@ -243,9 +242,7 @@ class Daemon:
             return
         started, t0 = time.time(), time.monotonic()
         try:
-            m = await measure(
-                target.qmp, target=name, settings=target.measurement, capabilities=self.capabilities
-            )
+            m = await measure(target.qmp, target=name, settings=target.measurement)
         except TargetError as e:
             self.state.record_failure(name, e.reason, str(e), at=time.time(), duration=time.monotonic() - t0)
             log.warning("measurement failed", extra={"target": name, "reason": e.reason, "error": str(e)})
