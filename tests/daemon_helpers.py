@@ -49,17 +49,23 @@ def vms(samples: Samples) -> set[str]:
 
 
 def wait_for(port: int, predicate: Callable[[Samples], bool], timeout: float) -> Samples:
+    """Scrape until ``predicate`` holds; return that scrape. Fails after ``timeout`` s.
+
+    Polls every 0.1 s, or as long as the last scrape took if longer, so a daemon with thousands of
+    targets spends at most about half its time answering the test.
+    """
     deadline = time.monotonic() + timeout
     last: Samples = {}
     while time.monotonic() < deadline:
+        t0 = time.monotonic()
         try:
             last = scrape(port)
-        except OSError:
-            time.sleep(0.3)
+        except OSError:  # not listening yet
+            time.sleep(0.1)
             continue
         if predicate(last):
             return last
-        time.sleep(0.5)
+        time.sleep(max(0.1, time.monotonic() - t0))
     raise AssertionError(f"condition not met within {timeout}s; last scrape: {sorted(vms(last))}")
 
 

@@ -6,8 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM
 from tests.daemon_helpers import DaemonProcess, Samples, free_port, value, wait_for
+
+pytestmark = pytest.mark.slow  # the expensive VM's derived answers take seconds by design
 
 MIB = 1 << 20
 V10, PKG10 = (10, 0, 2), "Debian 1:10.0.2+ds-2~bpo12+1"

@@ -15,6 +15,8 @@ import pytest
 from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM
 from tests.daemon_helpers import DaemonProcess, free_port, http, value, vms, wait_for
 
+pytestmark = pytest.mark.slow  # 4 s and 10 s: measurement intervals and the 5 s targets_dir poll
+
 V10 = (10, 0, 2)
 
 

@@ -109,7 +109,8 @@ def http_service() -> Iterator[int]:
             pass
 
     server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll so that shutdown() returns at once, not after the default 0.5 s.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield int(server.server_address[1])
@@ -217,11 +218,11 @@ def _run_fault_daemon(fleet: FakeQMPFleet, config: Path) -> None:
             try:
                 s = scrape(d.port)
             except OSError:  # not listening yet
-                time.sleep(0.3)
+                time.sleep(0.1)
                 continue
             if reasons_seen(s):
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             raise AssertionError(f"not contained in time: {reason_table(s)}\n{d.logs()[-3000:]}")
         # Within the timeouts: a 1 s connect/command timeout, a 2 s interval; not minutes.

@@ -71,7 +71,9 @@ def models(draw: st.DrawFn) -> MemoryModel:
 
 
 BANDWIDTHS = st.floats(0.5 * MIB, 2048 * MIB, allow_nan=False)
-DOWNTIMES = st.one_of(st.floats(0.0, 10.0, allow_nan=False), st.just(math.inf))
+# Below a microsecond no downtime is told apart from zero (the derived search's floor); drawing 1e-75 s
+# made the seed-mode derived search run for minutes without saying anything about real limits.
+DOWNTIMES = st.one_of(st.just(0.0), st.floats(1e-6, 10.0, allow_nan=False), st.just(math.inf))
 
 
 def one(model: MemoryModel, bw: list[float], dt: list[float], cfg: PredictorSettings) -> np.ndarray:
@@ -299,7 +301,8 @@ def test_derived_answers_match_the_grid(mode: str, m: MemoryModel) -> None:
                 assert math.isnan(pred.seconds[i, j])
 
 
-@pytest.mark.parametrize("mode", ["seed", "qemu"])
+# seed mode's derived answers for this hopeless guest take about 6 s (no closed-form shortcuts)
+@pytest.mark.parametrize("mode", [pytest.param("seed", marks=pytest.mark.slow), "qemu"])
 def test_non_convergence_is_nan_never_an_exception(mode: str) -> None:
     # 64 MiB guest rewriting all of it within 100 ms, 1 MiB/s link, 10 ms downtime: hopeless.
     m = model_of([(100.0, 16384.0)], total=16384)
@@ -420,6 +423,9 @@ def assert_same_answers(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got[ok], want[ok], rtol=LATTICE_STEP)
 
 
+# Usually 2-12 s per mode, depending on the guests drawn; a seed-mode draw with a near-zero downtime
+# can take minutes (its derived answers alone: 101 s for one such guest).
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["seed", "qemu"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from migpredictd.serve.scheduler import MeasurementScheduler, Schedule
+from tests.waits import until
 
 
 async def test_a_target_removed_and_re_added_never_measures_twice_at_once() -> None:
@@ -24,10 +25,11 @@ async def test_a_target_removed_and_re_added_never_measures_twice_at_once() -> N
     s = MeasurementScheduler(run, max_concurrent=4)
     s.start()
     s.sync({"a": Schedule(0.1, 0.0)})
-    await asyncio.sleep(0.2)  # the first run holds the "monitor"
+    await until(lambda: "a" in running, 5, "the first run")  # the first run holds the "monitor"
     s.sync({})
     s.sync({"a": Schedule(0.1, 0.0)})  # a new job object, same id: APScheduler counts instances per id
-    await asyncio.sleep(1.2)
+    assert "a" in running  # re-added while its first run is still going
+    await until(lambda: len(done) >= 2, 5, "a second run after the re-add")
     await s.shutdown(grace_seconds=1.0)
     assert not overlaps
     assert len(done) >= 2
@@ -36,18 +38,20 @@ async def test_a_target_removed_and_re_added_never_measures_twice_at_once() -> N
 async def test_global_limit_on_concurrent_measurements() -> None:
     now = 0
     peak = 0
+    finished = 0
 
     async def run(name: str) -> None:
-        nonlocal now, peak
+        nonlocal now, peak, finished
         now += 1
         peak = max(peak, now)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)
         now -= 1
+        finished += 1
 
     s = MeasurementScheduler(run, max_concurrent=2)
     s.start()
     s.sync({f"vm{i}": Schedule(60.0, 0.0) for i in range(6)})
-    await asyncio.sleep(1.2)  # 6 runs of 0.3 s through 2 slots: 0.9 s
+    await until(lambda: finished == 6, 5, "6 runs of 0.2 s through 2 slots (0.6 s)")
     await s.shutdown(grace_seconds=1.0)
     assert peak == 2
 
@@ -61,9 +65,9 @@ async def test_first_runs_are_spread_over_the_jitter() -> None:
 
     s = MeasurementScheduler(run, max_concurrent=50)
     s.start()
-    s.sync({f"vm{i}": Schedule(60.0, 2.0) for i in range(40)})
-    await asyncio.sleep(2.6)
+    s.sync({f"vm{i}": Schedule(60.0, 1.0) for i in range(40)})
+    await until(lambda: len(started) == 40, 10, "every first run")
     await s.shutdown(grace_seconds=1.0)
     assert len(started) == 40
-    assert max(started) - min(started) > 1.0  # not all in the same second
-    assert max(started) < 2.5
+    assert max(started) - min(started) > 0.5  # not all at once: spread over the 1 s jitter
+    assert max(started) < 1.5  # and all within it (plus scheduling slack)
