@@ -214,8 +214,11 @@ class Daemon:
 
     async def _watch_targets_dir(self) -> None:
         while not self._stop.is_set():
+            # Every 5 s, or every measurement interval if that is shorter (a config measuring every 2 s
+            # sees a new file as soon as it would measure it).
+            interval = self.config.interval_seconds if self.config else math.inf
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), TARGETS_DIR_POLL_SECONDS)
+                await asyncio.wait_for(self._stop.wait(), min(TARGETS_DIR_POLL_SECONDS, interval))
             if (
                 self.config
                 and self.config.targets_dir

@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+# How often the accept loop checks for stop(): stop() returns within this.
+SERVE_POLL_SECONDS: Final = 0.05
 REALM: Final = "migpredictd"
 
 # Limits on what one request may make us read. The stdlib alone allows 64 KiB per line and 100 header
@@ -710,7 +712,10 @@ class WebServer:
             raise WebListenError(f"--web.listen-address {host}:{port}: cannot listen: {exc}") from exc
         self._httpd = httpd
         self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="migpredictd-web", daemon=True
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": SERVE_POLL_SECONDS},
+            name="migpredictd-web",
+            daemon=True,
         )
         self._thread.start()
         self._stopping.clear()
