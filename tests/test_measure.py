@@ -28,6 +28,7 @@ from migpredictd.core.errors import (
 from migpredictd.lab.fakeqmp import FakeQMPFleet, FakeVM, Fault, FaultParams
 from migpredictd.qemu.measure import (
     add_measure_arguments,
+    as_requested,
     measure,
     measure_command,
     plan_runs,
@@ -411,3 +412,14 @@ def test_cli_error_is_one_line_exit_1(capsys: pytest.CaptureFixture[str], tmp_pa
     assert err.startswith("migpredictd measure: target unix:")
     assert measure_command(_cli(["unix:/x", "--sample-pages", "5"])) == 1
     assert "sample_pages" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("window", "label_period"),
+    [(1000, 1000), (1001, 1000), (1003, 1000), (1025, 1000), (1026, 1026), (3000, 3000)],
+)
+def test_a_window_overshot_by_timing_noise_counts_as_the_period_asked(window: int, label_period: int) -> None:
+    reply = {"status": "measured", "dirty-rate": 12, "calc-time": window, "calc-time-unit": "millisecond"}
+    assert as_requested(reply, 1000.0)["calc-time"] == label_period
+    seconds = {"status": "measured", "dirty-rate": 12, "calc-time": 1}  # 7.2: whole seconds, never touched
+    assert as_requested(seconds, 1000.0) is seconds
