@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from benchmarks.scale import RESULTS, fetch, free_port, gauge, stage_counter, start_fleet
+from benchmarks.scale import RESULTS, fetch, free_port, gauge, stage_counter, start_fleet, write_fleet_config
 
 SECTION = "## 3. Event-loop lag at 10,000 targets"
 LAG = "migpredictd_event_loop_lag_max_seconds"
@@ -71,21 +71,6 @@ def _wait_metrics(port: int, daemon: subprocess.Popen[bytes], log: Path) -> byte
         except OSError:
             time.sleep(0.2)
     raise TimeoutError("the daemon did not serve /metrics within 10 minutes")
-
-
-def _config(
-    path: Path, endpoints: list[tuple[str, str]], jitter: str, slots: int, *, interval: str = "1h"
-) -> None:
-    lines = [
-        "global:",
-        f"  interval: {interval}",
-        f"  jitter: {jitter}",
-        f"  max_concurrent: {slots}",
-        "  measurement: {periods: [50ms], zero_pages: none, connect_timeout: 30s, command_timeout: 30s}",
-        "targets:",
-    ]
-    lines += [f"  - {{name: {name}, qmp: 'unix:{address}'}}" for name, address in endpoints]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def _wait_grids(port: int, daemon: subprocess.Popen[bytes], log: Path, count: int, t0: float) -> bytes:
@@ -124,7 +109,7 @@ def run_tree(tree: Path, n: int, reloads: int) -> dict[str, float]:
     try:
         # Phase 1: reloads.
         config = tmp / "reload.yaml"
-        _config(config, endpoints, "59m", 16)
+        write_fleet_config(config, endpoints, jitter="59m", slots=16)
         port, log = free_port(), tmp / "reload.log"
         daemon = _start(tree, config, port, log)
         try:
@@ -142,9 +127,8 @@ def run_tree(tree: Path, n: int, reloads: int) -> dict[str, float]:
             daemon.wait(60)
         # Phase 2: two rounds, then SIGTERM while the second round's derived answers are computing.
         config = tmp / "round.yaml"
-        _config(
-            config, endpoints, f"{max(1.0, n / 500):g}s", min(256, max(16, n // 20)), interval=ROUND_INTERVAL
-        )
+        jitter, slots = f"{max(1.0, n / 500):g}s", min(256, max(16, n // 20))
+        write_fleet_config(config, endpoints, jitter=jitter, slots=slots, interval=ROUND_INTERVAL)
         port, log = free_port(), tmp / "round.log"
         t0 = time.monotonic()
         daemon = _start(tree, config, port, log)

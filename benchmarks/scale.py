@@ -285,6 +285,22 @@ def start_fleet(n: int, directory: Path) -> tuple[subprocess.Popen[str], list[tu
     return proc, endpoints
 
 
+def write_fleet_config(
+    path: Path, endpoints: list[tuple[str, str]], *, jitter: str, slots: int, interval: str = "1h"
+) -> None:
+    """The daemon's config for a fake fleet: one 50 ms calc-dirty-rate per VM, no zero pages."""
+    lines = [
+        "global:",
+        f"  interval: {interval}",
+        f"  jitter: {jitter}",
+        f"  max_concurrent: {slots}",
+        "  measurement: {periods: [50ms], zero_pages: none, connect_timeout: 30s, command_timeout: 30s}",
+        "targets:",
+    ]
+    lines += [f"  - {{name: {name}, qmp: 'unix:{address}'}}" for name, address in endpoints]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def daemon_run(n: int, *, jitter: float, max_concurrent: int, scrapes: int) -> dict[str, float]:
     tmp = Path(
         tempfile.mkdtemp(prefix=f"scale{n}-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
@@ -292,16 +308,7 @@ def daemon_run(n: int, *, jitter: float, max_concurrent: int, scrapes: int) -> d
     (tmp / "s").mkdir()
     fleet, endpoints = start_fleet(n, tmp / "s")
     config = tmp / "config.yaml"
-    lines = [
-        "global:",
-        "  interval: 1h",
-        f"  jitter: {jitter:g}s",
-        f"  max_concurrent: {max_concurrent}",
-        "  measurement: {periods: [50ms], zero_pages: none, connect_timeout: 30s, command_timeout: 30s}",
-        "targets:",
-    ]
-    lines += [f"  - {{name: {name}, qmp: 'unix:{address}'}}" for name, address in endpoints]
-    config.write_text("\n".join(lines) + "\n")
+    write_fleet_config(config, endpoints, jitter=f"{jitter:g}s", slots=max_concurrent)
     port = free_port()
     log = tmp / "daemon.log"
     t0 = time.monotonic()

@@ -15,13 +15,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import yaml
 
 from tests.daemon_helpers import LoggedProcess
+from tests.waits import wait_until
 
 POLICY_RECORD: Final = "migpredictd:migration_converges:policy"
 # The one selector the policy rule is allowed to be: metric{bandwidth="...", max_downtime="..."}.
@@ -198,17 +199,3 @@ def _decode(raw: bytes) -> JSON:
     except ValueError:
         return {"status": "error", "error": raw.decode(errors="replace")[:500]}
     return body
-
-
-def wait_until(
-    predicate: Callable[[], T | None], timeout: float, what: str, detail: Callable[[], str] = lambda: ""
-) -> T:
-    """Poll `predicate` every 0.5 s until it returns something truthy; return that, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g}s. {detail()}")
-        time.sleep(0.5)

@@ -27,7 +27,6 @@ from tests.prometheus_helpers import (
     prometheus_binary,
     prometheus_config,
     rules_for_test,
-    wait_until,
     write_yaml,
 )
 from tests.rig_fixtures import StartGuest
@@ -41,6 +40,7 @@ from tests.test_deploy_assets import (
     deploy_exprs,
     substitute_grafana_variables,
 )
+from tests.waits import wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.prometheus, pytest.mark.slow]
 

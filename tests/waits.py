@@ -15,11 +15,16 @@ T = TypeVar("T")
 
 
 def wait_until(
-    predicate: Callable[[], T], timeout: float, what: str = "condition", *, interval: float = 0.05
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str = "condition",
+    detail: Callable[[], str] | None = None,
+    *,
+    interval: float = 0.05,
 ) -> T:
     """Call ``predicate`` every ``interval`` s until it returns something truthy; return that.
 
-    :raises AssertionError: naming ``what`` and the last value, if ``timeout`` s pass first.
+    :raises AssertionError: naming ``what`` and the last value (or ``detail()``), if ``timeout`` s pass.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -27,7 +32,8 @@ def wait_until(
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g} s (last: {result!r})")
+            said = detail() if detail is not None else f"last: {result!r}"
+            raise AssertionError(f"{what}: not within {timeout:g} s ({said})")
         time.sleep(interval)
 
 
