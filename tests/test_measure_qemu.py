@@ -62,7 +62,9 @@ def test_dirty_rate_matches_the_guest(qemu: QemuGeneration, rate: int, wss: int)
         truth = min(wss, rate * seconds) / seconds
         # Tolerance from repeated runs at 16384 samples/GiB (docs/measuring.md): sd 0.8-1.3 MiB/s at
         # 1 s and 2.6 at 250 ms for 20 MiB/s; plus whole-MiB/s truncation and kernel background writes.
-        tolerance = max(2.0, 0.15 * truth) if seconds >= 1 else max(4.0, 0.3 * truth)
+        # At 250 ms about 100 sampled pages are dirty, so 0.3 x truth was under 3 sd and a fresh-clone
+        # CI run read 31 MiB/s for 24 (sd 2.4): 0.4 x truth is about 4 sd.
+        tolerance = max(2.0, 0.15 * truth) if seconds >= 1 else max(4.0, 0.4 * truth)
         assert abs(measured - truth) <= tolerance, (period_ms, measured, truth, m.points)
     # Zero pages came from this host's view of the QEMU process: auto samples guest pages first.
     assert m.zero_pages_method == "guest-sample"
