@@ -87,23 +87,21 @@ Sleep = Callable[[float], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What this QEMU's calc-dirty-rate can do, from its version; ``extended`` is known only once a reply
-    shows it (the 2023 series was never merged, so no version has it)."""
+    """What this QEMU's calc-dirty-rate can do, from its version. The extended output of the 2023 series
+    (never merged, so no version has it) is known only once a reply shows it (:func:`measure`)."""
 
     version: tuple[int, int, int]
     version_text: str
     calc_time_unit: bool
-    extended: bool
 
 
 def choose_strategy(requested: str, caps: Capabilities, *, target: str) -> str:
-    """``auto`` picks extended > sweep-ms > sweep-s by capability; an explicit one must be supported.
+    """``auto`` picks sweep-ms where calc-time-unit exists, else sweep-s; an explicit one must be supported
+    (``extended`` is checked against the reply).
 
     :raises QMPCommandError: the requested strategy needs a capability this QEMU lacks.
     """
     if requested == "auto":
-        if caps.extended:
-            return "extended"
         return "sweep-ms" if caps.calc_time_unit else "sweep-s"
     if requested == "sweep-ms" and not caps.calc_time_unit:
         raise QMPCommandError(
@@ -271,9 +269,7 @@ async def _capabilities(s: QMPSession) -> Capabilities:
             command="calc-dirty-rate",
             error_class="CommandNotFound",
         )
-    return Capabilities(
-        version=triple, version_text=text, calc_time_unit=triple >= CALC_TIME_UNIT_SINCE, extended=False
-    )
+    return Capabilities(version=triple, version_text=text, calc_time_unit=triple >= CALC_TIME_UNIT_SINCE)
 
 
 async def _guards(s: QMPSession) -> None:
