@@ -234,15 +234,81 @@ def test_more_bandwidth_never_stops_convergence(
 @pytest.mark.parametrize("mode", ["seed", "qemu"])
 @settings(max_examples=120, deadline=None)
 @given(m=models(), bw=BANDWIDTHS, dt=st.floats(0.0, 10.0), k=st.floats(1.0, 8.0), unlim=st.booleans())
-def test_larger_downtime_never_stops_convergence(
+def test_larger_downtime_never_slows_a_converging_migration(
     *, mode: str, m: MemoryModel, bw: float, dt: float, k: float, unlim: bool
 ) -> None:
     small, large = one(m, [bw, bw], [dt, math.inf if unlim else dt * k], PredictorSettings(mode=mode))  # type: ignore[arg-type]
+    if mode == "seed":
+        assert not _slower(small, large)  # seed mode: convergence and time are both monotone
+        return
     # qemu mode: a larger threshold makes QEMU sync the bitmap earlier (migration_iteration_run syncs as
     # soon as pending < threshold), and pages re-dirtied after being sent are sent again, so a larger
-    # limit can cost a little more time. Convergence stays exactly monotone; time within QEMU_DOWNTIME_SLACK
-    # (measured: 47 of 3000 random cells above 0, worst +2.2%).
-    assert not _slower(small, large if mode == "seed" else large / (1 + QEMU_DOWNTIME_SLACK))
+    # limit can cost a little more time (measured: 47 of 3000 random cells above 0, worst +2.2%).
+    # Convergence itself is not monotone in qemu mode (see the pinned cases below), so this checks time
+    # where both converge, and an unlimited downtime, which always converges.
+    if unlim:
+        assert not math.isnan(large)
+    if not (math.isnan(small) or math.isnan(large)):
+        assert large <= small * (1 + QEMU_DOWNTIME_SLACK)
+
+
+def test_qemu_convergence_is_not_monotone_in_downtime() -> None:
+    """QEMU compares pending with the threshold once per rate-limiter window, so a pass that ends below
+    the threshold leaves R unsent pages, R in [threshold - one window, threshold), and the next sync
+    holds R plus what one window dirtied. Converging needs that below the threshold: what a window
+    dirties must fit in threshold - R, which depends on where R falls in its window, not on the
+    threshold's size. This 4 MiB guest at 4 MiB/s (a window: 100 pages) converges at 200 ms, where
+    R >= 100 and 100 + D(100 ms) = 209 can fall below 200 pages once R is small; at 300 ms, R >= 200
+    and every sync holds at least min(200 + D(100 ms), D(100 ms + age(200))) = 308 pages, above the
+    300-page threshold, forever (docs/model.md, section 3)."""
+    m = MemoryModel(
+        page_size_bytes=4096, total_pages=1024, zero_pages=0.0,
+        period_ms=(0.0, 100.0, 250.0, 500.0, 2000.0, 30000.0, 45419.512750128946, math.inf),
+        dirty_pages=(78.03060066567805, 108.84836204697879, 155.0750041189299, 524.4355705282147,
+                     676.8561115223537, 900.7192611000796, 1024.0, 1024.0),
+        slopes=(0.0, 0.3081776138130074, 0.30817761381300746, 1.4774422656371393, 0.10161369399609263,
+                0.007995112484918784, 0.007995112484918788, 0.0),
+        offsets=(78.03060066567805, 78.03060066567805, 78.03060066567805, -214.28556229035493,
+                 473.62872353016843, 660.8658865525161, 660.865886552516, 1024.0),
+        zero_profile=None,
+    )  # fmt: skip
+    at_200, at_300 = one(m, [4 * MIB, 4 * MIB], [0.2, 0.3], QEMU)
+    assert at_200 == pytest.approx(3.848, abs=0.001)
+    assert math.isnan(at_300)
+    # The derived answer does not claim 200 ms as the smallest downtime: every grid downtime at or
+    # above the answer converges.
+    grid = Grid(bandwidths=(4 * MIB,), downtimes=(0.2, 0.3, math.inf))
+    [pred] = predict_grid([m], grid, QEMU)
+    assert math.isnan(pred.seconds[0, 1])
+    assert pred.min_downtime[0] > 0.3
+    assert not math.isnan(one(m, [4 * MIB], [pred.min_downtime[0]], QEMU)[0])
+
+
+def test_derived_downtime_settles_above_a_non_converging_grid_point() -> None:
+    """The counterexample CI's hypothesis run found: a guest that dirties nothing within 50 ms converges
+    at 64 MiB/s with a zero downtime (passes shorten until they dirty nothing), but not at 50 or 100 ms.
+    The search used to answer 0 (the bottom converges) beside a non-converging 50 ms grid cell."""
+    m = MemoryModel(
+        page_size_bytes=4096, total_pages=16384, zero_pages=0.0,
+        period_ms=(0.0, 50.0, 100.0, 125.0, 1000.0, 1084.664745940283, math.inf),
+        dirty_pages=(0.0, 0.0, 1635.0, 1728.0, 15091.0, 16384.0, 16384.0),
+        slopes=(0.0, 0.0, 32.7, 3.72, 15.272, 15.271999999999984, 0.0),
+        offsets=(0.0, 0.0, -1635.0000000000002, 1263.0, -181.0, -180.99999999998363, 16384.0),
+        zero_profile=None,
+    )  # fmt: skip
+    cfg = PredictorSettings(mode="qemu", deadline_seconds=600.0)
+    zero, at_50, at_100, at_200 = one(m, [64 * MIB] * 4, [0.0, 0.05, 0.1, 0.2], cfg)
+    assert not math.isnan(zero)
+    assert not math.isnan(at_200)
+    assert math.isnan(at_50)
+    assert math.isnan(at_100)
+    grid = Grid(bandwidths=(64 * MIB,), downtimes=(0.05, 0.5, math.inf))
+    [pred] = predict_grid([m], grid, cfg)
+    d = pred.min_downtime[0]
+    assert 0.05 < d <= 0.5
+    assert not math.isnan(one(m, [64 * MIB], [d], cfg)[0])
+    _, want_dt = brute_force_derived(ModelBatch.of([m]), grid, cfg)
+    assert pred.min_downtime[0] == want_dt[0, 0]
 
 
 # Former counterexamples of qemu mode's time monotonicity (a 256 MiB guest, two points), from when the
@@ -279,12 +345,11 @@ def test_derived_answers_match_the_grid(mode: str, m: MemoryModel) -> None:
         at, below = one(m, [b, 0.99 * b], [dt, dt], cfg)
         assert not math.isnan(at)
         assert math.isnan(below)
-        # the grid agrees: every grid bandwidth >= b converges, every one < 0.99 b does not
+        # the grid agrees: every grid bandwidth >= b converges (convergence is not monotone
+        # everywhere, so a grid bandwidth below b may converge too)
         for i, bw in enumerate(bandwidths):
             if bw >= b:
                 assert not math.isnan(pred.seconds[i, j])
-            elif bw < 0.99 * b:
-                assert math.isnan(pred.seconds[i, j])
     for i, bw in enumerate(bandwidths):
         d = pred.min_downtime[i]
         if math.isnan(d):
@@ -297,8 +362,6 @@ def test_derived_answers_match_the_grid(mode: str, m: MemoryModel) -> None:
         for j, dt in enumerate(downtimes):
             if dt >= d:
                 assert not math.isnan(pred.seconds[i, j])
-            elif dt < 0.99 * d:
-                assert math.isnan(pred.seconds[i, j])
 
 
 # seed mode's derived answers for this hopeless guest take about 6 s (no closed-form shortcuts)

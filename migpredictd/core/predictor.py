@@ -42,7 +42,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -1043,12 +1043,12 @@ def predict_derived(
 def _derived(batch: ModelBatch, grid: Grid, settings: PredictorSettings) -> tuple[FloatArray, FloatArray]:
     """The smallest converging bandwidth per downtime and downtime per bandwidth, for every VM.
 
-    Each is a bisection of the logarithm of the whole search range, BISECTION_STEPS halvings, valid
-    where convergence is monotone (it is in bandwidth; in downtime the deadline can break it, and the
-    answer is then one converging downtime whose lower neighbour does not converge). Both searches
-    share their simulations, so a step is one call for every VM. Returns ([vm, downtime] bytes/s,
-    [vm, bandwidth] seconds): 0 where the bottom of the range (1 kB/s; a downtime of exactly 0)
-    converges, nan where the top does not.
+    Each is a bisection of the logarithm of the whole search range, BISECTION_STEPS halvings. Both
+    searches share their simulations, so a step is one call for every VM. Convergence is not always
+    monotone (docs/model.md, section 3): where a grid point at or above an answer does not converge,
+    :func:`settle_on_grid` moves the answer above it, so that every grid point at or above an answer
+    converges. Returns ([vm, downtime] bytes/s, [vm, bandwidth] seconds): 0 where the bottom of the
+    range (1 kB/s; a downtime of exactly 0) converges, nan where the top does not.
     """
     nv, nb, nd = len(batch), len(grid.bandwidths), len(grid.downtimes)
     n_bw = nv * nd
@@ -1058,33 +1058,90 @@ def _derived(batch: ModelBatch, grid: Grid, settings: PredictorSettings) -> tupl
     cap = max(settings.deadline_seconds, MIN_DOWNTIME_FLOOR)
     lo = np.where(is_bw, math.log(MIN_BANDWIDTH_SEARCH[0]), math.log(MIN_DOWNTIME_FLOOR))
     hi = np.where(is_bw, math.log(MIN_BANDWIDTH_SEARCH[1]), math.log(cap))
+
+    def converges(rows: IntArray, value: FloatArray) -> npt.NDArray[np.bool_]:
+        return _converges_at(
+            batch, vm[rows], is_bandwidth=is_bw[rows], value=value, fixed=fixed[rows], settings=settings
+        )
+
     # The ends: the bottom (the search floor for bandwidths, exactly 0 for downtimes) and the top.
-    ends = _converges_at(
-        batch,
-        np.concatenate([vm, vm]),
-        is_bandwidth=np.concatenate([is_bw, is_bw]),
-        value=np.concatenate([np.where(is_bw, np.exp(lo), 0.0), np.exp(hi)]),
-        fixed=np.concatenate([fixed, fixed]),
-        settings=settings,
+    every = np.arange(len(vm))
+    ends = converges(
+        np.concatenate([every, every]), np.concatenate([np.where(is_bw, np.exp(lo), 0.0), np.exp(hi)])
     )
     bottom, top = ends[: len(vm)], ends[len(vm) :]
     searched = np.flatnonzero(~bottom & top)
-    lo, hi = lo[searched], hi[searched]
+    answer = np.where(bottom, 0.0, np.nan)
+    answer[searched] = np.exp(bisect_log(lo[searched], hi[searched], lambda v: converges(searched, v)))
+    # The grid points of each row's searched axis: downtimes are searched per bandwidth, and so on.
+    points = np.full((len(vm), max(nb, nd)), np.nan)
+    points[:n_bw, :nb] = np.tile(np.array(grid.bandwidths), (n_bw, 1))
+    points[n_bw:, :nd] = np.tile(np.array(grid.downtimes), (nv * nb, 1))
+    answer = settle_on_grid(answer, points, top=top, log_floor=lo, log_cap=hi, converges=converges)
+    return answer[:n_bw].reshape(nv, nd), answer[n_bw:].reshape(nv, nb)
+
+
+def bisect_log(
+    lo: FloatArray, hi: FloatArray, converges: Callable[[FloatArray], npt.NDArray[np.bool_]]
+) -> FloatArray:
+    """BISECTION_STEPS halvings of ``[lo, hi]`` (logarithms; ``hi`` converges, ``lo`` is taken not to):
+    the logarithm of the smallest converging value found."""
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2.0
-        ok = _converges_at(
-            batch,
-            vm[searched],
-            is_bandwidth=is_bw[searched],
-            value=np.exp(mid),
-            fixed=fixed[searched],
-            settings=settings,
-        )
+        ok = converges(np.exp(mid))
         hi = np.where(ok, mid, hi)
         lo = np.where(ok, lo, mid)
-    answer = np.where(bottom, 0.0, np.nan)
-    answer[searched] = np.exp(hi)
-    return answer[:n_bw].reshape(nv, nd), answer[n_bw:].reshape(nv, nb)
+    return hi
+
+
+def settle_on_grid(
+    answer: FloatArray,
+    points: FloatArray,
+    *,
+    top: npt.NDArray[np.bool_],
+    log_floor: FloatArray,
+    log_cap: FloatArray,
+    converges: Callable[[IntArray, FloatArray], npt.NDArray[np.bool_]],
+) -> FloatArray:
+    """Make each row's answer agree with its grid: every grid point at or above it converges.
+
+    ``points[r]`` are row r's grid values on the searched axis (nan-padded), ``top[r]`` whether the top
+    of the search range (``exp(log_cap[r])``) converges, and ``converges(rows, values)`` simulates. A
+    row with a grid point at or above its answer that does not converge (convergence is not monotone
+    everywhere) is searched again, between the largest such point and the next value that converges:
+    the grid point above it, or the top. nan if there is none.
+    """
+    rows = np.flatnonzero(~np.isnan(answer))
+    if not rows.size:
+        return answer
+    pts = points[rows]
+    check = (
+        ~np.isnan(pts) & np.isfinite(pts) & (pts >= answer[rows, None]) & (pts <= np.exp(log_cap[rows, None]))
+    )
+    r_idx, p_idx = np.nonzero(check)
+    if not r_idx.size:
+        return answer
+    ok = np.ones(pts.shape, dtype=bool)
+    ok[r_idx, p_idx] = converges(rows[r_idx], pts[r_idx, p_idx])
+    failing = np.where(check & ~ok, pts, -np.inf).max(axis=1)
+    bad = np.flatnonzero(np.isfinite(failing))
+    if not bad.size:
+        return answer
+    out = answer.copy()
+    rows, low, pts = rows[bad], failing[bad], pts[bad]
+    above = np.where(~np.isnan(pts) & (pts > low[:, None]), pts, np.inf).min(axis=1)
+    high = np.where(
+        np.isfinite(above) & (above <= np.exp(log_cap[rows])),
+        above,
+        np.where(top[rows], np.exp(log_cap[rows]), np.nan),
+    )
+    out[rows] = np.nan
+    go = np.flatnonzero(~np.isnan(high))
+    if go.size:
+        r = rows[go]
+        lo = np.maximum(np.log(np.maximum(low[go], 1e-300)), log_floor[r])
+        out[r] = np.exp(bisect_log(lo, np.log(high[go]), lambda v: converges(r, v)))
+    return out
 
 
 def _converges_at(

@@ -26,6 +26,7 @@ from migpredictd.core.predictor import (
     IntArray,
     ModelBatch,
     PredictorSettings,
+    settle_on_grid,
     simulate,
 )
 
@@ -82,8 +83,12 @@ def brute_force_derived(
     lo = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[0]))
     hi = np.full(vm.size, math.log(MIN_BANDWIDTH_SEARCH[1]))
     ok_hi, ok_lo = converges(vm, np.exp(hi), dt), converges(vm, np.exp(lo), dt)
-    hi = bisect(lo, hi, lambda bw: converges(vm, bw, dt))
-    min_bw = np.where(ok_lo, 0.0, np.where(ok_hi, np.exp(hi), np.nan))
+    found = bisect(lo, hi, lambda bw: converges(vm, bw, dt))
+    min_bw = np.where(ok_lo, 0.0, np.where(ok_hi, np.exp(found), np.nan))
+    min_bw = settle_on_grid(
+        min_bw, np.tile(bandwidths, (vm.size, 1)), top=ok_hi, log_floor=lo, log_cap=hi,
+        converges=lambda rows, bw: converges(vm[rows], bw, dt[rows]),
+    )  # fmt: skip
 
     vm = np.repeat(np.arange(nv), len(bandwidths))
     bw = np.tile(bandwidths, nv)
@@ -91,6 +96,10 @@ def brute_force_derived(
     lo = np.full(vm.size, math.log(floor))
     hi = np.full(vm.size, math.log(cap))
     ok_zero, ok_hi = converges(vm, bw, np.zeros(vm.size)), converges(vm, bw, np.full(vm.size, cap))
-    hi = bisect(lo, hi, lambda d: converges(vm, bw, d))
-    min_dt = np.where(ok_zero, 0.0, np.where(ok_hi, np.exp(hi), np.nan))
+    found = bisect(lo, hi, lambda d: converges(vm, bw, d))
+    min_dt = np.where(ok_zero, 0.0, np.where(ok_hi, np.exp(found), np.nan))
+    min_dt = settle_on_grid(
+        min_dt, np.tile(downtimes, (vm.size, 1)), top=ok_hi, log_floor=lo, log_cap=hi,
+        converges=lambda rows, d: converges(vm[rows], bw[rows], d),
+    )  # fmt: skip
     return min_bw.reshape(nv, len(downtimes)), min_dt.reshape(nv, len(bandwidths))
