@@ -3,6 +3,7 @@
 - ``core/`` is pure: the standard library's computing modules, numpy and other core modules only;
 - ``qemu/`` (the QMP edge), ``config/``, ``web/`` and ``serve/`` may use what is below them, never
   what is above, and never the lab;
+- ``helper/`` (the privileged zero-page helper) may use the core and the zero-page reader only;
 - ``lab/`` (rig, fake QMP, reference, demo) may use anything; only ``cli.py`` reaches it, and only
   inside the ``demo`` command's function, so the daemon's runtime path never imports it.
 
@@ -31,6 +32,8 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"core", "qemu", "config", "web"}),
         frozenset({"prometheus_client", "apscheduler"}),
     ),
+    # The privileged helper: the zero-page reader and its protocol, nothing from outside the stdlib.
+    "helper": (frozenset({"core", "qemu.zeropages", "qemu.zerohelper", "qemu.settings"}), frozenset()),
 }
 # The core computes; it does not reach files, sockets, processes, clocks or threads.
 CORE_STDLIB: frozenset[str] = frozenset(
@@ -108,7 +111,7 @@ def test_every_module_keeps_the_import_contract() -> None:
 
 def test_the_tree_has_the_layers_and_nothing_loose() -> None:
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
-    assert folders == {"core", "qemu", "config", "web", "serve", "lab"}
+    assert folders == {"core", "qemu", "config", "web", "serve", "helper", "lab"}
     loose = {p.name for p in PACKAGE.glob("*.py")}
     assert loose == {"__init__.py", "cli.py"}
 
@@ -124,6 +127,12 @@ def test_the_tree_has_the_layers_and_nothing_loose() -> None:
         ("serve", "from migpredictd.lab.fakeqmp import FakeVM\n", "serve imports the lab"),
         ("web", "import prometheus_client\n", "web imports the third-party prometheus_client"),
         ("root", "from migpredictd.lab.demo import demo_command\n", "root imports the lab"),
+        (
+            "helper",
+            "from migpredictd.qemu.measure import measure\n",
+            "helper imports migpredictd.qemu.measure",
+        ),
+        ("helper", "import yaml\n", "helper imports the third-party yaml"),
     ],
 )
 def test_the_checker_catches_each_kind_of_breach(layer: str, source: str, expected: str) -> None:
@@ -146,3 +155,22 @@ def test_the_daemon_runtime_path_imports_no_lab_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_helper_loads_nothing_but_the_standard_library() -> None:
+    """The privileged helper's whole code: its modules, the zero-page reader, the error types."""
+    code = (
+        "import sys\n"
+        "import migpredictd.helper.zeropaged\n"
+        "print(sorted(m for m in sys.modules if m.startswith('migpredictd')))\n"
+        "print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in "
+        "('numpy', 'yaml', 'prometheus_client', 'apscheduler', 'qemu', 'bcrypt')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    ours, third = out.strip().splitlines()
+    assert third == "[]"
+    assert set(eval(ours)) <= {  # noqa: S307 (our own subprocess's repr of a list of names)
+        "migpredictd", "migpredictd.core", "migpredictd.core.errors", "migpredictd.qemu",
+        "migpredictd.qemu.settings", "migpredictd.qemu.zerohelper", "migpredictd.qemu.zeropages",
+        "migpredictd.helper", "migpredictd.helper.zeropaged",
+    }  # fmt: skip

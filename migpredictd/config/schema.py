@@ -283,8 +283,8 @@ def _fields(entries: dict[str, Node], key: str, specs: Mapping[str, tuple[str, _
 # --- sections ----------------------------------------------------------------------------------------------
 
 _MEASUREMENT_KEYS: Final = (
-    "strategy", "periods", "sample_pages", "zero_pages", "guest_sample_pages", "connect_timeout",
-    "command_timeout", "poll_interval", "settle_timeout",
+    "strategy", "periods", "sample_pages", "zero_pages", "zero_pages_helper", "guest_sample_pages",
+    "connect_timeout", "command_timeout", "poll_interval", "settle_timeout",
 )  # fmt: skip
 
 
@@ -304,9 +304,17 @@ def _measurement(y: Node, key: str, base: MeasureSettings, p: Problems) -> Measu
     def guest_sample_pages(v: Node, k: str) -> int | None:
         return _integer(v, k, p, low=1, high=MAX_GUEST_SAMPLE_PAGES)
 
+    def helper_socket(v: Node, k: str) -> str | None:
+        text = _string(v, k, p)
+        if text is not None and not (text.startswith("/") and len(text.encode()) <= 107):
+            p.add(v.line, k, "must be an absolute unix socket path of at most 107 bytes")
+            return None
+        return text
+
     out = _fields(entries, key, {
         "strategy": ("strategy", lambda v, k: _choice(v, k, STRATEGIES, p)),
         "zero_pages": ("zero_pages", lambda v, k: _choice(v, k, ZERO_PAGE_METHODS, p)),
+        "zero_pages_helper": ("zero_pages_helper", helper_socket),
         "sample_pages": ("sample_pages", sample_pages),
         "guest_sample_pages": ("guest_sample_pages", guest_sample_pages),
         "connect_timeout": ("connect_timeout", duration),

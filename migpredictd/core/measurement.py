@@ -26,7 +26,7 @@ from migpredictd.core.errors import InputError
 FORMAT: Final = "migpredictd.measurement/v1"
 MIB: Final = 1 << 20
 
-ZERO_PAGE_METHODS: Final = ("qemu-sampled", "host-smaps", "guest-sample", "none")
+ZERO_PAGE_METHODS: Final = ("qemu-sampled", "host-smaps", "guest-sample", "host-status", "none")
 STRATEGIES: Final = ("extended", "sweep-ms", "sweep-s", "manual")
 MAX_PROFILE_BINS: Final = 1024
 

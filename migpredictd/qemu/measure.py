@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -43,16 +44,19 @@ from migpredictd.core.errors import (
 from migpredictd.core.measurement import Measurement, measurement_from_extended, measurement_from_sweep
 from migpredictd.qemu.qmp import READ_ONLY_COMMANDS, SAFE_DIRTY_RATE_MODE, QMPSession
 from migpredictd.qemu.settings import (
+    DEFAULT_HELPER_SOCKET,
     DEFAULT_PERIODS_MS,
     DEFAULT_SAMPLE_PAGES,
     STRATEGIES,
     ZERO_PAGE_METHODS,
     MeasureSettings,
 )
+from migpredictd.qemu.zerohelper import MAX_HELPER_SAMPLES, HelperRequest, ask_helper
 from migpredictd.qemu.zeropages import (
     ZeroPagesUnavailableError,
     guest_sample_estimate,
     smaps_estimate,
+    status_estimate,
 )
 
 logger = logging.getLogger(__name__)
@@ -214,7 +218,13 @@ async def measure(
         else:
             # Reading sampled guest pages takes tens of ms: off the event loop, so scrapes never wait.
             zero, method, profile = await asyncio.to_thread(
-                _zero_pages, settings, peer_pid, memory_bytes, notes, target
+                _zero_pages,
+                settings,
+                peer_pid,
+                addr if isinstance(addr, str) else None,
+                memory_bytes,
+                notes,
+                target,
             )
             result = measurement_from_sweep(
                 runs,
@@ -454,42 +464,64 @@ def _check_run(
         )
 
 
-def _zero_pages(
-    settings: MeasureSettings, pid: int | None, memory_bytes: int, notes: list[str], target: str
+def _zero_pages(  # noqa: PLR0917 (one private call site)
+    settings: MeasureSettings,
+    pid: int | None,
+    socket_path: str | None,
+    memory_bytes: int,
+    notes: list[str],
+    target: str,
 ) -> tuple[float | None, str, tuple[float, ...] | None]:
     """Zero pages by the configured method, and where they lie (guest-sample only); when impossible,
-    None ("unknown": assume none) plus a note."""
+    None ("unknown": assume none) plus a note. Every method tried and why it failed goes into ``notes``.
+
+    ``auto`` tries, best first: guest-sample here (the daemon can read ``/proc/PID/mem``: root or QEMU's
+    uid); the zero-page helper (the hardened deployments: the same guest-sample, done by a privileged
+    helper); host-smaps here; host-status (unprivileged: QEMU's resident memory from
+    ``/proc/PID/status``). Held-out errors of each: docs/accuracy.md.
+    """
     method = settings.zero_pages
     if method == "none":
         return None, "none", None
-    if pid is None:
-        notes.append(
-            "zero pages unknown: the QEMU PID is only known over a local unix socket "
-            "(prediction assumes no zero pages, so it errs long)"
-        )
-        return None, "none", None
-    # auto: guest-sample first: on held-out real migrations it is far more accurate than host-smaps,
-    # which counts pages once touched and later zeroed as non-zero and says nothing about where zero
-    # pages lie (figures: docs/accuracy.md). It reads sampled guest pages through /proc/PID/mem only to
-    # test them for zero, keeps nothing, writes nothing; `zero_pages: host-smaps` turns it off.
-    methods = ("guest-sample", "host-smaps") if method == "auto" else (method,)
-    est = None
+    methods = ("guest-sample", "helper", "host-smaps", "host-status") if method == "auto" else (method,)
     for m in methods:
         try:
+            if m == "helper":
+                if socket_path is None:
+                    raise ZeroPagesUnavailableError("the helper needs a unix QMP socket")
+                request = HelperRequest(
+                    qmp_socket=os.path.abspath(socket_path),
+                    memory_bytes=memory_bytes,
+                    page_size=PAGE_SIZE,
+                    samples=min(settings.guest_sample_pages, MAX_HELPER_SAMPLES),
+                )
+                reply = ask_helper(settings.zero_pages_helper, request, timeout=settings.command_timeout)
+                if pid is not None and reply.pid != pid:
+                    raise ZeroPagesUnavailableError(
+                        f"the helper read PID {reply.pid}, the QMP socket's peer is PID {pid}"
+                    )
+                notes.append(
+                    f"zero pages: {reply.method} by the zero-page helper at {settings.zero_pages_helper}"
+                )
+                logger.debug("%s: zero pages %s (helper): %s", target, reply.method, reply.detail)
+                return reply.zero_pages, reply.method, reply.profile
+            if pid is None:
+                raise ZeroPagesUnavailableError("the QEMU PID is only known over a local unix socket")
             if m == "guest-sample":
                 est = guest_sample_estimate(
                     pid, memory_bytes=memory_bytes, page_size=PAGE_SIZE, samples=settings.guest_sample_pages
                 )
-            else:
+            elif m == "host-smaps":
                 est = smaps_estimate(pid, memory_bytes=memory_bytes, page_size=PAGE_SIZE)
-            break
+            else:
+                est = status_estimate(pid, memory_bytes=memory_bytes, page_size=PAGE_SIZE)
         except ZeroPagesUnavailableError as exc:
             notes.append(f"zero pages: {m} unavailable: {exc}")
-    if est is None:
-        notes.append("zero pages unknown: prediction assumes no zero pages, so it errs long")
-        return None, "none", None
-    logger.debug("%s: zero pages %s: %s", target, est.method, est.detail)
-    return est.zero_pages, est.method, est.profile
+            continue
+        logger.debug("%s: zero pages %s: %s", target, est.method, est.detail)
+        return est.zero_pages, est.method, est.profile
+    notes.append("zero pages unknown: prediction assumes no zero pages, so it errs long")
+    return None, "none", None
 
 
 # --- CLI --------------------------------------------------------------------------------------------
@@ -513,8 +545,14 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         "--zero-pages",
         choices=ZERO_PAGE_METHODS,
         default="auto",
-        help="auto (default) = guest-sample (tests sampled guest pages for zero) where /proc/PID/mem can be "
-        "read, else host-smaps (resident set); none = assume no zero pages",
+        help="auto (default): the first that works of guest-sample (tests sampled guest pages for zero; "
+        "needs /proc/PID/mem), helper (the same, by migpredictd-zeropaged), host-smaps (QEMU's guest-RAM "
+        "mapping) and host-status (QEMU's resident memory, readable by anyone); none = assume no zero pages",
+    )
+    parser.add_argument(
+        "--zero-pages-helper",
+        default=DEFAULT_HELPER_SOCKET,
+        help="the zero-page helper's socket (default: %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="per QMP command and connect, seconds")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -538,6 +576,7 @@ def settings_from_args(args: argparse.Namespace) -> MeasureSettings:
         periods_ms=periods,
         sample_pages=args.sample_pages,
         zero_pages=args.zero_pages,
+        zero_pages_helper=args.zero_pages_helper,
     )
 
 

@@ -16,6 +16,7 @@ from migpredictd.core.errors import InputError
 
 __all__ = [
     "DEFAULT_GUEST_SAMPLE_PAGES",
+    "DEFAULT_HELPER_SOCKET",
     "DEFAULT_PERIODS_MS",
     "DEFAULT_SAMPLE_PAGES",
     "MAX_CALC_MS",
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 STRATEGIES: Final = ("auto", "extended", "sweep-ms", "sweep-s")
-ZERO_PAGE_METHODS: Final = ("auto", "host-smaps", "guest-sample", "none")
+ZERO_PAGE_METHODS: Final = ("auto", "guest-sample", "helper", "host-smaps", "host-status", "none")
 
 # A sweep must reach about as long as the first migration pass to see a working set that fills up
 # later, and each run costs its whole period in wall time, so the periods double.
@@ -49,6 +50,8 @@ MAX_CALC_MS: Final = 60000.0
 # fix, and the cost stays tens of milliseconds (docs/measuring.md, "Zero pages").
 DEFAULT_GUEST_SAMPLE_PAGES: Final = 16384
 MAX_GUEST_SAMPLE_PAGES: Final = 1 << 20
+# Where the unprivileged daemon finds the zero-page helper (migpredictd-zeropaged) with no flags.
+DEFAULT_HELPER_SOCKET: Final = "/run/migpredictd/zeropages.sock"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +68,7 @@ class MeasureSettings:
     sample_pages: int = DEFAULT_SAMPLE_PAGES  # per GiB, as calc-dirty-rate's sample-pages
     zero_pages: str = "auto"
     guest_sample_pages: int = DEFAULT_GUEST_SAMPLE_PAGES
+    zero_pages_helper: str = DEFAULT_HELPER_SOCKET
     poll_interval: float = 0.05
     # How long past calc-time QEMU may take to say "measured" (it normally answers within milliseconds).
     settle_timeout: float = 10.0
@@ -80,6 +84,10 @@ class MeasureSettings:
             raise InputError(f"must be one of {', '.join(ZERO_PAGE_METHODS)}", field="zero_pages")
         if not MIN_SAMPLE_PAGES <= self.sample_pages <= MAX_SAMPLE_PAGES:
             raise InputError(f"must be in {MIN_SAMPLE_PAGES}..{MAX_SAMPLE_PAGES}", field="sample_pages")
+        if not (self.zero_pages_helper.startswith("/") and len(self.zero_pages_helper.encode()) <= 107):
+            raise InputError(
+                "must be an absolute unix socket path of at most 107 bytes", field="zero_pages_helper"
+            )
         if not 1 <= self.guest_sample_pages <= MAX_GUEST_SAMPLE_PAGES:
             raise InputError(f"must be in 1..{MAX_GUEST_SAMPLE_PAGES}", field="guest_sample_pages")
         if self.periods_ms is not None:

@@ -16,7 +16,14 @@ idle guest is mostly zero (a 512 MiB guest sent only 95 MiB of non-zero pages). 
   host-smaps`` turns it off.
 
 Both need the QEMU PID (``SO_PEERCRED`` of the QMP unix socket) and root or the QEMU user's rights on
-``/proc/PID``; elsewhere they raise :class:`ZeroPagesUnavailableError` and the caller records "unknown".
+``/proc/PID``. An unprivileged daemon gets them from the zero-page helper
+(:mod:`migpredictd.qemu.zerohelper`), which runs these same functions with those rights.
+
+- ``host-status`` (the unprivileged fallback, when neither works): ``RssAnon + RssShmem + VmSwap`` of the
+  whole QEMU process from ``/proc/PID/status``, which every user may read. Like ``host-smaps`` it bounds
+  the non-zero pages from above, more loosely: QEMU's own heap and code buffers count as guest pages.
+
+Where none works they raise :class:`ZeroPagesUnavailableError` and the caller records "unknown".
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ class ZeroPageEstimate:
 
     zero_pages: float
     method: str
-    mapping: Mapping
+    mapping: Mapping | None  # None for host-status, which reads no mappings
     detail: str
     # guest-sample only: the zero share of PROFILE_BINS equal slices of guest RAM, in address order.
     profile: tuple[float, ...] | None = None
@@ -234,6 +241,49 @@ def guest_sample_estimate(
     )
 
 
+def status_estimate(
+    pid: int, *, memory_bytes: int, page_size: int = 4096, proc: Path = Path("/proc")
+) -> ZeroPageEstimate:
+    """``host-status``: zero pages >= guest pages minus QEMU's resident anonymous, shared and swapped memory.
+
+    ``/proc/PID/status`` is readable by every user who can see the PID, so this needs no privilege. It
+    is a lower bound on zero pages, looser than ``host-smaps``: QEMU's own allocations count as guest
+    pages, and pages the guest wrote and later zeroed stay resident.
+
+    :raises ZeroPagesUnavailableError: when the status cannot be read or lacks the fields.
+    """
+    try:
+        text = (proc / str(pid) / "status").read_text()
+    except OSError as exc:
+        raise ZeroPagesUnavailableError(f"cannot read /proc/{pid}/status: {exc.strerror or exc}") from exc
+    fields: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if (
+            key in ("RssAnon", "RssShmem", "VmSwap")
+            and len(parts) == 2
+            and parts[0].isdigit()
+            and parts[1] == "kB"
+        ):
+            fields[key] = int(parts[0]) * 1024
+    if "RssAnon" not in fields:
+        raise ZeroPagesUnavailableError(f"/proc/{pid}/status has no RssAnon (kernel older than 4.5?)")
+    total_pages = memory_bytes // page_size
+    used = fields["RssAnon"] + fields.get("RssShmem", 0) + fields.get("VmSwap", 0)
+    nonzero_pages = min(total_pages, -(-used // page_size))
+    return ZeroPageEstimate(
+        zero_pages=float(total_pages - nonzero_pages),
+        method="host-status",
+        mapping=None,
+        detail=(
+            f"PID {pid}: {fields['RssAnon'] >> 20} MiB anonymous, "
+            f"{fields.get('RssShmem', 0) >> 20} MiB shared, {fields.get('VmSwap', 0) >> 20} MiB swapped "
+            "(all of QEMU, not only guest RAM)"
+        ),
+    )
+
+
 __all__ = [
     "DEFAULT_GUEST_SAMPLE_PAGES",
     "Mapping",
@@ -243,4 +293,5 @@ __all__ = [
     "guest_sample_estimate",
     "read_smaps",
     "smaps_estimate",
+    "status_estimate",
 ]

@@ -1,0 +1,142 @@
+"""Run migpredictd as the shipped deployments do: the daemon unprivileged, the helper as root with only
+the capabilities its systemd unit grants.
+
+- :func:`deployed_venv`: this checkout installed (not editable) into a venv of Debian's own Python at
+  :data:`VENV`, world-readable, so uid 9842 can run it (the test runner's Python may live under
+  ``/root``, which other users cannot enter).
+- :data:`UNPRIVILEGED`: ``setpriv`` to uid/gid 9842, no supplementary groups, no capabilities at all.
+- :func:`start_helper`: ``migpredictd-zeropaged`` as root with only ``CAP_SYS_PTRACE`` and
+  ``CAP_DAC_OVERRIDE``, on a socket made as systemd's ``migpredictd-zeropaged.socket`` makes it
+  (root:9842, mode 0660) and passed as systemd passes it (``LISTEN_FDS``).
+- :func:`share_qmp`: give uid 9842 the QMP socket of a rig guest, as the deployments' ACLs do.
+
+Fails (never skips) when any of it cannot run: a test that needs it is about the deployed path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from migpredictd.lab.rig.guest import Guest
+
+REPO: Final = Path(__file__).resolve().parent.parent
+VENV: Final = Path(os.environ.get("MIGPREDICTD_DEPLOYED_VENV", "/opt/migpredictd-deployed-test"))
+UID: Final = 9842
+# The daemon as shipped: its own uid and gid, no groups, no capabilities (CapabilityBoundingSet= empty).
+UNPRIVILEGED: Final = (
+    "setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--inh-caps=-all",
+    "--bounding-set=-all", "--no-new-privs",
+)  # fmt: skip
+# The helper as deploy/systemd/migpredictd-zeropaged.service runs it.
+HELPER_CAPABILITIES: Final = ("setpriv", "--bounding-set=-all,+sys_ptrace,+dac_override", "--inh-caps=-all")
+
+
+@functools.cache
+def deployed_venv() -> Path:
+    """This checkout installed into :data:`VENV` (made once; the package is reinstalled every session)."""
+    env = {**os.environ, "PYTHON": "/usr/bin/python3"}
+    if not (VENV / "bin" / "python").exists():
+        subprocess.run(
+            ["bash", str(REPO / "scripts" / "venv.sh"), str(VENV), "--quiet", str(REPO)], check=True, env=env
+        )
+    subprocess.run(
+        [
+            str(VENV / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--force-reinstall",
+            str(REPO),
+        ],
+        check=True,
+        cwd="/",
+    )
+    subprocess.run(["chmod", "-R", "a+rX", str(VENV)], check=True)
+    return VENV
+
+
+def unprivileged(*argv: str) -> list[str]:
+    """``argv`` (a command of the deployed venv's bin/, or a path) run as uid 9842 without capabilities."""
+    first = argv[0] if "/" in argv[0] else str(deployed_venv() / "bin" / argv[0])
+    return [*UNPRIVILEGED, first, *argv[1:]]
+
+
+def share_qmp(guest: Guest) -> str:
+    """Let uid 9842 connect to ``guest``'s QMP socket (as the deployments' ACL or group does); its path."""
+    path = Path(guest.qmp_path)
+    os.chmod(path.parent, 0o711)  # noqa: S103 (search only: uid 9842 reaches the socket, lists nothing)
+    os.chown(path, UID, -1)
+    return str(path)
+
+
+def start_helper(
+    socket_path: str | Path, allow: Sequence[str], *, group: int = UID
+) -> subprocess.Popen[bytes]:
+    """``migpredictd-zeropaged`` as root with two capabilities, socket-activated at ``socket_path``.
+
+    Returns once the socket accepts; the caller stops the process (``stop_helper``)."""
+    path = Path(socket_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    os.chown(path, 0, group)
+    os.chmod(path, 0o660)
+    listener.listen(16)
+    helper = str(deployed_venv() / "bin" / "migpredictd-zeropaged")
+    args = [a for pattern in allow for a in ("--allow", pattern)]
+    # systemd's socket activation: the listening socket as fd 3, LISTEN_PID naming the service's process.
+    command = [
+        *HELPER_CAPABILITIES,
+        "sh",
+        "-c",
+        'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@"',
+        helper,
+        *args,
+    ]
+    fd = listener.fileno()
+
+    def as_fd_3() -> None:
+        os.dup2(fd, 3)
+
+    # (subprocess closes other descriptors after preexec_fn has run: 3 must be kept as well)
+    keep = tuple({fd, 3})
+    proc = subprocess.Popen(command, pass_fds=keep, preexec_fn=as_fd_3, stderr=subprocess.PIPE)  # noqa: PLW1509
+    listener.close()
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the helper exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                s.connect(str(path))
+                s.sendall(b"{}\n")
+                if s.recv(4096):
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the helper did not answer within 20 s")
+
+
+def stop_helper(proc: subprocess.Popen[bytes]) -> str:
+    """Stop the helper; its log (stderr)."""
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err.decode(errors="replace")
