@@ -15,8 +15,20 @@
 #     migpredictd:0.1.0
 #
 # The socket directory is mounted at the same path as on the host, so socket paths in config.yaml are the
-# host's paths. See docs/deploy.md for libvirt (second -qmp socket per VM) and for the host-side zero-page
-# estimate, which additionally needs `--pid host` and the QEMU processes' uid.
+# host's paths. See docs/deploy.md for libvirt (second -qmp socket per VM).
+#
+# Zero pages: the same image's second entrypoint, migpredictd-zeropaged, is the privileged helper
+# (docs/security.md). It runs as root with two capabilities, no network, and the host's PIDs; the daemon
+# above finds it at /run/migpredictd/zeropages.sock, on a volume both containers mount:
+#
+#   docker volume create migpredictd-run
+#   docker run -d --name migpredictd-zeropaged --restart unless-stopped \
+#     --user 0:0 --group-add 9842 --pid host --network none \
+#     --cap-drop ALL --cap-add SYS_PTRACE --cap-add DAC_OVERRIDE --security-opt no-new-privileges \
+#     -v /run/qemu-server:/run/qemu-server:ro -v migpredictd-run:/run/migpredictd --read-only \
+#     --entrypoint migpredictd-zeropaged migpredictd:0.1.0 --socket-group 9842
+#
+# and the daemon's `docker run` above adds `-v migpredictd-run:/run/migpredictd:ro`.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -50,7 +62,7 @@ ENV PYTHONUNBUFFERED=1 \
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 9842:9842
 EXPOSE 9842
-VOLUME ["/etc/migpredictd", "/run/qemu-server"]
+VOLUME ["/etc/migpredictd", "/run/qemu-server", "/run/migpredictd"]
 
 # slim has no curl: the probe is a Python one-liner. Exit 1 on any non-2xx answer or connection error.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \

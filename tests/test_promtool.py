@@ -34,7 +34,7 @@ def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProc
 def test_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", ALERTS.name)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 def test_rule_unit_tests_pass() -> None:
@@ -61,6 +61,10 @@ def test_every_alert_has_a_firing_and_a_not_firing_unit_test() -> None:
         ("for: 15m", "for: 5m"),  # the first `for:` is MigpredictdVMWillNotConverge's
         ('max_downtime="500ms"', 'max_downtime="125ms"'),  # the policy pair
         ('up{job="migpredictd"} == 0 or absent', 'up{job="migpredictd"} == 0 unless absent'),
+        (
+            'zero_pages_method!~"guest-sample|qemu-sampled"',
+            'zero_pages_method!~"guest-sample|qemu-sampled|none"',
+        ),
     ],
 )
 def test_rule_unit_tests_catch_a_changed_rule(tmp_path: Path, original: str, mutant: str) -> None:

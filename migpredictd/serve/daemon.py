@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -80,6 +80,25 @@ def in_shard(name: str, shard: tuple[int, int]) -> bool:
     k, n = shard
     digest = hashlib.md5(name.encode(), usedforsecurity=False).digest()
     return int.from_bytes(digest[8:], "big") % n == k
+
+
+# Zero-page methods as good as the best one (guest pages tested for zero); others make predictions
+# err long (docs/accuracy.md), and the MigpredictdZeroPagesDegraded alert fires on them.
+GOOD_ZERO_PAGE_METHODS: Final = frozenset({"guest-sample", "qemu-sampled"})
+
+
+def _log_zero_page_method(name: str, new: Measurement, old: Measurement | None) -> None:
+    """One log line when a target's zero-page method changes (or is first known): which, and why."""
+    if old is not None and old.zero_pages_method == new.zero_pages_method:
+        return
+    why = "; ".join(n for n in new.notes if n.startswith("zero pages")) or "the configured method"
+    extra = {"target": name, "zero_pages_method": new.zero_pages_method, "why": why}
+    if new.zero_pages_method in GOOD_ZERO_PAGE_METHODS:
+        log.info("zero pages by %s", new.zero_pages_method, extra=extra)
+    else:
+        log.warning(
+            "zero pages by %s (degraded: predictions err long): %s", new.zero_pages_method, why, extra=extra
+        )
 
 
 class Daemon:
@@ -308,6 +327,7 @@ class Daemon:
                 p = dataclasses.replace(
                     p, min_bandwidth=old.prediction.min_bandwidth, min_downtime=old.prediction.min_downtime
                 )
+            _log_zero_page_method(name, m, None if old is None else old.measurement)
             self.state.record_success(name, m, p, config.grid, at=time.time(), duration=duration)
             self._underived[name] = (m, model, limiter)
             log.info(
