@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -44,12 +46,13 @@ from migpredictd.core.predictor import (
     RateLimiter,
     simulate,
 )
+from migpredictd.lab.deployed import running_helper, share_qmp, unprivileged
 from migpredictd.lab.loopback import SEED_PREDICTOR, loopback_predictor
 from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
 from migpredictd.lab.rig.migration import MigrationResult, migrate
 from migpredictd.qemu.measure import measure
 from migpredictd.qemu.settings import MeasureSettings
-from migpredictd.qemu.zeropages import guest_sample_estimate
+from migpredictd.qemu.zeropages import guest_sample_estimate, smaps_estimate, status_estimate
 
 MIB: Final = 1 << 20
 PAGE: Final = 4096
@@ -220,6 +223,26 @@ HOLDOUT5: Final[tuple[Case, ...]] = (
     Case("n18", _g("7.2", 512, 32, 80), 750 * MBIT, 3500),
 )
 
+# Round 6, defined before it ran and measured as deployed (--deployed: migpredictd as uid 9842, zero pages
+# by the helper): idle and mostly-zero guests, 256 MiB to 4 GiB, 10 to 250 MB/s (80-2000 Mbit/s),
+# both QEMU generations; working sets and rates unlike the earlier sets.
+HOLDOUT6: Final[tuple[Case, ...]] = (
+    Case("o01", _g("10.0", 256), 80 * MBIT, 300, cutoff_s=90.0),
+    Case("o02", _g("7.2", 256), 80 * MBIT, 300, cutoff_s=90.0),
+    Case("o03", _g("10.0", 1024), 400 * MBIT, 200),
+    Case("o04", _g("7.2", 1024), 400 * MBIT, 200),
+    Case("o05", _g("10.0", 2048, touch=16), 2000 * MBIT, 100),
+    Case("o06", _g("7.2", 2048, touch=16), 2000 * MBIT, 100),
+    Case("o07", _g("10.0", 4096), 800 * MBIT, 500, cutoff_s=60.0),
+    Case("o08", _g("7.2", 4096), 800 * MBIT, 500, cutoff_s=60.0),
+    Case("o09", _g("10.0", 768, 6, 24), 160 * MBIT, 250, cutoff_s=90.0),
+    Case("o10", _g("7.2", 768, 6, 24), 160 * MBIT, 250, cutoff_s=90.0),
+    Case("o11", _g("10.0", 1536, 20, 64, "random"), 1200 * MBIT, 150),
+    Case("o12", _g("7.2", 1536, 20, 64, "random"), 1200 * MBIT, 150),
+    Case("o13", _g("10.0", 3072, 40, 96), 600 * MBIT, 400, cutoff_s=60.0),
+    Case("o14", _g("7.2", 512, 60, 48), 240 * MBIT, 50, cutoff_s=30.0),
+)
+
 # The CI slice: one converging and one non-converging migration per QEMU generation, all far from the
 # convergence boundary, chosen short (each < 40 s including boot and measurement).
 QUICK: Final[tuple[Case, ...]] = (
@@ -236,6 +259,7 @@ SETS: Final = {
     "holdout3": HOLDOUT3,
     "holdout4": HOLDOUT4,
     "holdout5": HOLDOUT5,
+    "holdout6": HOLDOUT6,
     "quick": QUICK,
 }
 
@@ -268,13 +292,18 @@ def predict_cell(
 
 
 def predict_modes(
-    m: Measurement, zero_gs: float | None, case: Case, profile_gs: Sequence[float] | None = None
+    m: Measurement,
+    zero_gs: float | None,
+    case: Case,
+    profile_gs: Sequence[float] | None = None,
+    zero_status: float | None = None,
 ) -> Row:
     """Every mode for the case's exact cell. ``seed``: the seed's algorithm, max-bandwidth as its
     bandwidth, the measurement as the daemon records it. ``qemu``: what the daemon predicts by default
     (guest-sampled zero pages, the rate-fitted curve, the calibrated loopback settings);
     ``qemu-even``: ``qemu`` without the sampled zero-page profile; ``qemu+host-smaps``: the same with
-    the opt-out zero-page method that never reads guest memory."""
+    the opt-out zero-page method that never reads guest memory; ``qemu+host-status``: the same with the
+    unprivileged fallback (rows recorded with it only)."""
     dt = case.downtime_ms / 1000.0
     fitted = refit(m)
     m_gs = (
@@ -291,12 +320,16 @@ def predict_modes(
     limiter = rate_limiter_for(m.qemu_version)
     settings = loopback_predictor(case.bandwidth, limiter)
     bw = float(case.bandwidth)
-    return {
+    out = {
         "seed": predict_cell(m, bw, dt, SEED_PREDICTOR),
         "qemu": predict_cell(m_gs, bw, dt, settings, limiter),
         "qemu-even": predict_cell(dataclasses.replace(m_gs, zero_profile=None), bw, dt, settings, limiter),
         "qemu+host-smaps": predict_cell(fitted, bw, dt, settings, limiter),
     }
+    if zero_status is not None:
+        m_status = dataclasses.replace(fitted, zero_pages=zero_status, zero_pages_method="host-status")
+        out["qemu+host-status"] = predict_cell(m_status, bw, dt, settings, limiter)
+    return out
 
 
 def refit(m: Measurement) -> Measurement:
@@ -396,22 +429,55 @@ def outcome(result: MigrationResult) -> Row:
     }
 
 
-def run_case(case: Case, set_name: str, say: Callable[[str], None]) -> Row:
-    """Boot, measure, predict, migrate one case; both QEMUs are killed by PID when it returns."""
+def measure_as_deployed(source: Guest, target: str) -> Measurement:
+    """``migpredictd measure`` as the shipped units run it: uid 9842, no capabilities, no flags, from the
+    deployed venv; zero pages from the helper at its default path, which the caller runs."""
+    out = subprocess.run(
+        unprivileged("migpredictd", "measure", f"unix:{share_qmp(source)}", "--target", target, "--quiet"),
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"unprivileged measure of {target} failed: {out.stderr}")
+    return parse_measurement(json.loads(out.stdout))
+
+
+def run_case(case: Case, set_name: str, say: Callable[[str], None], *, deployed: bool = False) -> Row:
+    """Boot, measure, predict, migrate one case; both QEMUs are killed by PID when it returns.
+
+    ``deployed``: measure as the shipped deployments do (:func:`measure_as_deployed`; the helper must
+    run at its default path); else in this process, as root."""
     load_before = os.getloadavg()
     started = time.time()
     port = free_tcp_port()
+    notes: list[str] = []
     with Guest(case.spec) as source, Guest(case.spec, incoming=f"tcp:127.0.0.1:{port}") as destination:
-        # The daemon's code path with host-smaps zero pages (the opt-out method), recorded as measured;
-        # guest-sampled zero pages (the default) separately, so both are predicted from one run.
-        settings = MeasureSettings(zero_pages="host-smaps")
-        m = asyncio.run(measure(source.qmp_address, target=case.case_id, settings=settings))
-        try:
-            est = guest_sample_estimate(source.pid, memory_bytes=m.memory_bytes, page_size=PAGE)
-            gs, profile = est.zero_pages, est.profile
-        except ZeroPagesUnavailableError:
-            gs, profile = None, None
-        predictions = predict_modes(m, gs, case, profile)
+        if deployed:
+            # Zero pages as the deployed daemon gets them (guest-sample by the helper); host-smaps read
+            # here as root, so that every method is predicted from one run.
+            measured = measure_as_deployed(source, case.case_id)
+            notes = list(measured.notes)
+            if measured.zero_pages_method != "guest-sample":
+                raise RuntimeError(
+                    f"{case.case_id}: deployed zero pages by {measured.zero_pages_method}: {notes}"
+                )
+            gs, profile = measured.zero_pages, measured.zero_profile
+            smaps = smaps_estimate(source.pid, memory_bytes=measured.memory_bytes, page_size=PAGE)
+            m = dataclasses.replace(
+                measured, zero_pages=smaps.zero_pages, zero_pages_method="host-smaps", zero_profile=None
+            )
+        else:
+            # The daemon's code path with host-smaps zero pages (the opt-out method), recorded as measured;
+            # guest-sampled zero pages (the default) separately, so both are predicted from one run.
+            settings = MeasureSettings(zero_pages="host-smaps")
+            m = asyncio.run(measure(source.qmp_address, target=case.case_id, settings=settings))
+            try:
+                est = guest_sample_estimate(source.pid, memory_bytes=m.memory_bytes, page_size=PAGE)
+                gs, profile = est.zero_pages, est.profile
+            except ZeroPagesUnavailableError:
+                gs, profile = None, None
+        # What an unprivileged daemon without the helper reads (/proc/PID/status is world-readable).
+        status = status_estimate(source.pid, memory_bytes=m.memory_bytes, page_size=PAGE).zero_pages
+        predictions = predict_modes(m, gs, case, profile, zero_status=status)
         load_mid = os.getloadavg()
         result = migrate(
             source,
@@ -433,7 +499,10 @@ def run_case(case: Case, set_name: str, say: Callable[[str], None]) -> Row:
         },
         "measurement": m.to_json_dict(),
         "measurement_summary": measurement_summary(m),
+        "measured_as": "deployed" if deployed else "root",
+        "measure_notes": notes,
         "zero_pages_guest_sample": gs,
+        "zero_pages_host_status": status,
         "zero_profile_guest_sample": None if profile is None else list(profile),
         "predictions": predictions,
         "boundary": boundary(case, gs),
@@ -455,7 +524,7 @@ def run_case(case: Case, set_name: str, say: Callable[[str], None]) -> Row:
 
 # "qemu-even": the default mode without the zero-page profile (zero pages spread evenly over RAM), to
 # show in one run what the profile changes; rows recorded before the profile have no such prediction.
-MODES: Final = ("seed", "qemu", "qemu-even", "qemu+host-smaps")
+MODES: Final = ("seed", "qemu", "qemu-even", "qemu+host-smaps", "qemu+host-status")
 
 
 def error(row: Row, mode: str) -> float | None:
@@ -664,6 +733,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the CI slice (same as --set quick)")
     ap.add_argument("--out", type=Path, help="append JSON Lines here (default: print rows only)")
     ap.add_argument("--only", help="comma-separated case ids to run")
+    ap.add_argument(
+        "--deployed",
+        action="store_true",
+        help="measure as deployed: migpredictd as uid 9842 without capabilities, zero pages by the helper "
+        "(started here as root with its two capabilities)",
+    )
     ap.add_argument("--summarize", type=Path, nargs="+", help="summarise recorded rows, run nothing")
     ap.add_argument("--fit", type=Path, nargs="+", help="fit the loopback constants from recorded rows")
     ap.add_argument(
@@ -687,13 +762,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         wanted = set(args.only.split(","))
         cases = tuple(c for c in cases if c.case_id in wanted)
     rows = []
-    for case in cases:
-        row = run_case(case, set_name, lambda msg: print(msg, file=sys.stderr, flush=True))
-        rows.append(row)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+    with contextlib.ExitStack() as stack:
+        if args.deployed:
+            stack.enter_context(running_helper())
+        for case in cases:
+            row = run_case(
+                case, set_name, lambda msg: print(msg, file=sys.stderr, flush=True), deployed=args.deployed
+            )
+            rows.append(row)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
     print(summarize(rows, set_name))
     return 0
 

@@ -20,6 +20,7 @@ import pytest
 
 from migpredictd.core.errors import ZeroPagesUnavailableError
 from migpredictd.helper.zeropaged import DEFAULT_EXE, Refused, allowed_socket, identify
+from migpredictd.lab.deployed import UID, share_qmp, start_helper, stop_helper, unprivileged
 from migpredictd.lab.rig.guest import GuestSpec
 from migpredictd.qemu.settings import DEFAULT_HELPER_SOCKET
 from migpredictd.qemu.zerohelper import (
@@ -30,7 +31,6 @@ from migpredictd.qemu.zerohelper import (
     parse_request,
 )
 from migpredictd.qemu.zeropages import guest_sample_estimate, smaps_estimate
-from tests.deployed import UID, share_qmp, start_helper, stop_helper, unprivileged
 from tests.rig_fixtures import StartGuest
 
 MIB = 1 << 20

@@ -1,5 +1,5 @@
 """Run migpredictd as the shipped deployments do: the daemon unprivileged, the helper as root with only
-the capabilities its systemd unit grants.
+the capabilities its systemd unit grants (for tests and the accuracy benchmark, from a checkout).
 
 - :func:`deployed_venv`: this checkout installed (not editable) into a venv of Debian's own Python at
   :data:`VENV`, world-readable, so uid 9842 can run it (the test runner's Python may live under
@@ -10,23 +10,26 @@ the capabilities its systemd unit grants.
   (root:9842, mode 0660) and passed as systemd passes it (``LISTEN_FDS``).
 - :func:`share_qmp`: give uid 9842 the QMP socket of a rig guest, as the deployments' ACLs do.
 
-Fails (never skips) when any of it cannot run: a test that needs it is about the deployed path.
+Raises (never skips) when any of it cannot run: a test that needs it is about the deployed path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
+from migpredictd.lab.rig import RigError
 from migpredictd.lab.rig.guest import Guest
+from migpredictd.qemu.settings import DEFAULT_HELPER_SOCKET
 
-REPO: Final = Path(__file__).resolve().parent.parent
+REPO: Final = Path(__file__).resolve().parents[2]
 VENV: Final = Path(os.environ.get("MIGPREDICTD_DEPLOYED_VENV", "/opt/migpredictd-deployed-test"))
 UID: Final = 9842
 # The daemon as shipped: its own uid and gid, no groups, no capabilities (CapabilityBoundingSet= empty).
@@ -41,6 +44,8 @@ HELPER_CAPABILITIES: Final = ("setpriv", "--bounding-set=-all,+sys_ptrace,+dac_o
 @functools.cache
 def deployed_venv() -> Path:
     """This checkout installed into :data:`VENV` (made once; the package is reinstalled every session)."""
+    if not (REPO / "pyproject.toml").exists():
+        raise RigError(f"{REPO} is not a migpredictd checkout: the deployed venv is built from one")
     env = {**os.environ, "PYTHON": "/usr/bin/python3"}
     if not (VENV / "bin" / "python").exists():
         subprocess.run(
@@ -140,3 +145,21 @@ def stop_helper(proc: subprocess.Popen[bytes]) -> str:
         proc.kill()
         _, err = proc.communicate()
     return err.decode(errors="replace")
+
+
+# The rig's QMP sockets (tempfile.mkdtemp under /tmp), which a lab helper may inspect.
+RIG_QMP_SOCKETS: Final = "/tmp/migpredictd-rig-*/qmp.sock"  # noqa: S108 (a pattern, nothing is created)
+
+
+@contextlib.contextmanager
+def running_helper(socket_path: str = DEFAULT_HELPER_SOCKET) -> Iterator[subprocess.Popen[bytes]]:
+    """The helper at ``socket_path`` (default: where the daemon looks with no flag) for the rig's QMP
+    sockets, as :func:`start_helper` runs it; stopped and its socket removed on exit."""
+    if Path(socket_path).exists():
+        raise RigError(f"{socket_path} exists: another zero-page helper runs on this machine; stop it first")
+    proc = start_helper(socket_path, [RIG_QMP_SOCKETS])
+    try:
+        yield proc
+    finally:
+        stop_helper(proc)
+        Path(socket_path).unlink(missing_ok=True)
