@@ -150,6 +150,19 @@ def test_sweep_in_seconds_only_and_zero_pages() -> None:
     assert [p.dirty_pages for p in m.points] == pytest.approx([rate, 2 * rate])
 
 
+def test_truncation_correction_stops_growing_after_two_seconds() -> None:
+    """An idle guest reads 0 MiB/s in every window: what QEMU truncated away is taken as half a MiB/s
+    for the first two seconds of a window only, so 8 s hide 1 MiB, not 4 (docs/accuracy.md, round 6)."""
+    doc = sweep()
+    doc["runs"] = [{"calc-time": t, "dirty-rate": 0} for t in (1, 2, 4, 8)]
+    m = parse_measurement(doc)
+    assert [p.dirty_pages for p in m.points] == pytest.approx([0.5 * 256, 256.0, 256.0, 256.0])
+    # a reading above zero keeps its whole rate: 3 MiB/s x 8 s + 1 MiB
+    doc["runs"] = [{"calc-time": 8, "dirty-rate": 3}]
+    [point] = parse_measurement(doc).points
+    assert point.dirty_pages == pytest.approx(25 * 256)
+
+
 def test_sweep_caps_at_the_pages_that_are_not_zero() -> None:
     doc = sweep()
     doc["memory_bytes"] = 4 * MIB  # 1024 pages

@@ -30,10 +30,14 @@ ZERO_PAGE_METHODS: Final = ("qemu-sampled", "host-smaps", "guest-sample", "host-
 STRATEGIES: Final = ("extended", "sweep-ms", "sweep-s", "manual")
 MAX_PROFILE_BINS: Final = 1024
 
-# Upstream QEMU truncates dirty-rate to whole MiB/s (dirtyrate.c: update_dirtyrate() divides integers).
-# Over many runs the dropped fraction averages half a MiB/s, so a sweep adds it back: unbiased, and it
-# keeps an idle guest's "0" from claiming that nothing at all is ever dirtied.
+# Upstream QEMU truncates dirty-rate to whole MiB/s (dirtyrate.c: update_dirtyrate() divides integers),
+# so a window of t seconds hides up to t MiB. A sweep adds back half a MiB/s for at most two seconds
+# (0.5 MiB/s x min(t, 2 s)): much of what a window cannot resolve is a small hot set (timers, page
+# tables) that saturates, not a steady sub-MiB/s stream. Added as 0.5 x t in every window, it made an
+# idle guest's 8 s window 4 MiB, 1024 dirty pages that real migrations never re-sent. The two seconds
+# were chosen on the recorded rounds (docs/accuracy.md, round 6).
 RATE_TRUNCATION_CORRECTION_MIB_S: Final = 0.5
+RATE_TRUNCATION_CORRECTION_UP_TO_MS: Final = 2000.0
 
 
 class DirtyPoint(NamedTuple):
@@ -311,7 +315,8 @@ def measurement_from_sweep(
             raise InputError("must be positive", field=f"runs[{i}].calc-time")
         rate = _number(run, "dirty-rate", f"runs[{i}].dirty-rate")
         period_ms = calc_time * (1000.0 if unit == "second" else 1.0)
-        dirty_bytes = (rate + RATE_TRUNCATION_CORRECTION_MIB_S) * MIB * period_ms / 1000.0
+        hidden_ms = min(period_ms, RATE_TRUNCATION_CORRECTION_UP_TO_MS)
+        dirty_bytes = (rate * period_ms + RATE_TRUNCATION_CORRECTION_MIB_S * hidden_ms) * MIB / 1000.0
         by_period.setdefault(period_ms, []).append(dirty_bytes / page_size_bytes)
     periods = sorted(by_period)
     means = [sum(by_period[p]) / len(by_period[p]) for p in periods]
