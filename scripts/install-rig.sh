@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the real-QEMU test rig needs on a Debian 12 host, as root, idempotently:
-#   - QEMU 7.2 (Debian 12's own), busybox-static, gcc + static libc, prometheus (apt);
+#   - QEMU 7.2 (Debian 12's own), busybox-static, gcc + static libc, prometheus, chromium (the status
+#     page's browser test) (apt);
 #   - QEMU 10.0 from bookworm-backports, extracted beside 7.2 (never installed over it);
 #   - a Debian cloud kernel image, extracted (never installed into the host's /boot).
 # Layout under ${MIGPREDICTD_RIG_DIR:-/opt/migpredictd-rig}:
@@ -15,7 +16,7 @@ QEMU10_DIR="${RIG_DIR}/qemu-10.0"
 KERNEL_DIR="${RIG_DIR}/kernel"
 BACKPORTS_SOURCES=/etc/apt/sources.list.d/migpredictd-bookworm-backports.sources
 DEBIAN_SOURCES=/etc/apt/sources.list.d/debian.sources
-APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static seabios gcc libc6-dev prometheus acl systemd)
+APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static seabios gcc libc6-dev prometheus acl systemd chromium)
 
 log() { printf 'install-rig: %s\n' "$*" >&2; }
 

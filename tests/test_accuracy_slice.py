@@ -1,6 +1,7 @@
 """Prediction accuracy on real migrations: the CI slice of benchmarks/accuracy.py (QEMU 7.2 and 10.0).
 
-Four real loopback migrations (about 80 s): each guest is measured by the daemon's own code path,
+Four real loopback migrations (about 80 s): each guest is measured as deployed (``migpredictd measure``
+as uid 9842 with no capabilities, zero pages by the helper started as root with its two capabilities),
 predicted, and migrated; the test fails when the ``qemu`` mode's error regresses past the bounds below
 or when any verdict is wrong for a migration far (>20%) from the convergence boundary. Bounds come
 from the committed runs (benchmarks/results/accuracy-summary.md) with margin for a shared, loaded host.
@@ -14,6 +15,7 @@ import statistics
 import pytest
 
 from benchmarks.accuracy import QUICK, error, run_case, summarize, verdict_wrong
+from migpredictd.lab.deployed import running_helper
 
 # qemu mode with the opt-out zero-page estimate (host-smaps, an upper bound on non-zero pages), which errs
 # long by design: median 16.5% and 28.2% on this slice in two runs,
@@ -29,8 +31,11 @@ MAX_MEDIAN_ERROR_DEFAULT = 0.06
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_qemu_mode_predicts_real_migrations_within_the_committed_bounds() -> None:
-    rows = [run_case(case, "quick", lambda _msg: None) for case in QUICK]
+    with running_helper():
+        rows = [run_case(case, "quick", lambda _msg: None, deployed=True) for case in QUICK]
     table = summarize(rows, "test slice")
+    assert all(r["measured_as"] == "deployed" for r in rows)
+    assert all(any("by the zero-page helper" in n for n in r["measure_notes"]) for r in rows), table
 
     # The slice covers both generations and both verdicts, all far from the boundary.
     assert {r["guest"]["qemu"] for r in rows} == {"7.2", "10.0"}, table

@@ -59,9 +59,16 @@ class FakeApp:
             raise RuntimeError("secret internal detail")
         return METRICS
 
-    def landing_page(self) -> str:
+    def landing_page(self, query: str) -> str:
         self._count("landing_page")
+        self.last_query = query
         return "<html><body><h1>migpredictd</h1> é</body></html>"
+
+    def api(self, path: str) -> tuple[int, bytes]:
+        self._count("api")
+        if path == "/api/v1/targets":
+            return 200, b'{"api_version":"v1","targets":[]}\n'
+        return 404, b'{"api_version":"v1","error":"no such endpoint"}\n'
 
     def healthy(self) -> bool:
         return self.is_healthy

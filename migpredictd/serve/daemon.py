@@ -44,6 +44,7 @@ from migpredictd.serve.collector import DaemonCollector, MetricsRenderer
 from migpredictd.serve.logs import setup_logging
 from migpredictd.serve.scheduler import MeasurementScheduler, Schedule
 from migpredictd.serve.state import State
+from migpredictd.serve.status import api_response, render_page
 from migpredictd.web.server import StreamedMetrics, WebServer
 
 log = logging.getLogger(__name__)
@@ -390,26 +391,22 @@ class Daemon:
         future = asyncio.run_coroutine_threadsafe(self.reload(), loop)
         return future.result(timeout=60)
 
-    def landing_page(self) -> str:
-        rows = []
-        for t in sorted(self.state.snapshot().values(), key=lambda t: t.name):
-            age = f"{time.time() - t.last_success:.0f}s ago" if t.last_success else "never"
-            status = "up" if t.up else ("pending" if t.last_attempt is None else "down")
-            rows.append(
-                f"<tr><td>{html.escape(t.name)}</td><td>{html.escape(t.qmp)}</td><td>{status}</td>"
-                f"<td>{age}</td><td>{html.escape(t.last_error or '')}</td></tr>"
-            )
+    def landing_page(self, query: str) -> str:
         reload_state = "ok" if self.state.reload_ok else "FAILED (old config kept)"
-        return (
-            "<!doctype html><html><head><title>migpredictd</title></head><body>"
-            f"<h1>migpredictd {html.escape(__version__)}</h1>"
-            '<p><a href="/metrics">Metrics</a> &middot; <a href="/-/healthy">Health</a> &middot; '
-            '<a href="/-/ready">Ready</a></p>'
-            f"<p>Config: {html.escape(self.config_file)} (last reload: {reload_state}); "
-            f"shard {self.shard[0]}/{self.shard[1]}</p>"
-            "<table border=1 cellpadding=4><tr><th>target</th><th>QMP</th><th>status</th>"
-            f"<th>last success</th><th>last error</th></tr>{''.join(rows)}</table></body></html>"
+        footer = (
+            f"Config: {html.escape(self.config_file)} (last reload: {reload_state}); "
+            f"shard {self.shard[0]}/{self.shard[1]}"
         )
+        return render_page(
+            self.state.snapshot(),
+            query=query,
+            now=time.time(),
+            title=f"migpredictd {__version__}",
+            footer=footer,
+        )
+
+    def api(self, path: str) -> tuple[int, bytes]:
+        return api_response(path, self.state.snapshot())
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -505,8 +502,11 @@ class _WebAdapter:
     def metrics(self) -> StreamedMetrics:
         return self._d.metrics()
 
-    def landing_page(self) -> str:
-        return self._d.landing_page()
+    def landing_page(self, query: str) -> str:
+        return self._d.landing_page(query)
+
+    def api(self, path: str) -> tuple[int, bytes]:
+        return self._d.api(path)
 
     def healthy(self) -> bool:
         return self._d.healthy()

@@ -87,8 +87,12 @@ class WebApp(Protocol):
         """Prometheus text exposition, already rendered (or rendered pieces, streamed)."""
         ...
 
-    def landing_page(self) -> str:
-        """HTML for ``/``."""
+    def landing_page(self, query: str) -> str:
+        """HTML for ``/``, for the request's query string (sorting, filtering, pages)."""
+        ...
+
+    def api(self, path: str) -> tuple[int, bytes]:
+        """``/api/v1/...``: (HTTP status, JSON body); unknown paths are 404 with a JSON error."""
         ...
 
     def healthy(self) -> bool:
@@ -533,6 +537,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = urlsplit(self.path).path
         route = _ROUTES.get(path)
+        if route is None and path.startswith(API_PREFIX):
+            route = (_GET, _Handler._api)
         if route is None:
             self._send(HTTPStatus.NOT_FOUND, b"404 page not found\n")
             return
@@ -545,7 +551,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes ------------------------------------------------------------------------------------
     def _landing(self, app: WebApp) -> None:
-        self._send(HTTPStatus.OK, app.landing_page().encode("utf-8"), "text/html; charset=utf-8")
+        page = app.landing_page(urlsplit(self.path).query)
+        self._send(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
+
+    def _api(self, app: WebApp) -> None:
+        code, body = app.api(urlsplit(self.path).path)
+        self._send(HTTPStatus(code), body, "application/json", {"Cache-Control": "no-store"})
 
     def _metrics(self, app: WebApp) -> None:
         body = app.metrics()
@@ -611,6 +622,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 _GET: Final = ("GET", "HEAD")
+API_PREFIX: Final = "/api/"
 _ROUTES: Final[Mapping[str, tuple[tuple[str, ...], Callable[[_Handler, WebApp], None]]]] = {
     "/": (_GET, _Handler._landing),
     "/metrics": (_GET, _Handler._metrics),
