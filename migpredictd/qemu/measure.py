@@ -50,6 +50,7 @@ from migpredictd.qemu.settings import (
     STRATEGIES,
     ZERO_PAGE_METHODS,
     MeasureSettings,
+    auto_sample_pages,
 )
 from migpredictd.qemu.zerohelper import MAX_HELPER_SAMPLES, HelperRequest, ask_helper
 from migpredictd.qemu.zeropages import (
@@ -166,9 +167,12 @@ async def measure(
         kvm = await s.execute_dict("query-kvm")
         memory_bytes = await _memory_bytes(s)
         peer_pid = s.peer_pid
+    if settings.sample_pages is None:
+        per_gib = auto_sample_pages(memory_bytes, calc_time_unit=caps.calc_time_unit)
+        settings = dataclasses.replace(settings, sample_pages=per_gib)
     say(
         f"{target}: QEMU {caps.version_text}, {memory_bytes >> 20} MiB, strategy {strategy}, "
-        f"kvm {'on' if kvm.get('enabled') is True else 'off'}"
+        f"kvm {'on' if kvm.get('enabled') is True else 'off'}, sample-pages {settings.sample_pages}/GiB"
     )
 
     runs: list[dict[str, Any]] = []
@@ -348,7 +352,8 @@ async def _one_run(
     sleep: Sleep,
 ) -> dict[str, Any]:
     """Start one calc-dirty-rate, let go of the monitor while QEMU samples, then collect the result."""
-    args: dict[str, object] = {"mode": SAFE_DIRTY_RATE_MODE, "sample-pages": settings.sample_pages}
+    sample_pages = settings.sample_pages or DEFAULT_SAMPLE_PAGES  # measure() has resolved "auto"
+    args: dict[str, object] = {"mode": SAFE_DIRTY_RATE_MODE, "sample-pages": sample_pages}
     query_args: dict[str, object] | None = None
     if caps.calc_time_unit and strategy != "sweep-s":
         args.update({"calc-time": int(calc_ms), "calc-time-unit": "millisecond"})
@@ -400,7 +405,7 @@ async def _one_run(
         target=target,
         start_time=start_time,
         expect_calc_time=expect_calc_time,
-        sample_pages=settings.sample_pages,
+        sample_pages=sample_pages,
     )
     return reply
 
@@ -539,7 +544,11 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         + ")",
     )
     parser.add_argument(
-        "--sample-pages", type=int, default=DEFAULT_SAMPLE_PAGES, help="calc-dirty-rate sample-pages per GiB"
+        "--sample-pages",
+        type=int,
+        default=None,
+        help="calc-dirty-rate sample-pages per GiB (default: as many as fit in a bounded number per run: "
+        "16384 per GiB up to 8 GiB on QEMU 8.2+, fewer per GiB on larger guests)",
     )
     parser.add_argument(
         "--zero-pages",

@@ -24,9 +24,12 @@ __all__ = [
     "MAX_SAMPLE_PAGES",
     "MIN_CALC_MS",
     "MIN_SAMPLE_PAGES",
+    "SAMPLES_PER_RUN",
+    "SAMPLES_PER_RUN_BEFORE_8_2",
     "STRATEGIES",
     "ZERO_PAGE_METHODS",
     "MeasureSettings",
+    "auto_sample_pages",
 ]
 
 STRATEGIES: Final = ("auto", "extended", "sweep-ms", "sweep-s")
@@ -39,11 +42,28 @@ DEFAULT_PERIODS_MS: Final[Mapping[str, tuple[float, ...]]] = {
     "sweep-s": (1000.0, 2000.0, 4000.0, 8000.0),
     "extended": (8000.0,),  # one run; QEMU reports its own periods up to this calc-time
 }
-# calc-dirty-rate's sample-pages, per GiB of guest memory: QEMU's maximum, since fewer pages read the
-# dirty rate with a spread of several times its value (docs/measuring.md, "sample-pages").
+# calc-dirty-rate's sample-pages, per GiB of guest memory. QEMU hashes every sampled page twice per run,
+# so a run's cost grows with the guest at a fixed per-GiB count: by default each guest gets the pages per
+# GiB that put SAMPLES_PER_RUN pages in one run (QEMU's maximum, 16384 per GiB, up to 8 GiB on 8.2+),
+# which bounds both the cost and the first hash pass (which stretches a short window) whatever the size
+# (docs/measuring.md, "sample-pages").
 DEFAULT_SAMPLE_PAGES: Final = 16384
 MIN_SAMPLE_PAGES: Final = 128  # QEMU's limits
 MAX_SAMPLE_PAGES: Final = 16384
+# Pages hashed per pass of one run, by QEMU generation: 8.2+ (xxhash, millisecond windows from 125 ms)
+# and older (crc32, about 3x slower, whole seconds). docs/measuring.md has the cost per page.
+SAMPLES_PER_RUN: Final = 131072
+SAMPLES_PER_RUN_BEFORE_8_2: Final = 65536
+
+
+def auto_sample_pages(memory_bytes: int, *, calc_time_unit: bool) -> int:
+    """calc-dirty-rate's sample-pages (per GiB) for a guest of ``memory_bytes``: as many as fit in the
+    generation's pages per run, within QEMU's 128..16384."""
+    budget = SAMPLES_PER_RUN if calc_time_unit else SAMPLES_PER_RUN_BEFORE_8_2
+    per_gib = (budget << 30) // max(memory_bytes, 1)
+    return max(MIN_SAMPLE_PAGES, min(MAX_SAMPLE_PAGES, per_gib))
+
+
 MIN_CALC_MS: Final = 50.0  # calc-time-unit millisecond's range (QEMU 8.2+)
 MAX_CALC_MS: Final = 60000.0
 # Guest pages the guest-sample zero-page estimate reads: its error is binomial, so more samples are the
@@ -65,7 +85,7 @@ class MeasureSettings:
     command_timeout: float = 10.0
     strategy: str = "auto"
     periods_ms: tuple[float, ...] | None = None  # None: DEFAULT_PERIODS_MS of the chosen strategy
-    sample_pages: int = DEFAULT_SAMPLE_PAGES  # per GiB, as calc-dirty-rate's sample-pages
+    sample_pages: int | None = None  # per GiB, as calc-dirty-rate's sample-pages; None: auto_sample_pages
     zero_pages: str = "auto"
     guest_sample_pages: int = DEFAULT_GUEST_SAMPLE_PAGES
     zero_pages_helper: str = DEFAULT_HELPER_SOCKET
@@ -82,7 +102,7 @@ class MeasureSettings:
             raise InputError(f"must be one of {', '.join(STRATEGIES)}", field="strategy")
         if self.zero_pages not in ZERO_PAGE_METHODS:
             raise InputError(f"must be one of {', '.join(ZERO_PAGE_METHODS)}", field="zero_pages")
-        if not MIN_SAMPLE_PAGES <= self.sample_pages <= MAX_SAMPLE_PAGES:
+        if self.sample_pages is not None and not MIN_SAMPLE_PAGES <= self.sample_pages <= MAX_SAMPLE_PAGES:
             raise InputError(f"must be in {MIN_SAMPLE_PAGES}..{MAX_SAMPLE_PAGES}", field="sample_pages")
         if not (self.zero_pages_helper.startswith("/") and len(self.zero_pages_helper.encode()) <= 107):
             raise InputError(
