@@ -22,6 +22,7 @@ from migpredictd.core.predictor import (
     Grid,
     ModelBatch,
     PredictorSettings,
+    RateLimiter,
     make_grid,
     predict_grid,
     simulate,
@@ -561,3 +562,31 @@ def test_constant_rate_guest_near_its_boundary_takes_levels_at_once(downtime: fl
         want, syncs = plain_qemu(m, bw, downtime, QEMU)
         assert fast.seconds[0] == pytest.approx(want, rel=1e-9, nan_ok=True)
         assert fast.passes[0] == syncs
+
+
+def test_zero_page_scan_cost_adds_its_time_to_the_first_pass() -> None:
+    """An idle guest's migration takes its bytes at the limit plus the time to find its zero pages; the
+    bytes sent do not change (qemu mode, RateLimiter.zero_scan_seconds)."""
+    total, zero = 1 << 24, float((1 << 24) - (1 << 18))  # 64 GiB, all but 1 GiB zero
+    m = model_of([(1000.0, 0.0)], total=total, zero=zero)
+    bw = 125e6
+    free, scanning = (
+        simulate(ModelBatch.of([m], [RateLimiter(zero_scan_seconds=s)]), np.zeros(1, dtype=np.int64),
+                 np.array([bw]), np.array([0.3]), QEMU)
+        for s in (0.0, 0.25e-6)
+    )  # fmt: skip
+    assert scanning.bytes_sent[0] == free.bytes_sent[0]
+    assert scanning.seconds[0] - free.seconds[0] == pytest.approx(zero * 0.25e-6, rel=1e-9)
+    # the profile decides when the zero pages are found, not whether: all of them, in the first pass
+    profiled = build_model(
+        Measurement(page_size_bytes=4096, total_pages=total, points=(DirtyPoint(1000.0, 0.0),),
+                    zero_pages=zero, zero_profile=(0.2,) + (1.0,) * 63)
+    )  # fmt: skip
+    scan = [RateLimiter(zero_scan_seconds=0.25e-6)]
+    res = simulate(
+        ModelBatch.of([profiled], scan), np.zeros(1, dtype=np.int64), np.array([bw]), np.array([0.3]), QEMU
+    )
+    base = simulate(
+        ModelBatch.of([profiled]), np.zeros(1, dtype=np.int64), np.array([bw]), np.array([0.3]), QEMU
+    )
+    assert res.seconds[0] - base.seconds[0] == pytest.approx(zero * 0.25e-6, rel=1e-6)

@@ -110,9 +110,13 @@ class RateLimiter:
 
     excess_fraction: float = 0.0
     excess_cap_bytes_per_second: float = 0.0
+    # Seconds the migration thread spends finding one zero page in the first pass (reading it to see that
+    # it is zero), during which it sends nothing: what makes a large, mostly-zero guest slower than its
+    # bytes at the limit (qemu mode; 0 = free, the seed's assumption).
+    zero_scan_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("excess_fraction", "excess_cap_bytes_per_second"):
+        for name in ("excess_fraction", "excess_cap_bytes_per_second", "zero_scan_seconds"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be non-negative and finite, not {value!r}")
@@ -126,11 +130,11 @@ class RateLimiter:
 EXACT_RATE_LIMITER: Final = RateLimiter()
 
 
-def _first_pass_cost(m: MemoryModel) -> tuple[list[float], list[float], list[float]]:
+def _first_pass_cost(m: MemoryModel) -> tuple[list[float], list[float], list[float], list[float]]:
     """Knots of the first pass's cost counted from the end of RAM: (pages, wire bytes, wire bytes per
-    page of the segment ending there). Zero pages cost ZERO_PAGE_BYTES, others page + header; the
-    profile's slices are scaled so that they hold ``zero_pages`` in total. Without a profile it is one
-    segment at the average cost, i.e. zero pages spread evenly."""
+    page of the segment ending there, zero pages). Zero pages cost ZERO_PAGE_BYTES, others page +
+    header; the profile's slices are scaled so that they hold ``zero_pages`` in total. Without a profile
+    it is one segment at the average cost, i.e. zero pages spread evenly."""
     normal_wire = m.page_size_bytes + PAGE_HEADER_BYTES
     total, zero = float(m.total_pages), m.zero_pages
     shares = m.zero_profile or (1.0,)
@@ -138,15 +142,16 @@ def _first_pass_cost(m: MemoryModel) -> tuple[list[float], list[float], list[flo
     # Each slice's zero pages in proportion to its sampled share (evenly if no slice had any).
     zeros = [zero * sh / weight for sh in shares] if weight > 0 else [zero / len(shares)] * len(shares)
     size = total / len(shares)
-    pages, wire, per_page = [0.0], [0.0], [1.0]
+    pages, wire, per_page, zero_count = [0.0], [0.0], [1.0], [0.0]
     for z in reversed(zeros):
         zero_in_slice = min(z, size)
         cost = (size - zero_in_slice) * normal_wire + zero_in_slice * ZERO_PAGE_BYTES
         pages.append(pages[-1] + size)
         wire.append(wire[-1] + cost)
         per_page.append(cost / size)
+        zero_count.append(zero_count[-1] + zero_in_slice)
     pages[-1] = total  # exact end, whatever the rounding of the slices
-    return pages, wire, per_page
+    return pages, wire, per_page, zero_count
 
 
 def _along(xs: FloatArray, ys: FloatArray, slopes: FloatArray, x: FloatArray) -> FloatArray:
@@ -171,12 +176,14 @@ class ModelBatch:
     zero_pages: FloatArray
     excess_fraction: FloatArray  # RateLimiter per VM
     excess_cap: FloatArray
+    zero_scan: FloatArray
     # The first pass's cost along RAM, counted from the end of RAM (the cold pages left unsent are the
     # highest ones: QEMU scans in ascending offset): knots of pages and wire bytes, and the wire bytes
     # per page of the segment that ends at each knot. Padded with repeats of the last knot.
     cold_pages: FloatArray
     cold_bytes: FloatArray
     cold_slope: FloatArray
+    cold_zeros: FloatArray  # zero pages among them, at the same knots
 
     @classmethod
     def of(cls, models: Sequence[MemoryModel], limiters: Sequence[RateLimiter] | None = None) -> ModelBatch:
@@ -195,10 +202,11 @@ class ModelBatch:
         slope = np.array([m.slopes + (0.0,) * (k - len(m.slopes)) for m in models])
         offset = np.array([m.offsets + m.dirty_pages[-1:] * (k - len(m.offsets)) for m in models])
         profiles = [_first_pass_cost(m) for m in models]
-        kp = max(len(pages) for pages, _, _ in profiles)
-        cold_pages = np.array([pages + pages[-1:] * (kp - len(pages)) for pages, _, _ in profiles])
-        cold_bytes = np.array([wire + wire[-1:] * (kp - len(wire)) for _, wire, _ in profiles])
-        cold_slope = np.array([per + [1.0] * (kp - len(per)) for _, _, per in profiles])
+        kp = max(len(pages) for pages, _, _, _ in profiles)
+        cold_pages = np.array([pages + pages[-1:] * (kp - len(pages)) for pages, _, _, _ in profiles])
+        cold_bytes = np.array([wire + wire[-1:] * (kp - len(wire)) for _, wire, _, _ in profiles])
+        cold_slope = np.array([per + [1.0] * (kp - len(per)) for _, _, per, _ in profiles])
+        cold_zeros = np.array([z + z[-1:] * (kp - len(z)) for _, _, _, z in profiles])
         return cls(
             x=x,
             y=y,
@@ -209,9 +217,11 @@ class ModelBatch:
             zero_pages=np.array([m.zero_pages for m in models]),
             excess_fraction=np.array([r.excess_fraction for r in limiters]),
             excess_cap=np.array([r.excess_cap_bytes_per_second for r in limiters]),
+            zero_scan=np.array([r.zero_scan_seconds for r in limiters]),
             cold_pages=cold_pages,
             cold_bytes=cold_bytes,
             cold_slope=cold_slope,
+            cold_zeros=cold_zeros,
         )
 
     def __len__(self) -> int:
@@ -220,6 +230,17 @@ class ModelBatch:
     def cold_wire(self, vm: IntArray, cold: FloatArray) -> FloatArray:
         """Wire bytes of the first pass's last ``cold`` pages (what is left of it, unsent)."""
         return _along(self.cold_pages[vm], self.cold_bytes[vm], self.cold_slope[vm], cold)
+
+    def cold_zero_pages(self, vm: IntArray, cold: FloatArray) -> FloatArray:
+        """Zero pages among the first pass's last ``cold`` pages (linear within each profile slice)."""
+        cp, cz = self.cold_pages[vm], self.cold_zeros[vm]
+        rows = np.arange(len(vm))
+        j = np.clip(np.count_nonzero(cp < cold[:, None], axis=1), 1, cp.shape[1] - 1)
+        x0, x1 = cp[rows, j - 1], cp[rows, j]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.where(x1 > x0, (cold - x0) / (x1 - x0), 0.0)
+        z: FloatArray = cz[rows, j - 1] + np.clip(frac, 0.0, 1.0) * (cz[rows, j] - cz[rows, j - 1])
+        return z
 
     def cold_left(self, vm: IntArray, wire: FloatArray) -> FloatArray:
         """The inverse of :meth:`cold_wire`: how many last pages of the first pass cost ``wire`` bytes."""
@@ -768,6 +789,11 @@ def _simulate_qemu(
             i = live[done]
             wire_done = cold_wire[done] + hot[done] * normal_wire[i]
             stop_s = wire_done / stop_rate[i] + settings.switchover_seconds
+            # The stop-and-copy finds the first pass's remaining zero pages too.
+            scanning = np.flatnonzero((cold[done] > 0.0) & (batch.zero_scan[vm[i]] > 0.0))
+            if scanning.size:
+                vs = vm[i[scanning]]
+                stop_s[scanning] += batch.cold_zero_pages(vs, cold[done][scanning]) * batch.zero_scan[vs]
             out_s[i] = elapsed[done] + stop_s
             out_down[i] = stop_s
             out_passes[i] = passes[done] + 1  # the stop-and-copy is the last pass
@@ -801,6 +827,12 @@ def _simulate_qemu(
             cold_after = np.where(left <= 0.0, 0.0, batch.cold_left(vw, np.maximum(left, 0.0)))
             cold_after = np.clip(cold_after, 0.0, cold[w])
             cold_sent_bytes[w] = cold_wire[w] - batch.cold_wire(vw, cold_after)
+            scan = batch.zero_scan[vw]
+            if np.any(scan > 0.0):
+                # The migration thread reads each zero page it finds, and sends nothing meanwhile.
+                found = batch.cold_zero_pages(vw, cold[w]) - batch.cold_zero_pages(vw, cold_after)
+                pass_s = pass_s.copy()
+                pass_s[w] += np.maximum(found, 0.0) * scan
             cold = cold.copy()
             cold[w] = cold_after
         hot_sent = np.clip((pass_bytes - cold_sent_bytes) / nw, 0.0, hot)
@@ -866,7 +898,13 @@ def _simulate_qemu(
         # The shortcuts cost about what a sync does; most cells end within a few syncs, so they start
         # from the third.
         if shortcut and np.any(passes >= 3):
-            e = np.flatnonzero((cold > 0.0) & (cold + hot > threshold[live]) & (passes >= 3))
+            # (not with a zero-page scan cost: its closed form prices passes by bytes alone)
+            e = np.flatnonzero(
+                (cold > 0.0)
+                & (cold + hot > threshold[live])
+                & (passes >= 3)
+                & (batch.zero_scan[vm[live]] == 0.0)
+            )
             if e.size:
                 c = live[e]
                 cold[e], hot[e], taken, windows_sent = _cold_levels(

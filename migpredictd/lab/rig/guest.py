@@ -53,6 +53,7 @@ class GuestSpec:
     rate_mib: float = 0.0
     pattern: Pattern = "seq"
     phase_s: float = 0.0
+    zeroed_mib: int = 0  # allocated, written and re-zeroed pages (a long-running guest's zero pages)
 
     def __post_init__(self) -> None:
         if self.qemu not in ("7.2", "10.0"):
@@ -61,11 +62,12 @@ class GuestSpec:
             raise ValueError(f"pattern must be 'seq' or 'random', not {self.pattern!r}")
         if self.memory_mib < 64:
             raise ValueError("memory_mib must be at least 64 (kernel + initramfs)")
-        if min(self.touch_mib, self.wss_mib, self.rate_mib, self.phase_s) < 0:
-            raise ValueError("touch_mib, wss_mib, rate_mib and phase_s must be >= 0")
-        # The kernel, page cache and the initramfs itself need about 40 MiB; keep the arena below that.
-        if max(self.touch_mib, self.wss_mib) > self.memory_mib - 48:
-            raise ValueError("touch_mib and wss_mib must leave at least 48 MiB of guest memory free")
+        if min(self.touch_mib, self.wss_mib, self.rate_mib, self.phase_s, self.zeroed_mib) < 0:
+            raise ValueError("touch_mib, wss_mib, rate_mib, phase_s and zeroed_mib must be >= 0")
+        # The kernel, page cache and the initramfs itself need about 40 MiB (and 1/64 of RAM for the
+        # kernel's page structures); keep the arena below that.
+        if max(self.touch_mib, self.wss_mib) + self.zeroed_mib > self.memory_mib - 48 - self.memory_mib // 64:
+            raise ValueError("touch_mib/wss_mib and zeroed_mib must leave 48 MiB + 1/64 of guest memory free")
 
     def kernel_args(self) -> str:
         """The kernel command line: a quiet serial console, exit on panic, and the dirtier's knobs."""
@@ -79,6 +81,7 @@ class GuestSpec:
                 f"dirtier.rate_mib={self.rate_mib:g}",
                 f"dirtier.pattern={self.pattern}",
                 f"dirtier.phase_s={self.phase_s:g}",
+                f"dirtier.zeroed_mib={self.zeroed_mib}",
             ]
         )
 
@@ -286,6 +289,20 @@ class Guest:
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
+    # Above this, guest RAM is a backend that reserves no host memory (QEMU_FACTS.md, "Large guests"):
+    # a 256 GiB guest then boots on a 24 GiB host, its untouched pages mapping the shared zero page.
+    UNRESERVED_FROM_MIB: Final = 16384
+
+    def _memory_args(self) -> list[str]:
+        mib = self.spec.memory_mib
+        if mib < self.UNRESERVED_FROM_MIB:
+            return ["-m", str(mib)]
+        return [
+            "-object", f"memory-backend-ram,id=ram0,size={mib}M,reserve=off",
+            "-machine", "memory-backend=ram0",
+            "-m", f"{mib}M",
+        ]  # fmt: skip
+
     def command_line(self) -> list[str]:
         """The full QEMU command line for this guest (assets must already be resolved)."""
         assets = self._assets
@@ -296,7 +313,7 @@ class Guest:
             "-accel", "tcg",  # KVM is present but hangs on these hosts (QEMU_FACTS.md)
             "-machine", "pc",
             "-smp", "1",
-            "-m", str(self.spec.memory_mib),
+            *self._memory_args(),
             "-nodefaults", "-no-user-config",  # no NIC/VGA: nothing needs option ROMs
             "-display", "none",
             "-no-reboot",

@@ -5,7 +5,10 @@
  *      or random order; every write stores a new counter value so the page's content really changes
  *      (calc-dirty-rate page-sampling compares page hashes, not dirty bits);
  *   3. phases: with phase_s > 0 the working set moves to the next wss_mib of the touched arena every
- *      phase_s seconds (a working set that drifts over time).
+ *      phase_s seconds (a working set that drifts over time);
+ *   4. zeroed: write zeroed_mib MiB of pages, then zero them again and keep them: allocated zero pages,
+ *      as a long-running guest has them (untouched guest RAM maps the host's shared zero page instead,
+ *      which QEMU's zero-page check scans faster).
  * Parameters come from the kernel command line (/proc/cmdline), e.g.
  *   dirtier.touch_mib=64 dirtier.wss_mib=32 dirtier.rate_mib=20 dirtier.pattern=seq dirtier.phase_s=0
  * The kernel leaves "module.param" words it does not know in /proc/cmdline, so they reach us intact.
@@ -29,6 +32,7 @@
 #define TICK_NS 5000000L
 
 struct params {
+    double zeroed_mib;
     double touch_mib;
     double wss_mib;
     double rate_mib;
@@ -77,6 +81,7 @@ static void parse_cmdline(struct params *p) {
         if (val == NULL) continue;
         *val++ = '\0';
         if (strcmp(key, "touch_mib") == 0) p->touch_mib = atof(val);
+        if (strcmp(key, "zeroed_mib") == 0) p->zeroed_mib = atof(val);
         else if (strcmp(key, "wss_mib") == 0) p->wss_mib = atof(val);
         else if (strcmp(key, "rate_mib") == 0) p->rate_mib = atof(val);
         else if (strcmp(key, "phase_s") == 0) p->phase_s = atof(val);
@@ -102,9 +107,24 @@ static uint64_t next_random(void) {
 }
 
 int main(void) {
-    struct params p = {.touch_mib = 64, .wss_mib = 32, .rate_mib = 0, .random_order = 0, .phase_s = 0};
+    struct params p = {.zeroed_mib = 0, .touch_mib = 64, .wss_mib = 32, .rate_mib = 0, .random_order = 0,
+                       .phase_s = 0};
     parse_cmdline(&p);
-    if (p.touch_mib < 0 || p.wss_mib < 0 || p.rate_mib < 0 || p.phase_s < 0) die("negative parameter");
+    if (p.touch_mib < 0 || p.wss_mib < 0 || p.rate_mib < 0 || p.phase_s < 0 || p.zeroed_mib < 0)
+        die("negative parameter");
+
+    unsigned long zeroed_pages = (unsigned long)(p.zeroed_mib * PAGES_PER_MIB);
+    if (zeroed_pages > 0) {
+        unsigned char *zeroed = mmap(NULL, zeroed_pages * PAGE_SIZE, PROT_READ | PROT_WRITE,
+                                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (zeroed == MAP_FAILED) die("mmap failed (guest memory too small for zeroed_mib?)");
+        double z0 = now_s();
+        for (unsigned long i = 0; i < zeroed_pages; i++) {
+            memset(zeroed + i * PAGE_SIZE, 0xA5, PAGE_SIZE);
+            memset(zeroed + i * PAGE_SIZE, 0, PAGE_SIZE);
+        }
+        say("dirtier: zeroed %lu pages in %.2f s\n", zeroed_pages, now_s() - z0);
+    }
 
     unsigned long touch_pages = (unsigned long)(p.touch_mib * PAGES_PER_MIB);
     unsigned long wss_pages = (unsigned long)(p.wss_mib * PAGES_PER_MIB);
