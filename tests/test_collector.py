@@ -10,7 +10,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from migpredictd.core.measurement import parse_measurement
+from migpredictd.core.measurement import DirtyPoint, Measurement, parse_measurement
 from migpredictd.core.model import build_model
 from migpredictd.core.predictor import (
     DEFAULT_BANDWIDTHS,
@@ -154,3 +154,22 @@ def test_derived_answers_attach_only_to_their_own_measurement_and_grid() -> None
     assert reg.get_sample_value(name, {"vm": "vm1", "max_downtime": "125ms"}) == full.min_bandwidth[0]
     assert state.snapshot()["vm1"].prediction is not None
     assert np.array_equal(state.snapshot()["vm1"].prediction.seconds, grid_only.seconds, equal_nan=True)  # type: ignore[union-attr]
+
+
+def test_hashed_pages_are_the_measurements_cost() -> None:
+    """A sweep of 7 runs of a 64 GiB guest at 2048 pages per GiB: 131072 sampled pages, hashed twice per
+    run. Extended measurements (QEMU's own sampling, unknown count) have no such line."""
+    m = Measurement(
+        page_size_bytes=4096,
+        total_pages=1 << 24,
+        points=tuple(DirtyPoint(float(ms), 100.0) for ms in (125, 250, 500, 1000, 2000, 4000, 8000)),
+        strategy="sweep-ms",
+        sample_pages_per_gib=2048,
+    )
+    (p,) = predict_grid([build_model(m)], GRID, PredictorSettings(), derived=False)
+    state = State()
+    state.set_targets({"big": ("unix:/run/big.qmp", {})})
+    state.record_success("big", m, p, GRID, at=1.0, duration=16.0)
+    reg = _registry(state)
+    assert reg.get_sample_value("migpredictd_measurement_hashed_pages", {"vm": "big"}) == 2 * 131072 * 7
+    assert reg.get_sample_value("migpredictd_measurement_hashed_pages", {"vm": "vm1"}) is None
