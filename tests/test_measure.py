@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -423,3 +424,55 @@ def test_a_window_overshot_by_timing_noise_counts_as_the_period_asked(window: in
     assert as_requested(reply, 1000.0)["calc-time"] == label_period
     seconds = {"status": "measured", "dirty-rate": 12, "calc-time": 1}  # 7.2: whole seconds, never touched
     assert as_requested(seconds, 1000.0) is seconds
+
+
+# --- sample-pages per guest --------------------------------------------------------------------------
+
+
+async def test_sample_pages_follow_the_guest_size(fleet: FakeQMPFleet) -> None:
+    """131072 pages per run on 8.2+, 65536 before, within QEMU's 128..16384 per GiB."""
+    for version, gib, per_gib in [
+        (V10, 1, 16384),
+        (V10, 64, 2048),
+        (V10, 256, 512),
+        (V72, 16, 4096),
+        (V10, 2048, 128),
+    ]:
+        ep = await fleet.spawn(
+            f"vm{gib}-{version[0]}", FakeVM(version=version, memory_bytes=gib << 30, noise=False)
+        )
+        m = await measure(ep.address, target="vm", settings=FAST, sleep=scaled_sleep)
+        assert m.sample_pages_per_gib == per_gib
+        assert {a["sample-pages"] for a in calc_requests(ep)} == {per_gib}
+    # a number in the settings is used as given, whatever the size
+    ep = await fleet.spawn("fixed", FakeVM(version=V10, memory_bytes=256 << 30, noise=False))
+    m = await measure(
+        ep.address, target="vm", settings=dataclasses.replace(FAST, sample_pages=16384), sleep=scaled_sleep
+    )
+    assert {a["sample-pages"] for a in calc_requests(ep)} == {16384}
+
+
+async def test_a_window_stretched_by_the_hash_pass_is_measured_again_with_fewer_pages(
+    fleet: FakeQMPFleet,
+) -> None:
+    """A sparse 256 GiB guest: each sampled page costs the first pass 2.5 us (a page fault), so 131072
+    pages take 328 ms and stretch the 125 and 250 ms windows. The first stretched run shows the cost; the
+    period is measured again with the pages that fit in 80% of it, and later periods get no more."""
+    vm = FakeVM(version=V10, memory_bytes=256 << 30, noise=False, hash_seconds_per_page=2.5e-6)
+    ep = await fleet.spawn("sparse", vm)
+    m = await measure(ep.address, target="sparse", settings=FAST, sleep=scaled_sleep)
+    assert [p.period_ms for p in m.points] == list(DEFAULT_PERIODS_MS["sweep-ms"])  # no stretched window
+    sent = [(a["calc-time"], a["sample-pages"]) for a in calc_requests(ep)]
+    # the cost read from the window (327 ms / 131072 pages): 0.8 x 125 ms fits 40083 pages = 156 per GiB,
+    # 250 ms 313; from 500 ms on the default 512
+    assert sent == [
+        (125, 512),
+        (125, 156),
+        (250, 313),
+        (500, 512),
+        (1000, 512),
+        (2000, 512),
+        (4000, 512),
+        (8000, 512),
+    ]
+    assert any("the 125 ms window took 327 ms with 512 sample-pages per GiB" in n for n in m.notes), m.notes

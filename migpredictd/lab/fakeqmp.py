@@ -194,6 +194,9 @@ class FakeVM:
     schema_bytes: int | None = None
     noise: bool = True
     seed: int = 0
+    # Seconds QEMU's first hash pass spends per sampled page: a pass longer than the window stretches it
+    # (the reported calc-time on 8.2+), as on a sparse 256 GiB guest where each sampled page faults in.
+    hash_seconds_per_page: float = 0.0
 
     @property
     def total_pages(self) -> int:
@@ -922,6 +925,9 @@ class Endpoint:
             raise _CommandError("mode dirty-ring is not enabled, use other method instead.")
         now = self._fleet.clock()
         start_time = int(time.time()) if vm.version >= (8, 2, 0) else int(now)
+        if mode == "page-sampling" and vm.hash_seconds_per_page > 0:
+            first_pass_ms = ((vm.memory_bytes * sample_pages) >> 30) * vm.hash_seconds_per_page * 1000.0
+            calc_ms = max(calc_ms, int(first_pass_ms))
         self._run = _DirtyRateRun(
             status="measuring",
             calc_ms=calc_ms,

@@ -47,6 +47,8 @@ from migpredictd.qemu.settings import (
     DEFAULT_HELPER_SOCKET,
     DEFAULT_PERIODS_MS,
     DEFAULT_SAMPLE_PAGES,
+    MAX_SAMPLE_PAGES,
+    MIN_SAMPLE_PAGES,
     STRATEGIES,
     ZERO_PAGE_METHODS,
     MeasureSettings,
@@ -167,28 +169,57 @@ async def measure(
         kvm = await s.execute_dict("query-kvm")
         memory_bytes = await _memory_bytes(s)
         peer_pid = s.peer_pid
+    adaptive = settings.sample_pages is None and caps.calc_time_unit
     if settings.sample_pages is None:
         per_gib = auto_sample_pages(memory_bytes, calc_time_unit=caps.calc_time_unit)
         settings = dataclasses.replace(settings, sample_pages=per_gib)
+    # Seconds per sampled page of QEMU's first hash pass, once a window shows it (auto sample-pages on
+    # 8.2+ only): the pass can take longer than a short window, which QEMU then stretches.
+    pass_cost: float | None = None
     say(
         f"{target}: QEMU {caps.version_text}, {memory_bytes >> 20} MiB, strategy {strategy}, "
         f"kvm {'on' if kvm.get('enabled') is True else 'off'}, sample-pages {settings.sample_pages}/GiB"
     )
 
     runs: list[dict[str, Any]] = []
+    notes_runs: list[str] = []
     plan = plan_runs(strategy, settings.periods_ms)
     while plan:
         calc_ms = plan.pop(0)
-        say(f"{target}: calc-dirty-rate {calc_ms:g} ms")
+        run_settings = settings
+        if adaptive and pass_cost is not None:
+            run_settings = _fitting_sample_pages(settings, memory_bytes, calc_ms, pass_cost)
+        say(f"{target}: calc-dirty-rate {calc_ms:g} ms, sample-pages {run_settings.sample_pages}/GiB")
         reply = await _one_run(
             addr,
             target=target,
-            settings=settings,
+            settings=run_settings,
             caps=caps,
             strategy=strategy,
             calc_ms=calc_ms,
             sleep=sleep,
         )
+        window = _stretched_window(reply, calc_ms)
+        if adaptive and window is not None and "periods" not in reply:
+            # QEMU's first hash pass outlasted the window: learn its cost per page and, if fewer pages
+            # fit, run this period again with them (once).
+            sampled = max((memory_bytes * (run_settings.sample_pages or 1)) >> 30, 1)
+            pass_cost = window / 1000.0 / sampled
+            retry = _fitting_sample_pages(settings, memory_bytes, calc_ms, pass_cost)
+            if (retry.sample_pages or 0) < (run_settings.sample_pages or 0):
+                notes_runs.append(
+                    f"the {calc_ms:g} ms window took {window} ms with {run_settings.sample_pages} "
+                    f"sample-pages per GiB (QEMU's first hash pass); measured again with {retry.sample_pages}"
+                )
+                reply = await _one_run(
+                    addr,
+                    target=target,
+                    settings=retry,
+                    caps=caps,
+                    strategy=strategy,
+                    calc_ms=calc_ms,
+                    sleep=sleep,
+                )
         runs.append(as_requested(reply, calc_ms))
         if "periods" in reply and strategy != "extended":
             # The extended output of the 2023 series: one run reports every period up to its calc-time,
@@ -209,7 +240,7 @@ async def measure(
         "target": target,
         "measured_at": started_wall,
     }
-    notes: list[str] = []
+    notes: list[str] = list(notes_runs)
     try:
         if strategy == "extended":
             result = measurement_from_extended(runs[-1], **meta, notes=())
@@ -416,6 +447,34 @@ async def _one_run(
 # (hashing the samples took longer than the period) is kept as it was.
 WINDOW_OVERSHOOT_MS: Final = 5.0
 WINDOW_OVERSHOOT_FRACTION: Final = 0.02
+
+
+# A short window's first hash pass should leave it this much headroom when pages are chosen to fit.
+PASS_SHARE_OF_WINDOW: Final = 0.8
+
+
+def _stretched_window(reply: Mapping[str, Any], calc_ms: float) -> int | None:
+    """The window QEMU 8.2+ really measured, if it is more than 10% longer than ``calc_ms``."""
+    window = reply.get("calc-time")
+    if (
+        reply.get("calc-time-unit") != "millisecond"
+        or not isinstance(window, int)
+        or isinstance(window, bool)
+    ):
+        return None
+    return window if window > calc_ms * 1.1 else None
+
+
+def _fitting_sample_pages(
+    settings: MeasureSettings, memory_bytes: int, calc_ms: float, pass_cost: float
+) -> MeasureSettings:
+    """``settings`` with as many sample-pages per GiB (at most its own) as let the first hash pass,
+    at ``pass_cost`` seconds per page, take PASS_SHARE_OF_WINDOW of a ``calc_ms`` window."""
+    pages = int(PASS_SHARE_OF_WINDOW * calc_ms / 1000.0 / pass_cost)
+    per_gib = max(
+        MIN_SAMPLE_PAGES, min(settings.sample_pages or MAX_SAMPLE_PAGES, (pages << 30) // memory_bytes)
+    )
+    return dataclasses.replace(settings, sample_pages=per_gib)
 
 
 def as_requested(reply: dict[str, Any], calc_ms: float) -> dict[str, Any]:
