@@ -456,23 +456,21 @@ async def test_a_window_stretched_by_the_hash_pass_is_measured_again_with_fewer_
     fleet: FakeQMPFleet,
 ) -> None:
     """A sparse 256 GiB guest: each sampled page costs the first pass 2.5 us (a page fault), so 131072
-    pages take 328 ms and stretch the 125 and 250 ms windows. The first stretched run shows the cost; the
-    period is measured again with the pages that fit in 80% of it, and later periods get no more."""
+    pages take 327 ms and stretch the 250 and 125 ms windows. A large guest runs its longest window
+    first; the first stretched run shows the cost, that period is measured again with the pages that
+    fit in 80% of it, and shorter periods get no more than fit theirs."""
     vm = FakeVM(version=V10, memory_bytes=256 << 30, noise=False, hash_seconds_per_page=2.5e-6)
     ep = await fleet.spawn("sparse", vm)
     m = await measure(ep.address, target="sparse", settings=FAST, sleep=scaled_sleep)
     assert [p.period_ms for p in m.points] == list(DEFAULT_PERIODS_MS["sweep-ms"])  # no stretched window
     sent = [(a["calc-time"], a["sample-pages"]) for a in calc_requests(ep)]
-    # the cost read from the window (327 ms / 131072 pages): 0.8 x 125 ms fits 40083 pages = 156 per GiB,
-    # 250 ms 313; from 500 ms on the default 512
+    # the cost read from the window (327 ms / 131072 pages): 0.8 x 250 ms fits 80166 pages = 313 per GiB,
+    # 125 ms 156; 500 ms and longer absorb the 327 ms pass
     assert sent == [
-        (125, 512),
-        (125, 156),
-        (250, 313),
-        (500, 512),
-        (1000, 512),
-        (2000, 512),
-        (4000, 512),
-        (8000, 512),
-    ]
-    assert any("the 125 ms window took 327 ms with 512 sample-pages per GiB" in n for n in m.notes), m.notes
+        (8000, 512), (4000, 512), (2000, 512), (1000, 512), (500, 512), (250, 512), (250, 313), (125, 156)
+    ]  # fmt: skip
+    assert any("the 250 ms window took 327 ms with 512 sample-pages per GiB" in n for n in m.notes), m.notes
+    # a small guest keeps the short-first order and 16384 per GiB
+    ep = await fleet.spawn("small", FakeVM(version=V10, memory_bytes=1 << 30, noise=False))
+    await measure(ep.address, target="small", settings=FAST, sleep=scaled_sleep)
+    assert [a["calc-time"] for a in calc_requests(ep)] == [125, 250, 500, 1000, 2000, 4000, 8000]

@@ -184,6 +184,11 @@ async def measure(
     runs: list[dict[str, Any]] = []
     notes_runs: list[str] = []
     plan = plan_runs(strategy, settings.periods_ms)
+    if adaptive and (settings.sample_pages or MAX_SAMPLE_PAGES) < MAX_SAMPLE_PAGES and strategy != "extended":
+        # A large guest's sampled pages may be untouched RAM, which the first hash pass faults in (a page
+        # table at a time on a sparse guest): longest window first, so that the passes of the long runs,
+        # which their windows absorb, leave the short ones little to fault in.
+        plan.sort(reverse=True)
     while plan:
         calc_ms = plan.pop(0)
         run_settings = settings
