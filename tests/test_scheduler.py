@@ -71,3 +71,29 @@ async def test_first_runs_are_spread_over_the_jitter() -> None:
     assert len(started) == 40
     assert max(started) - min(started) > 0.5  # not all at once: spread over the 1 s jitter
     assert max(started) < 1.5  # and all within it (plus scheduling slack)
+
+
+async def test_a_dear_measurement_takes_more_of_the_limit() -> None:
+    """max_concurrent 4: a target worth 4 (a large guest with many sampled pages per run) runs alone,
+    one worth 2 beside at most two cheap ones, and a cost above the limit still runs (alone)."""
+    cost = {"big": 4, "huge": 40, "mid": 2} | {f"vm{i}": 1 for i in range(6)}
+    running: dict[str, int] = {}
+    overlaps: list[dict[str, int]] = []
+    finished = 0
+
+    async def run(name: str) -> None:
+        nonlocal finished
+        running[name] = cost[name]
+        overlaps.append(dict(running))
+        await asyncio.sleep(0.1)
+        del running[name]
+        finished += 1
+
+    s = MeasurementScheduler(run, max_concurrent=4, cost=cost.__getitem__)
+    s.start()
+    s.sync({name: Schedule(60.0, 0.0) for name in cost})
+    await until(lambda: finished == len(cost), 10, "every target measured once")
+    await s.shutdown(grace_seconds=1.0)
+    assert all(sum(min(w, 4) for w in seen.values()) <= 4 for seen in overlaps), overlaps
+    assert all(len(seen) == 1 for seen in overlaps if "big" in seen or "huge" in seen), overlaps
+    assert max(len(seen) for seen in overlaps) == 4  # the cheap ones still run four at once

@@ -40,6 +40,7 @@ from migpredictd.core.measurement import Measurement
 from migpredictd.core.model import MemoryModel, build_model
 from migpredictd.core.predictor import FloatArray, RateLimiter, VMPrediction, predict_derived, predict_grid
 from migpredictd.qemu.measure import measure
+from migpredictd.qemu.settings import SAMPLES_PER_RUN
 from migpredictd.serve.collector import DaemonCollector, MetricsRenderer
 from migpredictd.serve.logs import setup_logging
 from migpredictd.serve.scheduler import MeasurementScheduler, Schedule
@@ -391,6 +392,16 @@ class Daemon:
         future = asyncio.run_coroutine_threadsafe(self.reload(), loop)
         return future.result(timeout=60)
 
+    def measurement_cost(self, name: str) -> int:
+        """What the target's next measurement is worth in ``max_concurrent`` units: the pages QEMU
+        hashed per run in its last measurement, over the default budget per run (1 before the first)."""
+        t = self.state.snapshot().get(name)
+        m = None if t is None else t.measurement
+        if m is None or m.sample_pages_per_gib is None:
+            return 1
+        per_run = (m.memory_bytes * m.sample_pages_per_gib) >> 30
+        return max(1, -(-per_run // SAMPLES_PER_RUN))
+
     def landing_page(self, query: str) -> str:
         reload_state = "ok" if self.state.reload_ok else "FAILED (old config kept)"
         footer = (
@@ -414,7 +425,9 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         # A bad config at start-up is fatal: there is nothing to keep.
         config = await self._loop.run_in_executor(self._loader, self.load)
-        scheduler = MeasurementScheduler(self.measure_target, max_concurrent=config.max_concurrent)
+        scheduler = MeasurementScheduler(
+            self.measure_target, max_concurrent=config.max_concurrent, cost=self.measurement_cost
+        )
         self._scheduler = scheduler
         self.apply(config)
         server = WebServer(_WebAdapter(self), listen, web_config_file)

@@ -3,15 +3,16 @@
 The first run of a target comes within ``jitter`` of its being added (so a thousand VMs are not
 sampled in the same second), then every ``interval`` (plus up to ``jitter``). A target's runs never
 overlap (``max_instances=1``, missed runs coalesce), and at most ``max_concurrent`` measurements run
-at once across all targets.
+at once across all targets, each weighted by its cost (:class:`WeightedLimit`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -27,12 +28,46 @@ class Schedule:
     jitter_seconds: float
 
 
-class MeasurementScheduler:
-    """Keeps one APScheduler job per target in step with the config."""
+class WeightedLimit:
+    """At most ``limit`` units in use at once; a holder of ``w`` units (``1 <= w``, capped at the limit,
+    so that even the dearest measurement runs, alone) waits until that many are free."""
 
-    def __init__(self, run: Callable[[str], Awaitable[None]], *, max_concurrent: int) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, weight: int) -> AsyncIterator[None]:
+        w = max(1, min(weight, self.limit))
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used + w <= self.limit)
+            self.used += w
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= w
+                self._changed.notify_all()
+
+
+class MeasurementScheduler:
+    """Keeps one APScheduler job per target in step with the config.
+
+    ``max_concurrent`` counts measurements of the default cost; ``cost(name)`` says how many such a
+    target's measurement is worth (1 by default; the daemon derives it from the pages QEMU hashed for
+    the target's last measurement), so that dear ones take more of the limit."""
+
+    def __init__(
+        self,
+        run: Callable[[str], Awaitable[None]],
+        *,
+        max_concurrent: int,
+        cost: Callable[[str], int] | None = None,
+    ) -> None:
         self._run = run
-        self._limit = asyncio.Semaphore(max_concurrent)
+        self._cost = cost or (lambda _name: 1)
+        self._limit = WeightedLimit(max_concurrent)
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._schedules: dict[str, Schedule] = {}
         self._running: set[asyncio.Task[None]] = set()
@@ -41,7 +76,7 @@ class MeasurementScheduler:
         self._scheduler.start()
 
     def set_limit(self, max_concurrent: int) -> None:
-        self._limit = asyncio.Semaphore(max_concurrent)
+        self._limit = WeightedLimit(max_concurrent)
 
     def sync(self, schedules: Mapping[str, Schedule]) -> None:
         """Add, remove and reschedule jobs so there is exactly one per entry."""
@@ -76,7 +111,7 @@ class MeasurementScheduler:
         if task is not None:
             self._running.add(task)
         try:
-            async with self._limit:
+            async with self._limit.hold(self._cost(name)):
                 if name in self._schedules:  # removed while waiting for a slot
                     await self._run(name)
         except asyncio.CancelledError:
