@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -17,6 +18,7 @@ from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.core.errors import InputError, MigpredictdError
 from migpredictd.core.measurement import Measurement, parse_measurement
 from migpredictd.core.model import build_model
+from migpredictd.core.policies import POLICIES, PolicyOutcome, make_policy, outcome_to_json, predict_policy
 from migpredictd.core.predictor import (
     DEFAULT_BANDWIDTHS,
     DEFAULT_DOWNTIMES,
@@ -25,7 +27,7 @@ from migpredictd.core.predictor import (
     predict_grid,
 )
 from migpredictd.core.table import prediction_to_json, render_table
-from migpredictd.core.units import parse_duration
+from migpredictd.core.units import format_bandwidth, format_downtime, format_eta, parse_duration
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -80,15 +82,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         derived=args.format == "json",
         limiters=[rate_limiter_for(m.qemu_version) for m in measurements],
     )
+    policy = None if args.policy is None else make_policy(args.policy, _policy_options(args.policy_option))
+    out: list[str] = []
     for m, p in zip(measurements, predictions, strict=True):
+        outcomes = (
+            None
+            if policy is None
+            else predict_policy(
+                build_model(m, mode="qemu"),
+                policy,
+                grid.bandwidths,
+                downtimes=grid.downtimes,
+                vcpu_utilization=m.vcpu_utilization,
+                deadline_seconds=settings.deadline_seconds,
+            )
+        )
         if args.format == "table":
             if len(measurements) > 1:
-                sys.stdout.write(f"# {m.target or ''}\n")
-            sys.stdout.write(render_table(p, grid))
+                out.append(f"# {m.target or ''}\n")
+            out.append(render_table(p, grid))
+            if policy is not None and outcomes is not None:
+                out.append(render_policy_table(policy.name, outcomes))
         else:
             doc: dict[str, Any] = {"target": m.target, "mode": settings.mode}
             doc.update(prediction_to_json(p, grid))
-            sys.stdout.write(json.dumps(doc) + "\n")
+            if policy is not None and outcomes is not None:
+                doc["policy"] = {"name": policy.name, "options": dict(policy.options)}
+                doc["policy_predictions"] = [outcome_to_json(o) for o in outcomes]
+            out.append(json.dumps(doc) + "\n")
+    sys.stdout.write("".join(out))
     return EXIT_OK
 
 
@@ -114,7 +136,48 @@ def _add_predict(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=3600.0,
         help="a migration still running after this is 'does not converge' (default 1h)",
     )
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        help="also predict what this orchestrator does with the migration, per bandwidth (docs/policies.md)",
+    )
+    p.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the policy, by its product's own name (e.g. live_migration_downtime=500)",
+    )
     p.set_defaults(handler=_cmd_predict)
+
+
+def _policy_options(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items -> a dict; InputError naming the item otherwise."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"expected KEY=VALUE, got {item!r}", field="--policy-option")
+        out[key.strip()] = value
+    return out
+
+
+def render_policy_table(name: str, outcomes: list[PolicyOutcome]) -> str:
+    """The policy's outcome per bandwidth (and max downtime, for auto-converge and postcopy)."""
+    rows = [
+        f"Policy {name}:",
+        "  bandwidth | max downtime | outcome       |     time | downtime | throttle | post-copy",
+    ]
+    for o in outcomes:
+        dt = "-" if o.max_downtime is None else format_downtime(o.max_downtime)
+        secs = "-" if o.seconds is None else format_eta(math.ceil(o.seconds))
+        down = "-" if o.downtime_seconds is None else f"{o.downtime_seconds * 1000:.0f}ms"
+        post = "-" if o.postcopy_seconds is None else f"{o.postcopy_seconds:.1f}s"
+        rows.append(
+            f"  {format_bandwidth(o.bandwidth):>9} | {dt:>12} | {o.outcome:<13} | {secs:>8} | {down:>8} | "
+            f"{o.max_throttle_percent:>7.0f}% | {post:>9}"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:

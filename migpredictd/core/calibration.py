@@ -8,6 +8,7 @@ the lab's loopback transport live in :mod:`migpredictd.lab.loopback`. Pure: no I
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -25,6 +26,7 @@ FLUSH_COUNTING_SINCE: Final = (8, 1)
 _VERSION: Final = re.compile(r"(\d+)(?:\.(\d+))?")  # major[.minor] at the start
 
 
+@functools.lru_cache(maxsize=256)  # a fleet reports a handful of versions; pure, so cached
 def rate_limiter_for(qemu_version: str | None) -> RateLimiter:
     """How the QEMU that reported ``qemu_version`` ("10.0.2", "7.2.22", "9.2.0-rc1") honours
     max-bandwidth; exact when the version is unknown or unparsable (the prediction then errs a few

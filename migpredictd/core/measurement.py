@@ -70,6 +70,9 @@ class Measurement:
     # Zero share of equal slices of guest RAM in QEMU's scan order (ascending RAM offset), from the
     # same sample as zero_pages; None = assume zero pages spread evenly.
     zero_profile: tuple[float, ...] | None = None
+    # Share of its vCPUs' time the guest used during the measurement (0..1, from the vCPU threads' CPU
+    # time); what auto-converge's throttle acts on (core/policies.py). None = unknown.
+    vcpu_utilization: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("page_size_bytes", self.page_size_bytes, minimum=1)
@@ -106,6 +109,10 @@ class Measurement:
                     raise InputError("is a share, at most 1", field=f"zero_profile[{i}]")
         if self.zero_pages_method not in ZERO_PAGE_METHODS:
             raise InputError(f"must be one of {', '.join(ZERO_PAGE_METHODS)}", field="zero_pages_method")
+        if self.vcpu_utilization is not None:
+            _check_number("vcpu_utilization", self.vcpu_utilization)
+            if self.vcpu_utilization > 1.0:
+                raise InputError("is a share of the vCPUs' time, at most 1", field="vcpu_utilization")
         if self.strategy not in STRATEGIES:
             raise InputError(f"must be one of {', '.join(STRATEGIES)}", field="strategy")
 
@@ -137,6 +144,7 @@ class Measurement:
             "qemu_version": self.qemu_version,
             "measured_at": self.measured_at,
             "duration_seconds": self.duration_seconds,
+            "vcpu_utilization": self.vcpu_utilization,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.zero_profile is not None:
@@ -190,6 +198,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         "duration_seconds",
         "notes",
         "zero_profile",
+        "vcpu_utilization",
     }
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -228,6 +237,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         duration_seconds=_optional_number(data, "duration_seconds"),
         notes=tuple(notes),
         zero_profile=None if profile is None else tuple(profile),  # each share checked by Measurement
+        vcpu_utilization=_optional_number(data, "vcpu_utilization"),
     )
 
 

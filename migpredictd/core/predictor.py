@@ -186,8 +186,15 @@ class ModelBatch:
     cold_zeros: FloatArray  # zero pages among them, at the same knots
 
     @classmethod
-    def of(cls, models: Sequence[MemoryModel], limiters: Sequence[RateLimiter] | None = None) -> ModelBatch:
-        """Pack ``models``; ``limiters[i]`` is VM i's rate limiter (default: exact for every VM)."""
+    def of(
+        cls,
+        models: Sequence[MemoryModel],
+        limiters: Sequence[RateLimiter] | None = None,
+        *,
+        first_pass: bool = True,
+    ) -> ModelBatch:
+        """Pack ``models``; ``limiters[i]`` is VM i's rate limiter (default: exact for every VM).
+        ``first_pass=False`` leaves out the first pass's cost along RAM, which only qemu mode reads."""
         if not models:
             raise ValueError("no models")
         if limiters is None:
@@ -201,7 +208,11 @@ class ModelBatch:
         y = np.array([m.dirty_pages + m.dirty_pages[-1:] * (k - len(m.dirty_pages)) for m in models])
         slope = np.array([m.slopes + (0.0,) * (k - len(m.slopes)) for m in models])
         offset = np.array([m.offsets + m.dirty_pages[-1:] * (k - len(m.offsets)) for m in models])
-        profiles = [_first_pass_cost(m) for m in models]
+        profiles = (
+            [_first_pass_cost(m) for m in models]
+            if first_pass
+            else [([0.0], [0.0], [1.0], [0.0])] * len(models)
+        )
         kp = max(len(pages) for pages, _, _, _ in profiles)
         cold_pages = np.array([pages + pages[-1:] * (kp - len(pages)) for pages, _, _, _ in profiles])
         cold_bytes = np.array([wire + wire[-1:] * (kp - len(wire)) for _, wire, _, _ in profiles])
@@ -1038,7 +1049,7 @@ def predict_grid(
     downtime and the smallest downtime per bandwidth (:func:`predict_derived`; nan without).
     Bandwidths are QEMU ``max-bandwidth`` values; ``limiters[i]`` says how VM i's QEMU honours them
     (default: exactly)."""
-    batch = ModelBatch.of(models, limiters)
+    batch = ModelBatch.of(models, limiters, first_pass=settings.mode == "qemu" or derived)
     nv, nb, nd = len(models), len(grid.bandwidths), len(grid.downtimes)
     vm = np.repeat(np.arange(nv), nb * nd)
     bw = np.tile(np.repeat(np.array(grid.bandwidths), nd), nv)

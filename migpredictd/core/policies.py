@@ -1,0 +1,412 @@
+"""What an orchestrator really does with a migration: downtime steps, timeouts, throttling, post-copy.
+
+Pure. Each policy takes its product's own option names and defaults, so an operator can paste them:
+
+- ``nova`` (nova/conf/libvirt.py, nova/virt/libvirt/migration.py): the max downtime rises in
+  ``live_migration_downtime_steps`` steps, one every ``live_migration_downtime_delay`` x data GiB
+  seconds, from ``live_migration_downtime / steps`` to ``live_migration_downtime`` (ms), data GiB being
+  max(RAM GiB, 2); after ``live_migration_completion_timeout`` x data GiB seconds (0: never) it aborts
+  (``live_migration_timeout_action=abort``) or forces completion (``force_complete``: post-copy if
+  permitted, else it pauses the guest and copies the rest). With ``live_migration_permit_post_copy`` it
+  also switches to post-copy after the first pass as soon as an iteration cuts the remaining data by
+  less than 10% (``should_switch_to_postcopy``), and it then wins over
+  ``live_migration_permit_auto_converge``, as in Nova.
+- ``kubevirt`` (MigrationPolicy and migration configuration): ``completionTimeoutPerGiB`` x RAM GiB
+  seconds, then post-copy if ``allowPostCopy`` else abort; ``progressTimeout`` seconds without progress
+  (the remaining data not falling below its lowest) aborts; ``allowAutoConverge``;
+  ``bandwidthPerMigration`` (bytes/s, 0: the link) caps the bandwidth. The downtime is QEMU's 300 ms.
+- ``proxmox`` (QemuMigrate.pm): ``migrate_downtime`` seconds (0.1), doubled whenever the remaining data
+  has not shrunk for 5 polls of a second; ``migrate_speed`` in MB/s (0: no limit) caps the bandwidth.
+  No timeout.
+- ``auto-converge`` (QEMU, migration/ram.c and cpu-throttle.c): at a bitmap sync, if the bytes dirtied
+  since the previous one exceed ``throttle-trigger-threshold`` % of the bytes sent meanwhile, twice in a
+  row, the vCPUs are throttled: ``cpu-throttle-initial`` %, then ``cpu-throttle-increment`` more each
+  time, up to ``max-cpu-throttle``. With ``cpu-throttle-tailslow`` the last steps follow the overshoot
+  instead of the fixed increment. The grid's downtimes apply.
+- ``postcopy``: ``migrate-start-postcopy`` after ``switch_after_seconds`` or ``switch_after_passes``
+  (whichever comes first); the pages still dirty are then pulled once by the destination.
+
+A throttle of p % slows a guest only once (1 - p/100) is below the share ``u`` of its vCPU time the
+guest uses (measured on real QEMU, QEMU_FACTS.md): the dirtying rate is scaled by
+min(1, (1 - p/100) / u). ``u`` is the measured vCPU utilisation (1 = CPU-bound, the default when unknown).
+
+The simulation is per pass: the first pass sends every page (zero pages as 9 bytes), each later one what
+the previous pass dirtied; after each pass comes a bitmap sync, where the orchestrator's clock and the
+throttle are checked, and the migration stops when what is dirty fits in the current max downtime. It
+is coarser than the predictor's qemu mode (no rate-limiter windows): docs/policies.md compares them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from migpredictd.core.errors import InputError
+from migpredictd.core.model import MemoryModel
+from migpredictd.core.predictor import PAGE_HEADER_BYTES, ZERO_PAGE_BYTES
+
+POLICIES: Final = ("nova", "kubevirt", "proxmox", "auto-converge", "postcopy")
+Outcome = Literal["completed", "aborted", "postcopy", "not_converged"]
+OUTCOMES: Final = ("completed", "aborted", "postcopy", "not_converged")
+GIB: Final = 1 << 30
+QEMU_DEFAULT_DOWNTIME_S: Final = 0.3
+PROXMOX_POLL_S: Final = 1.0
+PROXMOX_STALL_POLLS: Final = 5
+MAX_PASSES: Final = 100_000
+
+_BOOL = {
+    "true": True,
+    "yes": True,
+    "1": True,
+    "on": True,
+    "false": False,
+    "no": False,
+    "0": False,
+    "off": False,
+}
+
+# Every option: (default, kind) with kind "float", "int", "bool" or a tuple of choices. Units are the
+# products' own (documented in docs/policies.md).
+OPTIONS: Final[Mapping[str, Mapping[str, tuple[object, object]]]] = {
+    "nova": {
+        "live_migration_downtime": (500.0, "float"),
+        "live_migration_downtime_steps": (10, "int"),
+        "live_migration_downtime_delay": (75.0, "float"),
+        "live_migration_completion_timeout": (800.0, "float"),
+        "live_migration_timeout_action": ("abort", ("abort", "force_complete")),
+        "live_migration_permit_auto_converge": (False, "bool"),
+        "live_migration_permit_post_copy": (False, "bool"),
+    },
+    "kubevirt": {
+        "completionTimeoutPerGiB": (150.0, "float"),
+        "progressTimeout": (150.0, "float"),
+        "allowAutoConverge": (False, "bool"),
+        "allowPostCopy": (False, "bool"),
+        "bandwidthPerMigration": (0.0, "float"),
+    },
+    "proxmox": {
+        "migrate_downtime": (0.1, "float"),
+        "migrate_speed": (0.0, "float"),
+    },
+    "auto-converge": {},
+    "postcopy": {
+        "switch_after_seconds": (60.0, "float"),
+        "switch_after_passes": (0, "int"),
+    },
+}
+THROTTLE_OPTIONS: Final[Mapping[str, tuple[object, object]]] = {
+    "cpu-throttle-initial": (20, "int"),
+    "cpu-throttle-increment": (10, "int"),
+    "max-cpu-throttle": (99, "int"),
+    "throttle-trigger-threshold": (50, "int"),
+    "cpu-throttle-tailslow": (False, "bool"),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A policy and its options (every one of its product's options, defaults filled in)."""
+
+    name: str
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> object:
+        return self.options[key]
+
+
+def make_policy(name: str, given: Mapping[str, str] | None = None) -> Policy:
+    """``name`` with ``given`` option values (text, as on a command line or in YAML).
+
+    :raises InputError: an unknown policy or option, or a value of the wrong kind or range, naming it.
+    """
+    if name not in POLICIES:
+        raise InputError(f"unknown policy {name!r}; one of {', '.join(POLICIES)}", field="policy")
+    known = {**OPTIONS[name], **THROTTLE_OPTIONS}
+    values: dict[str, object] = {k: default for k, (default, _) in known.items()}
+    for key, text in (given or {}).items():
+        if key not in known:
+            raise InputError(f"{name} has no option {key!r}; known: {', '.join(known)}", field=key)
+        values[key] = _value(key, str(text), known[key][1])
+    _check_ranges(values)
+    return Policy(name=name, options=values)
+
+
+def _value(key: str, text: str, kind: object) -> object:
+    t = text.strip()
+    if isinstance(kind, tuple):
+        if t not in kind:
+            raise InputError(f"must be one of {', '.join(map(str, kind))}, not {t!r}", field=key)
+        return t
+    if kind == "bool":
+        if t.lower() not in _BOOL:
+            raise InputError(f"must be true or false, not {t!r}", field=key)
+        return _BOOL[t.lower()]
+    try:
+        number = int(t) if kind == "int" else float(t)
+    except ValueError:
+        raise InputError(
+            f"must be {'an integer' if kind == 'int' else 'a number'}, not {t!r}", field=key
+        ) from None
+    if not math.isfinite(number) or number < 0:
+        raise InputError(f"must be a non-negative finite number, not {t!r}", field=key)
+    return number
+
+
+def _check_ranges(v: Mapping[str, object]) -> None:
+    def num(key: str) -> float:
+        x = v.get(key)
+        return float(x) if isinstance(x, int | float) else 0.0
+
+    if "live_migration_downtime_steps" in v and num("live_migration_downtime_steps") < 1:
+        raise InputError("must be at least 1", field="live_migration_downtime_steps")
+    if "live_migration_downtime" in v and num("live_migration_downtime") < 100:
+        raise InputError("must be at least 100 (ms), as in Nova", field="live_migration_downtime")
+    if "migrate_downtime" in v and num("migrate_downtime") <= 0:
+        raise InputError("must be positive (seconds)", field="migrate_downtime")
+    for key in ("cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"):
+        if not 1 <= num(key) <= 99:
+            raise InputError("must be in 1..99 (%), as in QEMU", field=key)
+    if not 1 <= num("throttle-trigger-threshold") <= 100:
+        raise InputError("must be in 1..100 (%), as in QEMU", field="throttle-trigger-threshold")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOutcome:
+    """What the orchestrator ends up doing at one bandwidth (and max downtime, for auto-converge)."""
+
+    bandwidth: float
+    outcome: Outcome
+    seconds: float | None  # total time until the guest runs on the destination; None unless it does
+    downtime_seconds: float | None
+    max_throttle_percent: float
+    postcopy_seconds: float | None
+    max_downtime: float | None = None  # auto-converge only: the grid's downtime of this cell
+    passes: int = 0
+
+
+@dataclass
+class _Run:
+    """The mutable state of one simulated migration."""
+
+    t: float = 0.0
+    throttle: float = 0.0
+    high: int = 0
+    passes: int = 0
+    max_throttle: float = 0.0
+
+
+def _first_pass_bytes(m: MemoryModel) -> float:
+    normal = m.page_size_bytes + PAGE_HEADER_BYTES
+    return (m.total_pages - m.zero_pages) * normal + m.zero_pages * ZERO_PAGE_BYTES
+
+
+def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's exit in sight)
+    m: MemoryModel,
+    policy: Policy,
+    bandwidth: float,
+    *,
+    max_downtime: float | None = None,
+    vcpu_utilization: float | None = None,
+    deadline_seconds: float = 3600.0,
+) -> PolicyOutcome:
+    """One migration of ``m`` at ``bandwidth`` bytes/s under ``policy`` (``max_downtime`` seconds is the
+    limit where the policy has none of its own: auto-converge and postcopy; default QEMU's 300 ms)."""
+    o = policy.options
+    name = policy.name
+    util = 1.0 if vcpu_utilization is None else min(max(vcpu_utilization, 1e-3), 1.0)
+    ram_gib = m.total_pages * m.page_size_bytes / GIB
+    rate = bandwidth
+    if name == "kubevirt" and float(o["bandwidthPerMigration"]) > 0:  # type: ignore[arg-type]
+        rate = min(rate, float(o["bandwidthPerMigration"]))  # type: ignore[arg-type]
+    if name == "proxmox" and float(o["migrate_speed"]) > 0:  # type: ignore[arg-type]
+        rate = min(rate, float(o["migrate_speed"]) * 1e6)  # type: ignore[arg-type]
+    page_wire = m.page_size_bytes + PAGE_HEADER_BYTES
+
+    # What the orchestrator may do.
+    auto_converge = name == "auto-converge"
+    postcopy_allowed = name == "postcopy"
+    timeout = math.inf
+    timeout_action = "abort"
+    downtime_fixed = QEMU_DEFAULT_DOWNTIME_S if max_downtime is None else max_downtime
+    steps: list[tuple[float, float]] = []
+    if name == "nova":
+        data_gib = max(ram_gib, 2.0)
+        n_steps = int(o["live_migration_downtime_steps"])  # type: ignore[call-overload]
+        total_ms = float(o["live_migration_downtime"])  # type: ignore[arg-type]
+        delay = int(float(o["live_migration_downtime_delay"]) * data_gib)  # type: ignore[arg-type]
+        base = total_ms / n_steps
+        offset = (total_ms - base) / n_steps
+        steps = [(float(delay * i), (base + offset * i) / 1000.0) for i in range(n_steps + 1)]
+        if float(o["live_migration_completion_timeout"]) > 0:  # type: ignore[arg-type]
+            timeout = int(float(o["live_migration_completion_timeout"]) * data_gib)  # type: ignore[arg-type]
+        timeout_action = str(o["live_migration_timeout_action"])
+        postcopy_allowed = bool(o["live_migration_permit_post_copy"])
+        auto_converge = bool(o["live_migration_permit_auto_converge"]) and not postcopy_allowed
+    elif name == "kubevirt":
+        timeout = float(o["completionTimeoutPerGiB"]) * max(ram_gib, 1.0)  # type: ignore[arg-type]
+        postcopy_allowed = bool(o["allowPostCopy"])
+        timeout_action = "force_complete" if postcopy_allowed else "abort"
+        auto_converge = bool(o["allowAutoConverge"])
+    elif name == "proxmox":
+        downtime_fixed = float(o["migrate_downtime"])  # type: ignore[arg-type]
+    switch_at = math.inf
+    switch_passes = 0
+    if name == "postcopy":
+        switch_at = float(o["switch_after_seconds"])  # type: ignore[arg-type]
+        switch_passes = int(o["switch_after_passes"])  # type: ignore[call-overload]
+
+    def downtime_now(t: float) -> float:
+        if steps:
+            current = steps[0][1]
+            for start, value in steps:
+                if start <= t:
+                    current = value
+            return current
+        return downtime_fixed
+
+    run = _Run()
+    proxmox_downtime = downtime_fixed
+    stalled_since: float | None = None
+    lowest_pending = math.inf
+    lowest_at = 0.0
+    previous_pending = math.inf
+    pending_bytes = _first_pass_bytes(m)  # the first pass: every page
+    normal = float(m.total_pages) - m.zero_pages
+
+    def finish(outcome: Outcome, *, postcopy_bytes: float = 0.0, down_bytes: float = 0.0) -> PolicyOutcome:
+        post = postcopy_bytes / rate if outcome == "postcopy" else None
+        seconds: float | None = None
+        downtime: float | None = None
+        if outcome == "completed":
+            downtime = down_bytes / rate
+            seconds = run.t + downtime
+        elif outcome == "postcopy":
+            downtime = 0.0
+            seconds = run.t + (post or 0.0)
+        return PolicyOutcome(
+            bandwidth=bandwidth, outcome=outcome, seconds=seconds, downtime_seconds=downtime,
+            max_throttle_percent=run.max_throttle, postcopy_seconds=post,
+            max_downtime=max_downtime if name in ("auto-converge", "postcopy") else None, passes=run.passes,
+        )  # fmt: skip
+
+    while True:
+        # One pass: send what is pending at the rate, while the guest dirties (slowed by the throttle).
+        sent = pending_bytes
+        dt = sent / rate
+        run.t += dt
+        run.passes += 1
+        speed = min(1.0, (1.0 - run.throttle / 100.0) / util)
+        dirty_pages = min(m.dirty(dt * 1000.0 * speed), normal)
+        pending_bytes = dirty_pages * page_wire
+        # The bitmap sync: the orchestrator looks, QEMU may throttle.
+        limit = proxmox_downtime if name == "proxmox" else downtime_now(run.t)
+        if pending_bytes / rate <= limit:
+            return finish("completed", down_bytes=pending_bytes)
+        if (
+            postcopy_allowed
+            and name == "postcopy"
+            and (run.t >= switch_at or (switch_passes and run.passes >= switch_passes))
+        ):
+            return finish("postcopy", postcopy_bytes=pending_bytes)
+        # should_switch_to_postcopy(): after the first pass, an iteration that cut the remaining data by
+        # less than 10% switches to post-copy.
+        if (
+            postcopy_allowed
+            and name == "nova"
+            and run.passes >= 2
+            and previous_pending < math.inf
+            and (previous_pending - pending_bytes) * 100.0 / previous_pending < 10.0
+        ):
+            return finish("postcopy", postcopy_bytes=pending_bytes)
+        if run.t >= timeout:
+            if timeout_action == "force_complete":
+                if postcopy_allowed:
+                    return finish("postcopy", postcopy_bytes=pending_bytes)
+                return finish("completed", down_bytes=pending_bytes)  # Nova pauses the guest
+            return finish("aborted")
+        if name == "kubevirt":
+            if pending_bytes < lowest_pending:
+                lowest_pending, lowest_at = pending_bytes, run.t
+            elif run.t - lowest_at >= float(o["progressTimeout"]):  # type: ignore[arg-type]
+                if postcopy_allowed:
+                    return finish("postcopy", postcopy_bytes=pending_bytes)
+                return finish("aborted")
+        if name == "proxmox":
+            if pending_bytes < previous_pending:
+                stalled_since = None
+            elif stalled_since is None:
+                stalled_since = run.t - dt
+            if stalled_since is not None and run.t - stalled_since >= PROXMOX_STALL_POLLS * PROXMOX_POLL_S:
+                proxmox_downtime *= 2.0
+                stalled_since = run.t
+        previous_pending = pending_bytes
+        if auto_converge and run.passes >= 2:
+            _maybe_throttle(run, dirty_bytes=dirty_pages * m.page_size_bytes, sent_bytes=sent, o=o)
+        if run.t >= deadline_seconds or run.passes >= MAX_PASSES:
+            return finish("not_converged")
+
+
+def _maybe_throttle(run: _Run, *, dirty_bytes: float, sent_bytes: float, o: Mapping[str, object]) -> None:
+    """migration_trigger_throttle(): two periods in a row dirtying more than the threshold's share of
+    what was sent raise the throttle (mig_throttle_guest_down)."""
+    threshold = float(o["throttle-trigger-threshold"]) / 100.0  # type: ignore[arg-type]
+    if dirty_bytes <= threshold * sent_bytes:
+        return
+    run.high += 1
+    if run.high < 2:
+        return
+    run.high = 0
+    initial = float(o["cpu-throttle-initial"])  # type: ignore[arg-type]
+    increment = float(o["cpu-throttle-increment"])  # type: ignore[arg-type]
+    ceiling = float(o["max-cpu-throttle"])  # type: ignore[arg-type]
+    if run.throttle == 0.0:
+        run.throttle = initial
+    elif o["cpu-throttle-tailslow"] and run.throttle + increment >= ceiling:
+        # tailslow: near the top, step by what the dirtying overshoots the threshold
+        overshoot = 1.0 - threshold * sent_bytes / dirty_bytes
+        run.throttle = min(
+            ceiling, run.throttle + max(1.0, min(increment, overshoot * (100.0 - run.throttle)))
+        )
+    else:
+        run.throttle = min(ceiling, run.throttle + increment)
+    run.max_throttle = max(run.max_throttle, run.throttle)
+
+
+def predict_policy(
+    m: MemoryModel,
+    policy: Policy,
+    bandwidths: Sequence[float],
+    *,
+    downtimes: Sequence[float] = (),
+    vcpu_utilization: float | None = None,
+    deadline_seconds: float = 3600.0,
+) -> list[PolicyOutcome]:
+    """Every bandwidth under ``policy``; for auto-converge (and postcopy) every (bandwidth, downtime) of
+    ``downtimes`` when given."""
+    per_downtime = policy.name in ("auto-converge", "postcopy") and bool(downtimes)
+    cells: list[tuple[float, float | None]] = (
+        [(b, d) for b in bandwidths for d in downtimes] if per_downtime else [(b, None) for b in bandwidths]
+    )
+    return [
+        simulate_policy(
+            m, policy, b, max_downtime=d, vcpu_utilization=vcpu_utilization, deadline_seconds=deadline_seconds
+        )
+        for b, d in cells
+    ]
+
+
+def outcome_to_json(p: PolicyOutcome) -> dict[str, object]:
+    """One entry of the CLI's ``policy_predictions``."""
+    out: dict[str, object] = {
+        "bandwidth_bytes_per_second": p.bandwidth,
+        "outcome": p.outcome,
+        "migration_seconds": p.seconds,
+        "downtime_seconds": p.downtime_seconds,
+        "max_throttle_percent": p.max_throttle_percent,
+        "postcopy_seconds": p.postcopy_seconds,
+    }
+    if p.max_downtime is not None:
+        out["max_downtime_seconds"] = None if math.isinf(p.max_downtime) else p.max_downtime
+    return out
