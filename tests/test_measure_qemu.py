@@ -135,3 +135,24 @@ def test_zero_pages_against_a_real_migration(qemu: QemuGeneration) -> None:
     worst = max(abs(a - b) for a, b in zip(profile, exact, strict=True))
     assert worst <= 0.15, list(zip(profile, exact, strict=True))
     assert max(exact) - min(exact) >= 0.8, exact
+
+
+@pytest.mark.parametrize("qemu", ["7.2", "10.0"])
+def test_vcpu_utilisation_tells_an_idle_guest_from_a_busy_one(qemu: QemuGeneration) -> None:
+    """The vCPU threads' CPU time over the measurement (query-cpus-fast thread ids): an idle guest halts
+    its vCPU; one rewriting memory as fast as it can (under TCG) keeps it running."""
+    settings = MeasureSettings(periods_ms=(1000.0, 2000.0), zero_pages="none")
+    measured = {}
+    for name, spec in {
+        "idle": GuestSpec(qemu=qemu, memory_mib=256, touch_mib=32, wss_mib=0, rate_mib=0),
+        "busy": GuestSpec(qemu=qemu, memory_mib=256, touch_mib=64, wss_mib=64, rate_mib=100000),
+    }.items():
+        with Guest(spec) as g:
+            measured[name] = asyncio.run(
+                measure(g.qmp_address, target=name, settings=settings)
+            ).vcpu_utilization
+    idle, busy = measured["idle"], measured["busy"]
+    assert idle is not None
+    assert busy is not None
+    assert idle < 0.2
+    assert busy > 0.6

@@ -169,6 +169,8 @@ async def measure(
         kvm = await s.execute_dict("query-kvm")
         memory_bytes = await _memory_bytes(s)
         peer_pid = s.peer_pid
+        vcpu_threads = await _vcpu_threads(s) if peer_pid is not None else []
+    vcpu_start = (time.monotonic(), _threads_cpu_seconds(peer_pid, vcpu_threads))
     adaptive = settings.sample_pages is None and caps.calc_time_unit
     if settings.sample_pages is None:
         per_gib = auto_sample_pages(memory_bytes, calc_time_unit=caps.calc_time_unit)
@@ -245,6 +247,9 @@ async def measure(
         "target": target,
         "measured_at": started_wall,
     }
+    vcpu = _utilization(
+        vcpu_start, (time.monotonic(), _threads_cpu_seconds(peer_pid, vcpu_threads)), vcpu_threads
+    )
     notes: list[str] = list(notes_runs)
     try:
         if strategy == "extended":
@@ -281,7 +286,48 @@ async def measure(
         raise QMPProtocolError(f"unusable calc-dirty-rate results: {exc}", target=target) from exc
     duration = time.monotonic() - started
     say(f"{target}: done in {duration:.1f} s")
-    return dataclasses.replace(result, duration_seconds=round(duration, 3), notes=tuple(notes) + result.notes)
+    return dataclasses.replace(
+        result, duration_seconds=round(duration, 3), notes=tuple(notes) + result.notes, vcpu_utilization=vcpu
+    )
+
+
+async def _vcpu_threads(s: QMPSession) -> list[int]:
+    """The host thread ids of the guest's vCPUs (``query-cpus-fast``); none when QEMU cannot say."""
+    try:
+        cpus = await s.execute("query-cpus-fast")
+    except QMPCommandError:
+        return []
+    if not isinstance(cpus, list) or len(cpus) > 4096:
+        return []
+    tids = [c.get("thread-id") for c in cpus if isinstance(c, dict)]
+    return [t for t in tids if isinstance(t, int) and not isinstance(t, bool) and t > 0]
+
+
+def _threads_cpu_seconds(pid: int | None, tids: Sequence[int]) -> float | None:
+    """utime + stime of the threads ``tids`` of process ``pid`` (``/proc/PID/task/TID/stat``, readable by
+    every user who can see the process); None if any cannot be read."""
+    if pid is None or not tids:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            return None
+    return total / ticks
+
+
+def _utilization(
+    start: tuple[float, float | None], end: tuple[float, float | None], tids: Sequence[int]
+) -> float | None:
+    """The share of their time the vCPU threads ran between ``start`` and ``end`` (monotonic, CPU)."""
+    (t0, c0), (t1, c1) = start, end
+    if c0 is None or c1 is None or t1 - t0 < 1.0 or not tids:
+        return None
+    return round(min(max((c1 - c0) / ((t1 - t0) * len(tids)), 0.0), 1.0), 4)
 
 
 def _session(

@@ -50,6 +50,7 @@ READ_ONLY_COMMANDS: Final = frozenset(
         "query-memory-size-summary",
         "query-dirty-rate",
         "query-name",
+        "query-cpus-fast",  # the vCPU thread ids, for the guest's vCPU utilisation
         # Not strictly read-only (it starts a measurement thread), but it changes no guest state and
         # page-sampling mode only reads guest memory; the guard below pins the mode.
         "calc-dirty-rate",
