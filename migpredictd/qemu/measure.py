@@ -183,6 +183,17 @@ async def measure(
         f"kvm {'on' if kvm.get('enabled') is True else 'off'}, sample-pages {settings.sample_pages}/GiB"
     )
 
+    async def run_once(run_settings: MeasureSettings, calc_ms: float) -> dict[str, Any]:
+        return await _one_run(
+            addr,
+            target=target,
+            settings=run_settings,
+            caps=caps,
+            strategy=strategy,
+            calc_ms=calc_ms,
+            sleep=sleep,
+        )
+
     runs: list[dict[str, Any]] = []
     notes_runs: list[str] = []
     plan = plan_runs(strategy, settings.periods_ms)
@@ -197,15 +208,7 @@ async def measure(
         if adaptive and pass_cost is not None:
             run_settings = _fitting_sample_pages(settings, memory_bytes, calc_ms, pass_cost)
         say(f"{target}: calc-dirty-rate {calc_ms:g} ms, sample-pages {run_settings.sample_pages}/GiB")
-        reply = await _one_run(
-            addr,
-            target=target,
-            settings=run_settings,
-            caps=caps,
-            strategy=strategy,
-            calc_ms=calc_ms,
-            sleep=sleep,
-        )
+        reply = await run_once(run_settings, calc_ms)
         window = _stretched_window(reply, calc_ms)
         if adaptive and window is not None and "periods" not in reply:
             # QEMU's first hash pass outlasted the window: learn its cost per page and, if fewer pages
@@ -218,15 +221,7 @@ async def measure(
                     f"the {calc_ms:g} ms window took {window} ms with {run_settings.sample_pages} "
                     f"sample-pages per GiB (QEMU's first hash pass); measured again with {retry.sample_pages}"
                 )
-                reply = await _one_run(
-                    addr,
-                    target=target,
-                    settings=retry,
-                    caps=caps,
-                    strategy=strategy,
-                    calc_ms=calc_ms,
-                    sleep=sleep,
-                )
+                reply = await run_once(retry, calc_ms)
         runs.append(as_requested(reply, calc_ms))
         if "periods" in reply and strategy != "extended":
             # The extended output of the 2023 series: one run reports every period up to its calc-time,
