@@ -23,8 +23,11 @@ from migpredictd.lab.deployed import running_helper
 # (docs/accuracy.md); the bound catches a broken method, not its known bias.
 MAX_MEDIAN_ERROR_HOST_SMAPS = 0.40
 # qemu mode as the daemon runs it by default (guest-sampled zero pages): median 1.5% and 3.0% on this
-# slice in two runs (worst case 5.5%); 2.3% on the final held-out set (7.2: 3.1%, 10.0: 2.1%).
-MAX_MEDIAN_ERROR_DEFAULT = 0.06
+# slice in two runs of an earlier round (worst case 5.5%); this round 0.1% as root on an idle host and
+# 6.1% as deployed inside a CI run (load average 0.4-1.0: the TCG guests' dirtying slows with the host,
+# and q01 and q03 both read 6% short). 2.1% on the final held-out set as deployed, 0.4% as root. The bound
+# still separates a broken method (host-smaps 21%, seed 24% on the same runs) from load.
+MAX_MEDIAN_ERROR_DEFAULT = 0.08
 
 
 @pytest.mark.qemu

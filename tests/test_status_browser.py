@@ -18,6 +18,7 @@ from typing import Any
 
 import bcrypt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from migpredictd.core.units import format_eta
 from migpredictd.lab.rig.guest import GuestSpec
@@ -94,6 +95,31 @@ def test_chromium_shows_the_grid_of_real_guests_behind_basic_auth(
         assert "error" in json.loads(body)
 
         api = {t["name"]: t for t in json.loads(get(f"{base}/api/v1/targets")[1])["targets"]}
+        # the API's numbers are /metrics' numbers (read from the same snapshot, a moment apart: both
+        # guests are measured every 30 s, so compare the ones whose measurement did not change)
+        metrics = {
+            (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(get(f"{base}/metrics")[1].decode())
+            for smp in fam.samples
+        }
+        compared = 0
+        for name, t in api.items():
+            grid = t["prediction"]["grid"]
+            nd = len(grid["max_downtimes"])
+            if (
+                metrics.get(("migpredictd_last_success_timestamp_seconds", (("vm", name),)))
+                != t["health"]["last_success_timestamp_seconds"]
+            ):
+                continue
+            for k, cell in enumerate(t["prediction"]["predictions"]):
+                bw, dt = grid["bandwidths"][k // nd], grid["max_downtimes"][k % nd]
+                labels = (("bandwidth", bw), ("max_downtime", dt), ("vm", name))
+                exposed = metrics.get(("migpredictd_predicted_migration_seconds", labels))
+                assert (exposed is None) == (cell["migration_seconds"] is None), (name, cell)
+                if exposed is not None:
+                    assert exposed == pytest.approx(cell["migration_seconds"], rel=1e-9)
+                    compared += 1
+        assert compared > 0
         dom = chromium_dom(f"http://{USER}:{PASSWORD}@127.0.0.1:{d.port}/", tmp_path / "chromium")
         assert 'id="summary"' in dom
         cells = Cells()
