@@ -4,6 +4,7 @@ naming the field (and nothing else ever escapes, whatever JSON arrives)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -370,3 +371,13 @@ def test_only_input_error_escapes(doc: object) -> None:
         assert all(p.dirty_pages <= m.total_pages for p in m.points)
         return
     assert message.startswith("fuzz: ")
+
+
+def test_the_extended_fast_path_builds_what_the_checked_constructor_accepts() -> None:
+    """measurement_from_extended skips Measurement's re-validation of what it checked itself: every
+    result must still pass that validation unchanged (200 random cover-letter-shaped replies)."""
+    from benchmarks.predict import inputs
+
+    for doc in inputs(200):
+        m = parse_measurement(doc)
+        assert dataclasses.replace(m) == m  # replace() runs __post_init__ on the same fields
