@@ -25,6 +25,7 @@ from tests.daemon_helpers import LoggedProcess
 from tests.waits import wait_until
 
 POLICY_RECORD: Final = "migpredictd:migration_converges:policy"
+EVACUATION_RECORD: Final = "migpredictd:evacuation_seconds:policy"
 # The one selector the policy rule is allowed to be: metric{bandwidth="...", max_downtime="..."}.
 _SELECTOR = re.compile(r"^(?P<metric>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<matchers>[^{}]*)\}$")
 _MATCHER = re.compile(r'^\s*(?P<label>[a-zA-Z_]\w*)\s*=\s*"(?P<value>[^"\\]*)"\s*$')

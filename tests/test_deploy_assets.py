@@ -737,6 +737,7 @@ EXPECTED_ALERTS = {
     "MigpredictdConfigReloadFailed",
     "MigpredictdDown",
     "MigpredictdZeroPagesDegraded",
+    "MigpredictdEvacuationExceedsWindow",
 }
 
 

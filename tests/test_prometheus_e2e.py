@@ -22,6 +22,7 @@ from migpredictd.core.predictor import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES
 from migpredictd.lab.rig.guest import GuestSpec
 from tests.daemon_helpers import DaemonProcess, free_port, http
 from tests.prometheus_helpers import (
+    EVACUATION_RECORD,
     POLICY_RECORD,
     PrometheusProcess,
     prometheus_binary,
@@ -66,6 +67,15 @@ EXPECTED_EMPTY: Final[Mapping[str, str]] = {
         "Prometheus scrapes the daemon; the test then stops the daemon and sees it fire"
     ),
 }
+# Absent by design while any VM of the host would not converge at the policy pair, as the busy guest here
+# does: their witness is the recorded sum without that condition, which must return the idle guest's time.
+ABSENT_WHILE_A_VM_IS_STUCK: Final = {
+    f"rules migpredictd-policy/{EVACUATION_RECORD}",
+    "rules migpredictd/MigpredictdEvacuationExceedsWindow",
+}
+_UNLESS_STUCK = re.compile(
+    r"\s*unless on \(job, instance\) \(migpredictd:migration_converges:policy == 0\)\s*$"
+)
 _THRESHOLD = re.compile(r"\s*(?:==|!=|>=|<=|>|<)\s*-?\d+(?:\.\d+)?\b")
 _FALLBACK = " or vector(0)"
 _LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.+),\s*(?P<label>\w+)\)$")
@@ -92,7 +102,7 @@ def test_rules_for_test_edits_the_policy_and_every_hold() -> None:
     edited = rules_for_test(original, bandwidth=POLICY_BANDWIDTH, max_downtime=POLICY_DOWNTIME, hold=HOLD)
     before = {r.get("alert") or r["record"]: r for g in original["groups"] for r in g["rules"]}
     after = {r.get("alert") or r["record"]: r for g in edited["groups"] for r in g["rules"]}
-    assert before.keys() == after.keys() == EXPECTED_ALERTS | {POLICY_RECORD}
+    assert before.keys() == after.keys() == EXPECTED_ALERTS | {POLICY_RECORD, EVACUATION_RECORD}
     assert after[POLICY_RECORD]["expr"] == (
         f'migpredictd_migration_converges{{bandwidth="{POLICY_BANDWIDTH}", max_downtime="{POLICY_DOWNTIME}"}}'
     )
@@ -108,6 +118,13 @@ def test_rules_for_test_edits_the_policy_and_every_hold() -> None:
     reshaped["groups"][0]["rules"][0]["expr"] = "max by (vm) (migpredictd_migration_converges)"
     with pytest.raises(AssertionError, match="expected one selector"):
         rules_for_test(reshaped, bandwidth=POLICY_BANDWIDTH, max_downtime=POLICY_DOWNTIME, hold=HOLD)
+
+
+def evacuation_expr() -> str:
+    """The evacuation recording rule's expression, as alerts.yml has it."""
+    rules = yaml.safe_load(ALERTS.read_text())
+    [expr] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("record") == EVACUATION_RECORD]
+    return str(expr)
 
 
 def range_panel_sources() -> set[str]:
@@ -130,6 +147,17 @@ def check_expressions(prom: PrometheusProcess, exprs: list[DeployExpr]) -> list[
             problems.append(f"{e.source}: does not run (HTTP {status}: {body.get('error')}): {e.expr}")
             continue
         result = body["data"]["result"]
+        if e.source in ABSENT_WHILE_A_VM_IS_STUCK:
+            if result:
+                problems.append(
+                    f"{e.source}: should be absent while the busy guest does not converge: {result}"
+                )
+            witness = _UNLESS_STUCK.sub("", evacuation_expr())
+            if witness == evacuation_expr() or not prom.series(witness):
+                problems.append(
+                    f"{e.source}: its sum without the non-convergence condition is empty: {witness}"
+                )
+            continue
         if e.source in EXPECTED_EMPTY:
             if result:
                 problems.append(f"{e.source}: should be empty ({EXPECTED_EMPTY[e.source]}), got {result}")
@@ -212,7 +240,7 @@ def test_prometheus_runs_every_deploy_query_and_fires_the_policy_alert(
 
         # Every rule Prometheus loaded evaluates cleanly: exactly the rules of alerts.yml, health ok.
         loaded = prom.rules()
-        assert {r["name"] for r in loaded} == EXPECTED_ALERTS | {POLICY_RECORD}
+        assert {r["name"] for r in loaded} == EXPECTED_ALERTS | {POLICY_RECORD, EVACUATION_RECORD}
         assert [(r["name"], r["lastError"]) for r in loaded if r["health"] != "ok"] == []
 
         # Every shipped expression, with Grafana's variables as a user picking this daemon and "All" VMs.
