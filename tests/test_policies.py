@@ -221,8 +221,10 @@ def test_fast_forward_through_steady_passes_changes_nothing() -> None:
             rng.choice([0.5, 1, 4]), rng.choice([0.0, 5.0, 50.0, 400.0, 3000.0]), rng.choice([16, 64, 300])
         )
         bw = rng.choice([1e7, 1e8, 1e9])
-        for name in POLICIES:
-            policy = make_policy(name)
+        policies = [make_policy(name) for name in POLICIES]
+        policies.append(make_policy("postcopy", {"switch_after_passes": "5", "switch_after_seconds": "600"}))
+        for policy in policies:
+            name = policy.name
             fast = simulate_policy(m, policy, bw, deadline_seconds=1800.0)
             slow = simulate_policy(m, policy, bw, deadline_seconds=1800.0, fast_forward=False)
             assert (fast.outcome, fast.max_throttle_percent) == (slow.outcome, slow.max_throttle_percent), (
@@ -232,3 +234,4 @@ def test_fast_forward_through_steady_passes_changes_nothing() -> None:
                 assert (a is None) == (b is None)
                 if a is not None and b is not None:
                     assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+            assert fast.passes == slow.passes, name

@@ -11,18 +11,19 @@ Pure. Each policy takes its product's own option names and defaults, so an opera
   also switches to post-copy after the first pass as soon as an iteration cuts the remaining data by
   less than 10% (``should_switch_to_postcopy``), and it then wins over
   ``live_migration_permit_auto_converge``, as in Nova.
-- ``kubevirt`` (MigrationPolicy and migration configuration): ``completionTimeoutPerGiB`` x RAM GiB
-  seconds, then post-copy if ``allowPostCopy`` else abort; ``progressTimeout`` seconds without progress
-  (the remaining data not falling below its lowest) aborts; ``allowAutoConverge``;
+- ``kubevirt`` (MigrationPolicy and migration configuration): ``completionTimeoutPerGiB`` x
+  max(RAM GiB, 1) seconds, then post-copy if ``allowPostCopy`` else abort; ``progressTimeout`` seconds
+  without progress (the remaining data not falling below its lowest) aborts; ``allowAutoConverge``;
   ``bandwidthPerMigration`` (bytes/s, 0: the link) caps the bandwidth. The downtime is QEMU's 300 ms.
 - ``proxmox`` (QemuMigrate.pm): ``migrate_downtime`` seconds (0.1), doubled whenever the remaining data
   has not shrunk for 5 polls of a second; ``migrate_speed`` in MB/s (0: no limit) caps the bandwidth.
   No timeout.
 - ``auto-converge`` (QEMU, migration/ram.c and cpu-throttle.c): at a bitmap sync, if the bytes dirtied
-  since the previous one exceed ``throttle-trigger-threshold`` % of the bytes sent meanwhile, twice in a
-  row, the vCPUs are throttled: ``cpu-throttle-initial`` %, then ``cpu-throttle-increment`` more each
-  time, up to ``max-cpu-throttle``. With ``cpu-throttle-tailslow`` the last steps follow the overshoot
-  instead of the fixed increment. The grid's downtimes apply.
+  since the previous one exceed ``throttle-trigger-threshold`` % of the bytes sent meanwhile, at every
+  second such sync (as QEMU counts them, not necessarily consecutive) the vCPUs are throttled:
+  ``cpu-throttle-initial`` %, then ``cpu-throttle-increment`` more each time, up to ``max-cpu-throttle``.
+  With ``cpu-throttle-tailslow`` the last steps follow the overshoot instead of the fixed increment.
+  The grid's downtimes apply.
 - ``postcopy``: ``migrate-start-postcopy`` after ``switch_after_seconds`` or ``switch_after_passes``
   (whichever comes first); the pages still dirty are then pulled once by the destination.
 
@@ -277,6 +278,7 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
     lowest_pending = math.inf
     lowest_at = 0.0
     previous_pending = math.inf
+    doubled = False
     pending_bytes = _first_pass_bytes(m)  # the first pass: every page
     normal = float(m.total_pages) - m.zero_pages
 
@@ -346,7 +348,10 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
             if stalled_since is not None and run.t - stalled_since >= PROXMOX_STALL_POLLS * PROXMOX_POLL_S:
                 proxmox_downtime *= 2.0
                 stalled_since = run.t
-        steady = pending_bytes == sent or abs(pending_bytes - sent) <= 1e-12 * sent
+                doubled = True
+        # (not right after the downtime doubled: the next pass is checked against the new limit)
+        steady = pending_bytes == sent and not doubled
+        doubled = False
         previous_pending = pending_bytes
         throttle_before = run.throttle
         if auto_converge and run.passes >= 2:
@@ -354,7 +359,8 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         if run.t >= deadline_seconds or run.passes >= MAX_PASSES:
             return finish("not_converged")
         if (
-            steady
+            fast_forward
+            and steady
             and run.throttle == throttle_before
             and not (auto_converge and run.throttle < _max_throttle(o))
         ):
@@ -363,9 +369,13 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
             events += [start for start, _ in steps if start > run.t]
             if name == "kubevirt":
                 events.append(lowest_at + float(o["progressTimeout"]))  # type: ignore[arg-type]
-            if name == "proxmox" and stalled_since is not None:
-                events.append(stalled_since + PROXMOX_STALL_POLLS * PROXMOX_POLL_S)
+            if name == "proxmox":
+                # a steady pass does not shrink the remaining data: the stall runs from here at the latest
+                since = run.t if stalled_since is None else stalled_since
+                events.append(since + PROXMOX_STALL_POLLS * PROXMOX_POLL_S)
             skip = math.floor((min(events) - run.t) / dt) - 1
+            if switch_passes:  # postcopy after a number of passes: that pass is an event too
+                skip = min(skip, switch_passes - run.passes - 1)
             if skip > 0:
                 skip = min(skip, MAX_PASSES - run.passes - 1)
                 run.t += skip * dt
@@ -377,8 +387,8 @@ def _max_throttle(o: Mapping[str, object]) -> float:
 
 
 def _maybe_throttle(run: _Run, *, dirty_bytes: float, sent_bytes: float, o: Mapping[str, object]) -> None:
-    """migration_trigger_throttle(): two periods in a row dirtying more than the threshold's share of
-    what was sent raise the throttle (mig_throttle_guest_down)."""
+    """migration_trigger_throttle(): every second period dirtying more than the threshold's share of
+    what was sent raises the throttle (mig_throttle_guest_down)."""
     threshold = float(o["throttle-trigger-threshold"]) / 100.0  # type: ignore[arg-type]
     if dirty_bytes <= threshold * sent_bytes:
         return

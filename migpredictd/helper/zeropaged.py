@@ -57,6 +57,7 @@ DEFAULT_ALLOW: Final = (
     "/run/qemu-server/*.qmp",
     "/var/run/qemu-server/*.qmp",
     "/var/lib/libvirt/qemu/*/monitor.sock",
+    "/var/lib/libvirt/qemu/migpredictd/*.qmp",  # the extra sockets docs/deploy.md sets up
     "/run/libvirt/qemu/*/monitor.sock",
     "/run/migpredictd/qmp/*",
 )

@@ -31,8 +31,8 @@ from migpredictd.qemu.settings import DEFAULT_HELPER_SOCKET
 
 PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE_BYTES: Final = 4096
-# The helper refuses more work than this per request: 64 Ki pages read at most 256 MiB of guest memory
-# (one page at a time, nothing kept), tens of milliseconds to a second.
+# The helper refuses more work than this per request: 64 Ki pages, 256 MiB of 4 KiB pages (4 GiB at the
+# largest page size), read one page at a time and nothing kept.
 MAX_HELPER_SAMPLES: Final = 1 << 16
 MAX_MEMORY_BYTES: Final = 1 << 44  # 16 TiB, above any guest QEMU runs today
 PAGE_SIZES: Final = (4096, 16384, 65536)

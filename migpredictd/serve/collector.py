@@ -114,7 +114,8 @@ FAMILIES: Final = (
     Family(
         "migpredictd_measurement_hashed_pages", "gauge",
         "Guest pages QEMU hashed for the last measurement (two per sampled page and calc-dirty-rate run): "
-        "its cost, about 0.3-0.8 microseconds of QEMU CPU per page (docs/measuring.md). " + _AGE, ("vm",),
+        "its cost, 0.25-2 microseconds of QEMU CPU per page where measured (docs/measuring.md). " + _AGE,
+        ("vm",),
     ),
     Family(
         "migpredictd_zero_pages_estimate_bytes", "gauge",
