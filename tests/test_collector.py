@@ -173,3 +173,26 @@ def test_hashed_pages_are_the_measurements_cost() -> None:
     reg = _registry(state)
     assert reg.get_sample_value("migpredictd_measurement_hashed_pages", {"vm": "big"}) == 2 * 131072 * 7
     assert reg.get_sample_value("migpredictd_measurement_hashed_pages", {"vm": "vm1"}) is None
+
+
+def test_policy_outcomes_one_line_per_policy_and_bandwidth() -> None:
+    from migpredictd.core.policies import make_policy, predict_policy
+
+    m = parse_measurement(json.loads((DATA / "cover_letter_sample.json").read_text()))
+    model = build_model(m)
+    (p,) = predict_grid([model], GRID, PredictorSettings(mode="seed"))
+    state = State()
+    state.set_targets({"vm1": ("unix:/run/vm1.qmp", {})})
+    state.record_success("vm1", m, p, GRID, at=1.0, duration=1.0)
+    nova = predict_policy(build_model(m, mode="qemu"), make_policy("nova"), GRID.bandwidths)
+    state.record_derived("vm1", m, GRID, p.min_bandwidth, p.min_downtime, policies={"nova": tuple(nova)})
+    reg = _registry(state)
+    for label, o in zip(GRID.bandwidth_labels, nova, strict=True):
+        base = {"vm": "vm1", "policy": "nova", "bandwidth": label}
+        assert reg.get_sample_value("migpredictd_policy_outcome", base | {"outcome": o.outcome}) == 1.0
+        others = [x for x in ("completed", "aborted", "postcopy", "not_converged") if x != o.outcome]
+        assert all(
+            reg.get_sample_value("migpredictd_policy_outcome", base | {"outcome": x}) is None for x in others
+        )
+        assert reg.get_sample_value("migpredictd_policy_migration_seconds", base) == o.seconds
+    assert {o.outcome for o in nova} >= {"completed"}

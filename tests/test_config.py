@@ -859,3 +859,45 @@ def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
     assert dataclasses.replace(config, targets=(), source="") == dataclasses.replace(defaults, source="")
     assert config.targets[0].measurement == MeasureSettings()
     assert dict(config.targets[0].labels) == {}
+
+
+def test_policies_take_their_products_option_names(tmp_path: Path) -> None:
+    cfg = load_full_config(
+        write(
+            tmp_path,
+            """
+            global:
+              policies:
+                - nova
+                - {name: kubevirt, options: {completionTimeoutPerGiB: 100, allowPostCopy: true}}
+            targets: []
+            """,
+        )
+    )
+    assert [p.name for p in cfg.policies] == ["nova", "kubevirt"]
+    assert cfg.policies[1]["completionTimeoutPerGiB"] == 100.0
+    assert cfg.policies[1]["allowPostCopy"] is True
+    assert cfg.policies[0]["live_migration_downtime"] == 500.0
+    bad = problems_of(
+        write(
+            tmp_path,
+            """
+            global:
+              policies:
+                - {name: proxmox, options: {migrate_downtme: 0.2}}
+                - {name: nova, options: {live_migration_timeout_action: explode}}
+                - vmware
+                - nova
+                - nova
+            targets: []
+            """,
+        )
+    )
+    assert where(bad) == [
+        (3, "global.policies[0].options.migrate_downtme"),
+        (4, "global.policies[1].options.live_migration_timeout_action"),
+        (5, "global.policies[2].name"),
+        (7, "global.policies[4]"),
+    ]
+    assert "did you mean 'migrate_downtime'" in str(bad[0])
+    assert "abort, force_complete" in str(bad[1])

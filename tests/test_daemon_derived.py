@@ -83,3 +83,39 @@ def test_slow_derived_answers_never_hold_back_other_results(tmp_path: Path) -> N
             assert d.proc.poll() is None, d.logs()[-3000:]
         finally:
             d.stop()
+
+
+def test_configured_policies_are_published_with_the_derived_answers(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    fleet = FakeQMPFleet(directory=tmp_path / "s")
+    fleet.add("vm", FakeVM(version=V10, package=PKG10, noise=False))
+    config = tmp_path / "config.yaml"
+    lines = [
+        "global: {interval: 1h, jitter: 0s,",
+        "         measurement: {periods: [50ms, 100ms], zero_pages: none, connect_timeout: 1s},",
+        "         policies: [nova, {name: kubevirt, options: {completionTimeoutPerGiB: 1}}]}",
+        "targets:",
+    ]
+    with fleet.run_in_thread():
+        lines.append(f"  - {{name: vm, qmp: 'unix:{fleet['vm'].address}'}}")
+        config.write_text("\n".join(lines) + "\n")
+        d = DaemonProcess(config, free_port())
+        try:
+            s = wait_for(d.port, lambda x: has_derived(x, "vm"), timeout=60)
+            outcomes = {
+                (dict(lb)["policy"], dict(lb)["bandwidth"]): dict(lb)["outcome"]
+                for name, lb in s
+                if name == "migpredictd_policy_outcome"
+            }
+            # one outcome per policy and grid bandwidth (8 x 2), each exposed as 1
+            assert len(outcomes) == 16, outcomes
+            assert {p for p, _ in outcomes} == {"nova", "kubevirt"}
+            for (policy, bw), outcome in outcomes.items():
+                labels = {"vm": "vm", "policy": policy, "bandwidth": bw}
+                assert value(s, "migpredictd_policy_outcome", **labels, outcome=outcome) == 1.0
+                secs = value(s, "migpredictd_policy_migration_seconds", **labels)
+                assert (secs is not None) == (outcome in ("completed", "postcopy"))
+            # the default fake guest (512 MiB, 20 MiB/s over 64 MiB) completes at 10 Gbit/s under Nova
+            assert outcomes[("nova", "10Gbps")] == "completed"
+        finally:
+            d.stop()

@@ -27,6 +27,7 @@ from typing import Any, Final
 from migpredictd.config.yamlsource import Node, Problems, join, read_yaml, type_name
 from migpredictd.core.address import format_address, parse_address
 from migpredictd.core.errors import ConfigError, ConfigProblem, InputError, UnitError
+from migpredictd.core.policies import OPTIONS, POLICIES, THROTTLE_OPTIONS, Policy, make_policy
 from migpredictd.core.predictor import (
     DEFAULT_BANDWIDTHS,
     DEFAULT_DOWNTIMES,
@@ -112,6 +113,8 @@ class Config:
     source: str
     # Also expose predicted downtime, passes and transferred bytes per grid cell (global.exposition).
     per_cell_details: bool = False
+    # What orchestrators do with each VM's migration (global.policies; core/policies.py).
+    policies: tuple[Policy, ...] = ()
 
 
 # --- limits and defaults ----------------------------------------------------------------------------------
@@ -676,8 +679,60 @@ def _targets(
 
 _TOP_KEYS: Final = ("global", "targets_dir", "targets")
 _GLOBAL_KEYS: Final = (
-    "interval", "jitter", "max_concurrent", "measurement", "prediction", "grid", "exposition",
+    "interval", "jitter", "max_concurrent", "measurement", "prediction", "grid", "exposition", "policies",
 )  # fmt: skip
+MAX_POLICIES: Final = 8
+
+
+def _policies(y: Node, key: str, p: Problems) -> tuple[Policy, ...]:
+    """``[nova, {name: kubevirt, options: {completionTimeoutPerGiB: 100}}]``: each policy once."""
+    if not isinstance(y.value, list):
+        p.add(y.line, key, f"must be a list of policies, not {type_name(y.value)}")
+        return ()
+    if len(y.value) > MAX_POLICIES:
+        p.add(y.line, key, f"at most {MAX_POLICIES} policies")
+        return ()
+    out: list[Policy] = []
+    for i, item in enumerate(y.value):
+        k = f"{key}[{i}]"
+        options: dict[str, str] = {}
+        if isinstance(item.value, str):
+            name = item.value
+        elif isinstance(item.value, dict):
+            entries = _mapping(item, k, ("name", "options"), p)
+            if entries is None or "name" not in entries:
+                p.add(item.line, k, "needs a name")
+                continue
+            name_text = _string(entries["name"], join(k, "name"), p)
+            if name_text is None:
+                continue
+            name = name_text
+            if "options" in entries and entries["options"].value is not None and name in POLICIES:
+                known = (*OPTIONS[name], *THROTTLE_OPTIONS)
+                for opt, node in (_mapping(entries["options"], join(k, "options"), known, p) or {}).items():
+                    if isinstance(node.value, bool):
+                        options[opt] = "true" if node.value else "false"
+                    elif isinstance(node.value, int | float | str):
+                        options[opt] = str(node.value)
+                    else:
+                        where = join(k, f"options.{opt}")
+                        p.add(node.line, where, f"must be a scalar, not {type_name(node.value)}")
+        else:
+            p.add(item.line, k, f"must be a policy name or a mapping, not {type_name(item.value)}")
+            continue
+        try:
+            policy = make_policy(name, options)
+        except InputError as e:
+            field = "name" if e.field == "policy" else f"options.{e.field}"
+            p.add(item.line, join(k, field), str(e).split(": ", 1)[-1] if e.field else str(e))
+            continue
+        if any(q.name == policy.name for q in out):
+            p.add(item.line, k, f"policy {name!r} is listed twice")
+            continue
+        out.append(policy)
+    return tuple(out)
+
+
 _EXPOSITION_KEYS: Final = ("per_cell_details",)
 
 
@@ -731,6 +786,9 @@ def load_config(path: str | Path) -> Config:
         prediction = _prediction(g["prediction"], "global.prediction", p)
     if "grid" in g:
         grid = _grid(g["grid"], "global.grid", p)
+    policies: tuple[Policy, ...] = ()
+    if "policies" in g:
+        policies = _policies(g["policies"], "global.policies", p)
     per_cell_details = False
     if "exposition" in g:
         e = _drop_nulls(_mapping(g["exposition"], "global.exposition", _EXPOSITION_KEYS, p) or {})
@@ -770,6 +828,7 @@ def load_config(path: str | Path) -> Config:
         targets_dir=targets_dir,
         source=str(path),
         per_cell_details=per_cell_details,
+        policies=policies,
     )
 
 

@@ -118,6 +118,18 @@ FAMILIES: Final = (
         ("vm",),
     ),
     Family(
+        "migpredictd_policy_outcome", "gauge",
+        "1 for what the orchestrator policy is predicted to do with the migration at this bandwidth "
+        "(outcome: completed, aborted, postcopy or not_converged); global.policies. " + _AGE,
+        ("vm", "policy", "bandwidth", "outcome"),
+    ),
+    Family(
+        "migpredictd_policy_migration_seconds", "gauge",
+        "Predicted time until the VM runs on the destination under the policy (completed or post-copy); "
+        "absent otherwise. " + _AGE,
+        ("vm", "policy", "bandwidth"),
+    ),
+    Family(
         "migpredictd_zero_pages_estimate_bytes", "gauge",
         "Estimated guest RAM in zero pages (sent as 9 bytes per page); absent when unknown. " + _AGE, ("vm",),
     ),
@@ -167,6 +179,30 @@ def target_samples(t: TargetState, *, details: bool = True) -> Iterator[Sample]:
     yield from _status_samples(t)
     yield from _result_samples(t, details=details)
     yield from _memory_samples(t)
+    yield from _policy_samples(t)
+
+
+def _policy_samples(t: TargetState) -> Iterator[Sample]:
+    """Each configured policy's outcome and time per grid bandwidth, from the last derived answers."""
+    if not t.policies or t.grid is None:
+        return
+    g = t.grid
+    labels = g.bandwidth_labels or tuple(format_bandwidth(b) for b in g.bandwidths)
+    for policy, outcomes in t.policies.items():
+        for bw, o in zip(labels, outcomes, strict=False):
+            yield (
+                "migpredictd_policy_outcome",
+                {"vm": t.name, "policy": policy, "bandwidth": bw, "outcome": o.outcome},
+                1.0,
+            )
+    for policy, outcomes in t.policies.items():
+        for bw, o in zip(labels, outcomes, strict=False):
+            if o.seconds is not None:
+                yield (
+                    "migpredictd_policy_migration_seconds",
+                    {"vm": t.name, "policy": policy, "bandwidth": bw},
+                    o.seconds,
+                )
 
 
 def _memory_samples(t: TargetState) -> Iterator[Sample]:
@@ -427,7 +463,7 @@ class MetricsRenderer:
 
     def _render_target(self, t: TargetState, old: _Rendered | None) -> _Rendered:
         key = (t.prediction, t.grid, t.measurement, self._details)
-        status = _render(itertools.chain(_status_samples(t), _memory_samples(t)))
+        status = _render(itertools.chain(_status_samples(t), _memory_samples(t), _policy_samples(t)))
         plain = {k: v.encode() for k, v in status.items()}
         # Identity, not equality: a new result is a new object, and numpy arrays do not compare to a bool.
         if (

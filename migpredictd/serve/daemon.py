@@ -38,6 +38,7 @@ from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.core.errors import ConfigError, InputError, TargetError, WebListenError
 from migpredictd.core.measurement import Measurement
 from migpredictd.core.model import MemoryModel, build_model
+from migpredictd.core.policies import PolicyOutcome, predict_policy
 from migpredictd.core.predictor import FloatArray, RateLimiter, VMPrediction, predict_derived, predict_grid
 from migpredictd.qemu.measure import measure
 from migpredictd.qemu.settings import SAMPLES_PER_RUN
@@ -357,9 +358,10 @@ class Daemon:
 
             models = [model for _, _, model, _ in work]
             limiters = [limiter for _, _, _, limiter in work]
+            measurements = [m for _, m, _, _ in work]
             try:
-                min_bw, min_dt, cpu = await loop.run_in_executor(
-                    self._deriver, _derive_batch, models, limiters, config
+                min_bw, min_dt, outcomes, cpu = await loop.run_in_executor(
+                    self._deriver, _derive_batch, models, limiters, measurements, config
                 )
             except Exception:
                 log.exception("derived answers failed", extra={"targets": len(work)})
@@ -367,7 +369,7 @@ class Daemon:
             self.prediction_cpu["derived"] += cpu
             self.predicted["derived"] += len(work)
             for i, (name, m, _, _) in enumerate(work):
-                self.state.record_derived(name, m, config.grid, min_bw[i], min_dt[i])
+                self.state.record_derived(name, m, config.grid, min_bw[i], min_dt[i], policies=outcomes[i])
             await loop.run_in_executor(self._worker, self._render)
 
     def _render(self) -> None:
@@ -463,15 +465,27 @@ class Daemon:
 
 
 def _derive_batch(
-    models: list[MemoryModel], limiters: list[RateLimiter], config: Config
-) -> tuple[FloatArray, FloatArray, float]:
-    """The derived answers of one batch (on the derive worker) and the CPU seconds they took; then
-    the heap trimmed."""
+    models: list[MemoryModel], limiters: list[RateLimiter], measurements: list[Measurement], config: Config
+) -> tuple[FloatArray, FloatArray, list[dict[str, tuple[PolicyOutcome, ...]]], float]:
+    """The derived answers and the configured policies' outcomes of one batch (on the derive worker),
+    and the CPU seconds they took; then the heap trimmed."""
     cpu = time.thread_time()
     min_bw, min_dt = predict_derived(models, config.grid, config.prediction, limiters=limiters)
+    outcomes = [
+        {
+            policy.name: tuple(
+                predict_policy(
+                    model, policy, config.grid.bandwidths, vcpu_utilization=m.vcpu_utilization,
+                    deadline_seconds=config.prediction.deadline_seconds,
+                )
+            )
+            for policy in config.policies
+        }
+        for model, m in zip(models, measurements, strict=True)
+    ]  # fmt: skip
     cpu = time.thread_time() - cpu
     _trim_heap()
-    return min_bw, min_dt, cpu
+    return min_bw, min_dt, outcomes, cpu
 
 
 def _load_libc() -> ctypes.CDLL | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from migpredictd.core.measurement import Measurement
+from migpredictd.core.policies import PolicyOutcome
 from migpredictd.core.predictor import FloatArray, Grid, VMPrediction
 
 
@@ -34,6 +35,9 @@ class TargetState:
     last_error: str | None = None
     failures: Mapping[str, int] = field(default_factory=dict)
     version: int = 0
+    # What each configured orchestrator policy does with the migration, per grid bandwidth (with the
+    # derived answers, from the same measurement).
+    policies: Mapping[str, tuple[PolicyOutcome, ...]] = field(default_factory=dict)
 
 
 class State:
@@ -105,6 +109,8 @@ class State:
         grid: Grid,
         min_bandwidth: FloatArray,
         min_downtime: FloatArray,
+        *,
+        policies: Mapping[str, tuple[PolicyOutcome, ...]] | None = None,
     ) -> None:
         """Attach derived answers computed from ``measurement`` over ``grid``; dropped if the target has
         a newer measurement, or its prediction is over another grid (a reload changed it meanwhile)."""
@@ -118,7 +124,9 @@ class State:
             ):
                 return
             prediction = replace(old.prediction, min_bandwidth=min_bandwidth, min_downtime=min_downtime)
-            self._targets[name] = replace(old, prediction=prediction, version=old.version + 1)
+            self._targets[name] = replace(
+                old, prediction=prediction, policies=dict(policies or {}), version=old.version + 1
+            )
             self._version += 1
 
     def record_failure(self, name: str, reason: str, error: str, *, at: float, duration: float) -> None:
