@@ -738,6 +738,7 @@ EXPECTED_ALERTS = {
     "MigpredictdDown",
     "MigpredictdZeroPagesDegraded",
     "MigpredictdEvacuationExceedsWindow",
+    "MigpredictdOrchestratorWouldAbort",
 }
 
 

@@ -88,6 +88,7 @@ def daemon_config(tmp_path: Path, idle_qmp: str, busy_qmp: str) -> Path:
         "global:\n"
         "  interval: 8s\n"
         "  jitter: 0s\n"
+        "  policies: [nova]\n"
         "targets:\n"
         f"  - {{name: idle, qmp: '{idle_qmp}', measurement: {{periods: [1s, 2s]}}}}\n"
         f"  - {{name: busy, qmp: '{busy_qmp}', measurement: {{periods: [250ms, 500ms, 1s, 2s]}}}}\n"
@@ -237,6 +238,14 @@ def test_prometheus_runs_every_deploy_query_and_fires_the_policy_alert(
         assert prom.values(POLICY_RECORD, "vm") == {"busy": 0.0, "idle": 1.0}
         target_down = wait_until(lambda: prom.firing("MigpredictdTargetDown"), 10, "MigpredictdTargetDown")
         assert [a["vm"] for a in target_down] == ["dead"]
+        # Nova gives up on the busy guest at the policy pair's 100 Mbit/s (800 s/GiB x 2 GiB < the 1 h
+        # deadline): its abort alert fires for that VM only.
+        aborts = wait_until(
+            lambda: prom.firing("MigpredictdOrchestratorWouldAbort"), 20, "MigpredictdOrchestratorWouldAbort"
+        )
+        assert [(a["vm"], a["policy"], a["bandwidth"]) for a in aborts] == [
+            ("busy", "nova", POLICY_BANDWIDTH)
+        ]
 
         # Every rule Prometheus loaded evaluates cleanly: exactly the rules of alerts.yml, health ok.
         loaded = prom.rules()
