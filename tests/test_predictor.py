@@ -24,6 +24,7 @@ from migpredictd.core.predictor import (
     PredictorSettings,
     RateLimiter,
     make_grid,
+    predict_derived,
     predict_grid,
     simulate,
 )
@@ -590,3 +591,24 @@ def test_zero_page_scan_cost_adds_its_time_to_the_first_pass() -> None:
         ModelBatch.of([profiled]), np.zeros(1, dtype=np.int64), np.array([bw]), np.array([0.3]), QEMU
     )
     assert res.seconds[0] - base.seconds[0] == pytest.approx(zero * 0.25e-6, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["seed", "qemu"])
+def test_derived_answers_reuse_the_grid_exactly(mode: str) -> None:
+    """Given the grid predict_grid computed, predict_derived skips simulating it again for the settling
+    step and returns the very same answers (60 random guests)."""
+    rng = np.random.default_rng(3)
+    ms = []
+    for _ in range(60):
+        periods = sorted({float(t) for t in rng.choice([50, 125, 500, 1000, 4000], 3)})
+        pages = sorted(float(rng.uniform(0, 16384)) for _ in periods)
+        ms.append(
+            model_of(list(zip(periods, pages, strict=True)), total=16384, zero=float(rng.uniform(0, 8000)))
+        )
+    grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
+    cfg = PredictorSettings(mode=mode, deadline_seconds=600.0)  # type: ignore[arg-type]
+    preds = predict_grid(ms, grid, cfg, derived=False)
+    reused = predict_derived(ms, grid, cfg, grid_seconds=[p.seconds for p in preds])
+    fresh = predict_derived(ms, grid, cfg)
+    np.testing.assert_array_equal(reused[0], fresh[0])
+    np.testing.assert_array_equal(reused[1], fresh[1])

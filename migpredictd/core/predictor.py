@@ -1057,7 +1057,7 @@ def predict_grid(
     res = simulate(batch, vm, bw, dt, settings)
     shape = (nv, nb, nd)
     if derived:
-        min_bw, min_dt = _derived(batch, grid, settings)
+        min_bw, min_dt = _derived(batch, grid, settings, grid_converges=res.converges.reshape(shape))
     else:
         min_bw = np.full((nv, nd), np.nan)
         min_dt = np.full((nv, nb), np.nan)
@@ -1082,14 +1082,23 @@ def predict_derived(
     settings: PredictorSettings,
     *,
     limiters: Sequence[RateLimiter] | None = None,
+    grid_seconds: Sequence[FloatArray] | None = None,
 ) -> tuple[FloatArray, FloatArray]:
     """Only the derived answers of :func:`predict_grid`: ([vm, downtime] smallest converging bytes/s,
     [vm, bandwidth] smallest converging max downtime in seconds), 0 where the bottom of the search
-    range converges, nan where nothing up to its top does."""
-    return _derived(ModelBatch.of(models, limiters), grid, settings)
+    range converges, nan where nothing up to its top does. ``grid_seconds[i]``, VM i's grid from
+    :func:`predict_grid` with the same settings, saves simulating the grid again (the same answers)."""
+    known = None if grid_seconds is None else ~np.isnan(np.array(grid_seconds, dtype=float))
+    return _derived(ModelBatch.of(models, limiters), grid, settings, grid_converges=known)
 
 
-def _derived(batch: ModelBatch, grid: Grid, settings: PredictorSettings) -> tuple[FloatArray, FloatArray]:
+def _derived(
+    batch: ModelBatch,
+    grid: Grid,
+    settings: PredictorSettings,
+    *,
+    grid_converges: npt.NDArray[np.bool_] | None = None,
+) -> tuple[FloatArray, FloatArray]:
     """The smallest converging bandwidth per downtime and downtime per bandwidth, for every VM.
 
     Each is a bisection of the logarithm of the whole search range, BISECTION_STEPS halvings. Both
@@ -1126,7 +1135,16 @@ def _derived(batch: ModelBatch, grid: Grid, settings: PredictorSettings) -> tupl
     points = np.full((len(vm), max(nb, nd)), np.nan)
     points[:n_bw, :nb] = np.tile(np.array(grid.bandwidths), (n_bw, 1))
     points[n_bw:, :nd] = np.tile(np.array(grid.downtimes), (nv * nb, 1))
-    answer = settle_on_grid(answer, points, top=top, log_floor=lo, log_cap=hi, converges=converges)
+    known = None
+    if grid_converges is not None and grid_converges.shape == (nv, nb, nd):
+        # The grid's own verdicts, in the rows' layout: bandwidth rows (vm, downtime j) read a column,
+        # downtime rows (vm, bandwidth i) a row.
+        known = np.ones((len(vm), max(nb, nd)), dtype=bool)
+        known[:n_bw, :nb] = grid_converges.transpose(0, 2, 1).reshape(n_bw, nb)
+        known[n_bw:, :nd] = grid_converges.reshape(nv * nb, nd)
+    answer = settle_on_grid(
+        answer, points, top=top, log_floor=lo, log_cap=hi, converges=converges, known=known
+    )
     return answer[:n_bw].reshape(nv, nd), answer[n_bw:].reshape(nv, nb)
 
 
@@ -1151,6 +1169,7 @@ def settle_on_grid(
     log_floor: FloatArray,
     log_cap: FloatArray,
     converges: Callable[[IntArray, FloatArray], npt.NDArray[np.bool_]],
+    known: npt.NDArray[np.bool_] | None = None,
 ) -> FloatArray:
     """Make each row's answer agree with its grid: every grid point at or above it converges.
 
@@ -1158,7 +1177,8 @@ def settle_on_grid(
     of the search range (``exp(log_cap[r])``) converges, and ``converges(rows, values)`` simulates. A
     row with a grid point at or above its answer that does not converge (convergence is not monotone
     everywhere) is searched again, between the largest such point and the next value that converges:
-    the grid point above it, or the top. nan if there is none.
+    the grid point above it, or the top. nan if there is none. ``known[r, k]``, where given, is
+    whether ``points[r, k]`` converges, already simulated (the grid's own prediction).
     """
     rows = np.flatnonzero(~np.isnan(answer))
     if not rows.size:
@@ -1171,7 +1191,9 @@ def settle_on_grid(
     if not r_idx.size:
         return answer
     ok = np.ones(pts.shape, dtype=bool)
-    ok[r_idx, p_idx] = converges(rows[r_idx], pts[r_idx, p_idx])
+    ok[r_idx, p_idx] = (
+        known[rows[r_idx], p_idx] if known is not None else converges(rows[r_idx], pts[r_idx, p_idx])
+    )
     failing = np.where(check & ~ok, pts, -np.inf).max(axis=1)
     bad = np.flatnonzero(np.isfinite(failing))
     if not bad.size:

@@ -359,9 +359,20 @@ class Daemon:
             models = [model for _, _, model, _ in work]
             limiters = [limiter for _, _, _, limiter in work]
             measurements = [m for _, m, _, _ in work]
+            # The grids published for these measurements, so that the derived answers need not simulate
+            # them again (only if every one is there, on this grid).
+            snapshot = self.state.snapshot()
+            current = [snapshot.get(name) for name, *_ in work]
+            grids: list[FloatArray] | None = [
+                t.prediction.seconds
+                for t, m in zip(current, measurements, strict=True)
+                if t is not None and t.measurement is m and t.prediction is not None and t.grid == config.grid
+            ]
+            if grids is not None and len(grids) != len(work):
+                grids = None
             try:
                 min_bw, min_dt, outcomes, cpu = await loop.run_in_executor(
-                    self._deriver, _derive_batch, models, limiters, measurements, config
+                    self._deriver, _derive_batch, models, limiters, measurements, config, grids
                 )
             except Exception:
                 log.exception("derived answers failed", extra={"targets": len(work)})
@@ -465,12 +476,18 @@ class Daemon:
 
 
 def _derive_batch(
-    models: list[MemoryModel], limiters: list[RateLimiter], measurements: list[Measurement], config: Config
+    models: list[MemoryModel],
+    limiters: list[RateLimiter],
+    measurements: list[Measurement],
+    config: Config,
+    grids: list[FloatArray] | None,
 ) -> tuple[FloatArray, FloatArray, list[dict[str, tuple[PolicyOutcome, ...]]], float]:
     """The derived answers and the configured policies' outcomes of one batch (on the derive worker),
     and the CPU seconds they took; then the heap trimmed."""
     cpu = time.thread_time()
-    min_bw, min_dt = predict_derived(models, config.grid, config.prediction, limiters=limiters)
+    min_bw, min_dt = predict_derived(
+        models, config.grid, config.prediction, limiters=limiters, grid_seconds=grids
+    )
     outcomes = [
         {
             policy.name: tuple(
