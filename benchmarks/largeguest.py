@@ -20,36 +20,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final
 
+from benchmarks.soak import cpu_seconds
+from migpredictd.core.measurement import Measurement
 from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
 from migpredictd.lab.rig.migration import migrate
 from migpredictd.qemu.measure import measure
 from migpredictd.qemu.settings import MeasureSettings
 
 GIB: Final = 1024
-TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process, seconds (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def measure_cost(guest: Guest, settings: MeasureSettings) -> dict[str, Any]:
+def measured_with_cost(
+    guest: Guest, settings: MeasureSettings, *, quiet_seconds: float = 5.0
+) -> tuple[Measurement, float, float]:
+    """Measure ``guest``; with the QEMU CPU seconds the measurement cost (the process's CPU over it minus
+    its idle rate over ``quiet_seconds`` before) and the wall seconds it took."""
     quiet_start, quiet_cpu = time.monotonic(), cpu_seconds(guest.pid)
-    time.sleep(5.0)
+    time.sleep(quiet_seconds)
     idle_rate = (cpu_seconds(guest.pid) - quiet_cpu) / (time.monotonic() - quiet_start)
     t0, c0 = time.monotonic(), cpu_seconds(guest.pid)
     m = asyncio.run(measure(guest.qmp_address, target="large", settings=settings))
     wall = time.monotonic() - t0
-    cpu = cpu_seconds(guest.pid) - c0 - idle_rate * wall
+    return m, cpu_seconds(guest.pid) - c0 - idle_rate * wall, wall
+
+
+def measure_cost(guest: Guest, settings: MeasureSettings) -> dict[str, Any]:
+    m, cpu, wall = measured_with_cost(guest, settings)
     requested = settings.periods_ms or ()
     return {
         "wall_s": round(wall, 2),

@@ -8,19 +8,16 @@ curve up to 256 GiB and the zero-page scan times (docs/measuring.md, "Large gues
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import time
 
 import pytest
 
 from benchmarks.accuracy import predict_cell
-from benchmarks.largeguest import cpu_seconds
+from benchmarks.largeguest import measured_with_cost
 from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.lab.loopback import loopback_predictor
 from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
 from migpredictd.lab.rig.migration import migrate
-from migpredictd.qemu.measure import measure
 from migpredictd.qemu.settings import DEFAULT_PERIODS_MS, MeasureSettings
 from migpredictd.qemu.zeropages import guest_sample_estimate
 
@@ -40,15 +37,7 @@ MAX_ERROR = 0.15
 def test_a_64_gib_guest_is_measured_cheaply_and_predicted_against_a_real_migration() -> None:
     port = free_tcp_port()
     with Guest(SPEC) as source, Guest(SPEC, incoming=f"tcp:127.0.0.1:{port}") as destination:
-        quiet_t, quiet_cpu = time.monotonic(), cpu_seconds(source.pid)
-        time.sleep(3.0)
-        idle = (cpu_seconds(source.pid) - quiet_cpu) / (time.monotonic() - quiet_t)
-        t0, c0 = time.monotonic(), cpu_seconds(source.pid)
-        m = asyncio.run(
-            measure(source.qmp_address, target="big", settings=MeasureSettings(zero_pages="none"))
-        )
-        wall = time.monotonic() - t0
-        qemu_cpu = cpu_seconds(source.pid) - c0 - idle * wall
+        m, qemu_cpu, wall = measured_with_cost(source, MeasureSettings(zero_pages="none"), quiet_seconds=3.0)
         assert m.sample_pages_per_gib == 2048  # 131072 pages per run
         assert qemu_cpu <= MAX_QEMU_CPU_S, qemu_cpu
         assert wall <= MAX_WALL_S, wall

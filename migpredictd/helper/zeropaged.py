@@ -178,8 +178,6 @@ class Helper:
         self.config = config
         self._connections = 0
         self._estimates = asyncio.Semaphore(MAX_ESTIMATES)
-        self.served = 0
-        self.refused = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections += 1
@@ -197,7 +195,6 @@ class Helper:
             except (Refused, ProtocolError) as exc:
                 await self._reply(writer, encode_error(str(exc)), client, str(exc))
                 return
-            self.served += 1
             logger.info(
                 "%s: %s PID %d: %s, %.0f zero pages",
                 client,
@@ -227,7 +224,6 @@ class Helper:
         return bytes(buf)
 
     async def _reply(self, writer: asyncio.StreamWriter, data: bytes, client: str, why: str) -> None:
-        self.refused += 1
         logger.warning("%s: refused: %s", client, why)
         await self._send(writer, data)
 
