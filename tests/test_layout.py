@@ -1,8 +1,8 @@
 """The import contract: the package's folders are its architecture, and this keeps them so.
 
 - ``core/`` is pure: the standard library's computing modules, numpy and other core modules only;
-- ``qemu/`` (the QMP edge), ``config/``, ``web/`` and ``serve/`` may use what is below them, never
-  what is above, and never the lab;
+- ``qemu/`` (the QMP edge), ``config/``, ``libvirt/`` (the libvirt edge), ``web/`` and ``serve/`` may use
+  what is below them, never what is above, and never the lab;
 - ``helper/`` (the privileged zero-page helper) may use the core and the zero-page reader only;
 - ``lab/`` (rig, fake QMP, reference, demo) may use anything; only ``cli.py`` reaches it, and only
   inside the ``demo`` command's function, so the daemon's runtime path never imports it.
@@ -28,8 +28,10 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "qemu": (frozenset({"core"}), frozenset({"qemu"})),
     "config": (frozenset({"core", "qemu.settings"}), frozenset({"yaml"})),
     "web": (frozenset({"core", "config"}), frozenset({"bcrypt"})),
+    # The libvirt edge: discovery and measurement through libvirt's API (libvirt-python, an extra).
+    "libvirt": (frozenset({"core", "qemu", "config"}), frozenset({"libvirt"})),
     "serve": (
-        frozenset({"core", "qemu", "config", "web"}),
+        frozenset({"core", "qemu", "config", "web", "libvirt"}),
         frozenset({"prometheus_client", "apscheduler"}),
     ),
     # The privileged helper: the zero-page reader and its protocol, nothing from outside the stdlib.
@@ -111,7 +113,7 @@ def test_every_module_keeps_the_import_contract() -> None:
 
 def test_the_tree_has_the_layers_and_nothing_loose() -> None:
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
-    assert folders == {"core", "qemu", "config", "web", "serve", "helper", "lab"}
+    assert folders == {"core", "qemu", "config", "libvirt", "web", "serve", "helper", "lab"}
     loose = {p.name for p in PACKAGE.glob("*.py")}
     assert loose == {"__init__.py", "cli.py"}
 
@@ -133,6 +135,8 @@ def test_the_tree_has_the_layers_and_nothing_loose() -> None:
             "helper imports migpredictd.qemu.measure",
         ),
         ("helper", "import yaml\n", "helper imports the third-party yaml"),
+        ("libvirt", "from migpredictd.serve.state import State\n", "libvirt imports migpredictd.serve.state"),
+        ("config", "import libvirt\n", "config imports the third-party libvirt"),
     ],
 )
 def test_the_checker_catches_each_kind_of_breach(layer: str, source: str, expected: str) -> None:
@@ -174,3 +178,16 @@ def test_the_helper_loads_nothing_but_the_standard_library() -> None:
         "migpredictd.qemu.settings", "migpredictd.qemu.zerohelper", "migpredictd.qemu.zeropages",
         "migpredictd.helper", "migpredictd.helper.zeropaged",
     }  # fmt: skip
+
+
+def test_only_the_libvirt_api_module_imports_libvirt_python() -> None:
+    """libvirt-python is an extra: one module imports it (and copes with its absence)."""
+    importers = sorted(
+        str(path.relative_to(PACKAGE.parent))
+        for _layer, path in _modules()
+        if any(
+            m.split(".")[0] in ("libvirt", "libvirt_qemu", "libvirtaio")
+            for _, m, _ in _imports(ast.parse(path.read_text()))
+        )
+    )
+    assert importers == ["migpredictd/libvirt/api.py"]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from migpredictd.config.yamlsource import Node, Problems, join, read_yaml, type_name
-from migpredictd.core.address import format_address, parse_address
+from migpredictd.core.address import DomainRef, format_address, parse_address
 from migpredictd.core.errors import ConfigError, ConfigProblem, InputError, UnitError
 from migpredictd.core.policies import OPTIONS, POLICIES, THROTTLE_OPTIONS, Policy, make_policy
 from migpredictd.core.predictor import (
@@ -37,9 +37,11 @@ from migpredictd.core.predictor import (
 )
 from migpredictd.core.units import parse_bandwidth, parse_duration
 from migpredictd.qemu.settings import (
+    DEFAULT_PERIODS_MS,
     MAX_CALC_MS,
     MAX_GUEST_SAMPLE_PAGES,
     MAX_SAMPLE_PAGES,
+    MAX_SWEEPS,
     MIN_CALC_MS,
     MIN_SAMPLE_PAGES,
     STRATEGIES,
@@ -51,6 +53,8 @@ __all__ = [
     "DEFAULT_GRID",
     "Config",
     "Labels",
+    "LibvirtSource",
+    "MetadataLabels",
     "TargetConfig",
     "check_config_main",
     "load_config",
@@ -95,6 +99,37 @@ class TargetConfig:
     interval_seconds: float
     measurement: MeasureSettings
     source: str
+    # Set for a domain found through a ``libvirt:`` entry: measured through libvirt's API, not QMP.
+    domain: DomainRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataLabels:
+    """Which of a domain's libvirt ``<metadata>`` to read: the element of ``namespace``; ``labels`` maps a
+    label name to a path in it (``owner/project``, ``owner/project/@uuid``); only domains whose labels
+    match every glob of ``match`` are measured, and with ``require`` only domains that have the element."""
+
+    namespace: str
+    labels: Mapping[str, str]
+    match: Mapping[str, str]
+    require: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LibvirtSource:
+    """One ``libvirt:`` entry: every running domain on ``uri`` whose name matches ``names`` and no
+    ``exclude`` glob (and the metadata filter) becomes a target."""
+
+    uri: str
+    names: tuple[str, ...]
+    exclude: tuple[str, ...]
+    metadata: MetadataLabels | None
+    labels: Mapping[str, str]
+    interval_seconds: float
+    measurement: MeasureSettings
+    poll_seconds: float
+    pid_dir: str
+    source: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +150,8 @@ class Config:
     per_cell_details: bool = False
     # What orchestrators do with each VM's migration (global.policies; core/policies.py).
     policies: tuple[Policy, ...] = ()
+    # Where domains are discovered through libvirt (the ``libvirt:`` list).
+    libvirt: tuple[LibvirtSource, ...] = ()
 
 
 # --- limits and defaults ----------------------------------------------------------------------------------
@@ -145,7 +182,7 @@ MAX_LABEL_VALUE_LENGTH: Final = 256
 RESERVED_LABELS: Final = frozenset(
     {
         "vm", "bandwidth", "max_downtime", "period", "reason", "strategy", "qemu_version",
-        "zero_pages_method", "version", "job", "instance", "le", "quantile",
+        "zero_pages_method", "version", "job", "instance", "le", "quantile", "uuid", "libvirt_uri", "uri",
     }
 )  # fmt: skip
 _LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -677,7 +714,7 @@ def _targets(
 
 # --- files -------------------------------------------------------------------------------------------------
 
-_TOP_KEYS: Final = ("global", "targets_dir", "targets")
+_TOP_KEYS: Final = ("global", "targets_dir", "targets", "libvirt")
 _GLOBAL_KEYS: Final = (
     "interval", "jitter", "max_concurrent", "measurement", "prediction", "grid", "exposition", "policies",
 )  # fmt: skip
@@ -815,6 +852,9 @@ def load_config(path: str | Path) -> Config:
             targets = _targets(top["targets"].value, "targets", defaults, _Registry(), p)
         else:
             p.add(top["targets"].line, "targets", f"must be a list, not {type_name(top['targets'].value)}")
+    libvirt: tuple[LibvirtSource, ...] = ()
+    if "libvirt" in top:
+        libvirt = _libvirt_sources(top["libvirt"], _Defaults(interval, jitter, measurement), p)
     if p.items:
         raise ConfigError(p.sorted())
     return Config(
@@ -829,7 +869,228 @@ def load_config(path: str | Path) -> Config:
         source=str(path),
         per_cell_details=per_cell_details,
         policies=policies,
+        libvirt=libvirt,
     )
+
+
+# --- libvirt ------------------------------------------------------------------------------------------------
+
+_LIBVIRT_KEYS: Final = (
+    "uri", "names", "exclude", "metadata", "labels", "interval", "measurement", "poll_interval", "pid_dir",
+)  # fmt: skip
+_LIBVIRT_MEASUREMENT_KEYS: Final = (
+    "periods", "zero_pages", "zero_pages_helper", "guest_sample_pages", "target_sampling_error", "max_sweeps",
+    "command_timeout", "poll_interval", "settle_timeout",
+)  # fmt: skip
+_METADATA_KEYS: Final = ("namespace", "labels", "match", "require")
+MAX_LIBVIRT_SOURCES: Final = 16
+MAX_GLOBS: Final = 64
+DEFAULT_LIBVIRT_POLL_SECONDS: Final = 15.0
+MIN_LIBVIRT_POLL_SECONDS: Final = 1.0
+MAX_LIBVIRT_POLL_SECONDS: Final = 600.0
+DEFAULT_LIBVIRT_PID_DIR: Final = "/run/libvirt/qemu"
+_METADATA_PATH = re.compile(
+    r"^[A-Za-z_][\w.-]*(/[A-Za-z_][\w.-]*)*(/@[A-Za-z_][\w.-]*)?$|^@[A-Za-z_][\w.-]*$"
+)
+# libvirt's whole-second windows: virDomainStartDirtyRateCalc takes 1..60 s.
+MAX_LIBVIRT_WINDOW_SECONDS: Final = 60
+
+
+def _globs(y: Node, key: str, p: Problems) -> tuple[str, ...] | None:
+    items = _list(y, key, p, high=MAX_GLOBS, what="name pattern")
+    if items is None:
+        return None
+    out = []
+    for i, item in enumerate(items):
+        text = _string(item, f"{key}[{i}]", p)
+        if text is not None and not text:
+            p.add(item.line, f"{key}[{i}]", "must not be empty")
+        elif text is not None:
+            out.append(text)
+    return tuple(out) if len(out) == len(items) else None
+
+
+def _metadata(y: Node, key: str, p: Problems) -> MetadataLabels | None:
+    entries = _mapping(y, key, _METADATA_KEYS, p)
+    if entries is None:
+        return None
+    entries = _drop_nulls(entries)
+    if "namespace" not in entries:
+        p.add(y.line, key, "missing required key 'namespace' (the metadata element's XML namespace URI)")
+        return None
+    namespace = _string(entries["namespace"], join(key, "namespace"), p)
+    if namespace is not None and not namespace.strip():
+        p.add(entries["namespace"].line, join(key, "namespace"), "must not be empty")
+        namespace = None
+    paths: dict[str, str] = {}
+    if "labels" in entries:
+        lkey = join(key, "labels")
+        labels = _labels(entries["labels"], lkey, p)
+        for name, path in (labels or {}).items():
+            if not _METADATA_PATH.match(path):
+                node = entries["labels"].value[name]
+                p.add(
+                    node.line,
+                    join(lkey, name),
+                    f"{path!r} is not a path like 'owner/project' or 'owner/project/@uuid'",
+                )
+            else:
+                paths[name] = path
+    match: dict[str, str] = {}
+    if "match" in entries:
+        mkey = join(key, "match")
+        m = _mapping(entries["match"], mkey, tuple(paths), p)
+        for name, node in (m or {}).items():
+            text = _string(node, join(mkey, name), p)
+            if text is not None:
+                match[name] = text
+    require = False
+    if "require" in entries:
+        node = entries["require"]
+        if isinstance(node.value, bool):
+            require = node.value
+        else:
+            p.add(node.line, join(key, "require"), f"must be true or false, not {node.value!r}")
+    if namespace is None:
+        return None
+    return MetadataLabels(namespace=namespace, labels=Labels(paths), match=Labels(match), require=require)
+
+
+def _libvirt_measurement(y: Node, key: str, base: MeasureSettings, p: Problems) -> MeasureSettings:
+    entries = _mapping(y, key, _LIBVIRT_MEASUREMENT_KEYS, p)
+    if entries is None:
+        return base
+    generic = {k: v for k, v in entries.items() if k in _MEASUREMENT_KEYS}
+    out = _measurement(Node(generic, y.line), key, base, p) if generic else base
+    entries = _drop_nulls(entries)
+    if "target_sampling_error" in entries:
+        v = _number(
+            entries["target_sampling_error"], join(key, "target_sampling_error"), p, low=0.001, high=1.0
+        )
+        if v is not None:
+            out = dataclasses.replace(out, target_sampling_error=v)
+    if "max_sweeps" in entries:
+        n = _integer(entries["max_sweeps"], join(key, "max_sweeps"), p, low=1, high=MAX_SWEEPS)
+        if n is not None:
+            out = dataclasses.replace(out, max_sweeps=n)
+    return out
+
+
+def _check_libvirt_periods(m: MeasureSettings, line: int, key: str, p: Problems) -> None:
+    periods = m.periods_ms or DEFAULT_PERIODS_MS["sweep-s"]
+    for i, ms in enumerate(periods):
+        if ms % 1000 or not 1000 <= ms <= MAX_LIBVIRT_WINDOW_SECONDS * 1000:
+            p.add(
+                line,
+                join(key, f"periods[{i}]"),
+                f"libvirt measures whole seconds of 1..{MAX_LIBVIRT_WINDOW_SECONDS} s, not {ms:g} ms",
+            )
+            return
+
+
+def _libvirt_sources(y: Node, defaults: _Defaults, p: Problems) -> tuple[LibvirtSource, ...]:
+    """The ``libvirt:`` list: ``[{uri: "qemu:///system"}]`` at least."""
+    items = _list(y, "libvirt", p, high=MAX_LIBVIRT_SOURCES, what="libvirt entry")
+    if items is None:
+        return ()
+    out: list[LibvirtSource] = []
+    seen: dict[tuple[str, tuple[str, ...], tuple[str, ...]], int] = {}
+    for i, item in enumerate(items):
+        key = f"libvirt[{i}]"
+        start = len(p.items)
+        entries = _mapping(item, key, _LIBVIRT_KEYS, p)
+        if entries is None:
+            continue
+        entries = _drop_nulls(entries)
+        if "uri" not in entries:
+            p.add(item.line, key, "missing required key 'uri' (e.g. qemu:///system)")
+            continue
+        uri = _string(entries["uri"], join(key, "uri"), p)
+        if uri is not None and (not uri.strip() or "://" not in uri or not uri.isprintable()):
+            p.add(
+                entries["uri"].line, join(key, "uri"), f"{uri!r} is not a libvirt URI such as qemu:///system"
+            )
+            uri = None
+        names = _globs(entries["names"], join(key, "names"), p) if "names" in entries else ("*",)
+        exclude = _globs(entries["exclude"], join(key, "exclude"), p) if "exclude" in entries else ()
+        metadata = _metadata(entries["metadata"], join(key, "metadata"), p) if "metadata" in entries else None
+        labels: Labels | None = Labels()
+        if "labels" in entries:
+            labels = _labels(entries["labels"], join(key, "labels"), p)
+        if labels is not None and metadata is not None:
+            for name in set(labels) & set(metadata.labels):
+                p.add(
+                    entries["labels"].line, join(key, f"labels.{name}"), f"{name!r} is also a metadata label"
+                )
+        interval: float | None = defaults.interval
+        if "interval" in entries:
+            interval = _duration(entries["interval"], join(key, "interval"), p, minimum=MIN_INTERVAL_SECONDS)
+            if interval is not None and defaults.jitter >= interval:
+                p.add(
+                    entries["interval"].line,
+                    join(key, "interval"),
+                    f"must be longer than global.jitter ({defaults.jitter:g}s)",
+                )
+        base = dataclasses.replace(defaults.measurement, strategy="auto", sample_pages=None)
+        measurement = base
+        mline = entries["measurement"].line if "measurement" in entries else item.line
+        if "measurement" in entries:
+            measurement = _libvirt_measurement(entries["measurement"], join(key, "measurement"), base, p)
+        _check_libvirt_periods(measurement, mline, join(key, "measurement"), p)
+        poll = DEFAULT_LIBVIRT_POLL_SECONDS
+        if "poll_interval" in entries:
+            v = _duration(
+                entries["poll_interval"], join(key, "poll_interval"), p, minimum=MIN_LIBVIRT_POLL_SECONDS
+            )
+            if v is not None and v > MAX_LIBVIRT_POLL_SECONDS:
+                p.add(
+                    entries["poll_interval"].line,
+                    join(key, "poll_interval"),
+                    f"at most {MAX_LIBVIRT_POLL_SECONDS:g}s",
+                )
+            elif v is not None:
+                poll = v
+        pid_dir = DEFAULT_LIBVIRT_PID_DIR
+        if "pid_dir" in entries:
+            text = _string(entries["pid_dir"], join(key, "pid_dir"), p)
+            if text is not None and not text.startswith("/"):
+                p.add(entries["pid_dir"].line, join(key, "pid_dir"), "must be an absolute directory")
+            elif text is not None:
+                pid_dir = text
+        if (
+            len(p.items) > start
+            or uri is None
+            or names is None
+            or exclude is None
+            or labels is None
+            or interval is None
+        ):
+            continue
+        identity = (uri, names, exclude)
+        if identity in seen:
+            p.add(
+                item.line,
+                key,
+                f"the same URI and name patterns as libvirt[{seen[identity]}]: each domain would be"
+                " measured twice",
+            )
+            continue
+        seen[identity] = i
+        out.append(
+            LibvirtSource(
+                uri=uri,
+                names=names,
+                exclude=exclude,
+                metadata=metadata,
+                labels=labels,
+                interval_seconds=interval,
+                measurement=measurement,
+                poll_seconds=poll,
+                pid_dir=pid_dir,
+                source=f"{p.file}:{item.line}",
+            )
+        )
+    return tuple(out)
 
 
 def _target_files(directory: Path) -> list[Path]:

@@ -1,10 +1,13 @@
-"""QMP monitor addresses: ``unix:/path``, ``tcp:HOST:PORT`` or a plain ``/path``. Pure.
+"""QMP monitor addresses (``unix:/path``, ``tcp:HOST:PORT`` or a plain ``/path``) and libvirt domain
+references (:class:`DomainRef`). Pure.
 
 One parser for the measure edge (qmp.py) and the config checker (config.py), which must accept exactly
 the same forms.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from migpredictd.core.errors import InputError
 
@@ -45,3 +48,14 @@ def format_address(address: Address) -> str:
         host, port = address
         return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
     return f"unix:{address}"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRef:
+    """A libvirt domain to measure: by ``uuid`` on connection ``uri``; ``pid_file`` is libvirt's PID file
+    of its QEMU when the URI is this host's system instance (None otherwise)."""
+
+    uri: str
+    name: str
+    uuid: str
+    pid_file: str | None = None

@@ -16,6 +16,7 @@
           +-- QMPCommandError   QEMU answered with an error (carries error_class)
           +-- QMPProtocolError  the reply is not QMP (garbage, truncated, wrong shape, absurd values)
           +-- UnsafeCommandError a command outside the allowlist was about to be sent
+          +-- LibvirtError      libvirt refused an API call or the connection broke (names the call)
           +-- TargetSkipped     the VM cannot be measured now (migrating, not running, busy); retry later
 
 Every ``TargetError`` has a short ``reason`` that becomes the ``reason`` label of
@@ -96,6 +97,8 @@ FAILURE_REASONS = (
     "migrating",
     "not_running",
     "busy",
+    "job",
+    "libvirt",
     "internal",
 )
 
@@ -147,6 +150,13 @@ class UnsafeCommandError(TargetError):
     """A command outside the allowlist was about to be sent; it was not sent."""
 
     reason = "unsafe_command"
+
+
+class LibvirtError(TargetError):
+    """libvirt refused an API call on a domain, or the connection to libvirtd broke; ``command`` names the
+    libvirt API call (``virDomainStartDirtyRateCalc``)."""
+
+    reason = "libvirt"
 
 
 class TargetSkipped(TargetError):

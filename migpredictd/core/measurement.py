@@ -28,7 +28,7 @@ FORMAT: Final = "migpredictd.measurement/v1"
 MIB: Final = 1 << 20
 
 ZERO_PAGE_METHODS: Final = ("qemu-sampled", "host-smaps", "guest-sample", "host-status", "none")
-STRATEGIES: Final = ("extended", "sweep-ms", "sweep-s", "manual")
+STRATEGIES: Final = ("extended", "sweep-ms", "sweep-s", "libvirt", "manual")
 MAX_PROFILE_BINS: Final = 1024
 
 # Upstream QEMU truncates dirty-rate to whole MiB/s (dirtyrate.c: update_dirtyrate() divides integers),
@@ -74,6 +74,9 @@ class Measurement:
     # Share of its vCPUs' time the guest used during the measurement (0..1, from the vCPU threads' CPU
     # time); what auto-converge's throttle acts on (core/policies.py). None = unknown.
     vcpu_utilization: float | None = None
+    # Relative standard error, from sampling alone, of the dirty pages at the shortest period (the one
+    # with the fewest dirty samples): :func:`sampling_error`. None = unknown, or no sampled page changed.
+    sampling_error: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("page_size_bytes", self.page_size_bytes, minimum=1)
@@ -114,6 +117,8 @@ class Measurement:
             _check_number("vcpu_utilization", self.vcpu_utilization)
             if self.vcpu_utilization > 1.0:
                 raise InputError("is a share of the vCPUs' time, at most 1", field="vcpu_utilization")
+        if self.sampling_error is not None:
+            _check_number("sampling_error", self.sampling_error)
         if self.strategy not in STRATEGIES:
             raise InputError(f"must be one of {', '.join(STRATEGIES)}", field="strategy")
 
@@ -163,6 +168,7 @@ class Measurement:
             "measured_at": self.measured_at,
             "duration_seconds": self.duration_seconds,
             "vcpu_utilization": self.vcpu_utilization,
+            "sampling_error": self.sampling_error,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.zero_profile is not None:
@@ -217,6 +223,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         "notes",
         "zero_profile",
         "vcpu_utilization",
+        "sampling_error",
     }
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -256,7 +263,44 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         notes=tuple(notes),
         zero_profile=None if profile is None else tuple(profile),  # each share checked by Measurement
         vcpu_utilization=_optional_number(data, "vcpu_utilization"),
+        sampling_error=_optional_number(data, "sampling_error"),
     )
+
+
+def sampling_error(runs: Sequence[Mapping[str, Any]], *, memory_bytes: int) -> float | None:
+    """The relative standard error, from page sampling alone, of the dirty pages at the shortest period
+    of ``runs`` (``query-dirty-rate`` replies that carry ``sample-pages``), pooled over its runs.
+
+    QEMU hashes ``sample-pages`` random pages per GiB and scales the changed ones to the guest, so a run's
+    reading counts ``c`` changed samples out of ``n`` (``c`` = rate x seconds x n / MiB of guest RAM);
+    the pooled share ``f = sum(c) / sum(n)`` has a binomial error ``sqrt((1 - f) / (f sum(n)))`` relative
+    to it. None when no run says its sample-pages, or no sample changed (the rate is then below one
+    sample's worth, and no relative error bounds it).
+    """
+    mib = memory_bytes / MIB
+    by_period: dict[float, list[float]] = {}
+    for run in runs:
+        pages, rate, calc = run.get("sample-pages"), run.get("dirty-rate"), run.get("calc-time")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (pages, rate, calc)):
+            continue
+        assert isinstance(pages, int | float)
+        assert isinstance(rate, int | float)
+        assert isinstance(calc, int | float)
+        seconds = calc / (1000.0 if run.get("calc-time-unit") == "millisecond" else 1.0)
+        n = pages * mib / 1024.0
+        if n <= 0 or seconds <= 0:
+            continue
+        c = min(rate * seconds * n / mib, n)
+        totals = by_period.setdefault(seconds, [0.0, 0.0])
+        totals[0] += c
+        totals[1] += n
+    if not by_period:
+        return None
+    changed, sampled = by_period[min(by_period)]
+    if changed <= 0:
+        return None
+    share = changed / sampled
+    return math.sqrt(max(1.0 - share, 0.0) / (share * sampled))
 
 
 def measurement_from_extended(data: Mapping[str, Any], **meta: Any) -> Measurement:
@@ -365,6 +409,7 @@ def measurement_from_sweep(
         zero_pages=zero_pages,
         zero_pages_method=zero_pages_method or ("none" if zero_pages is None else "host-smaps"),
         strategy=strategy,
+        sampling_error=sampling_error(runs, memory_bytes=memory_bytes),
         **meta,
     )
 

@@ -1,12 +1,16 @@
 """``migpredictd-zeropaged``: the privileged zero-page helper (docs/security.md has its threat model).
 
 It answers one question on a unix socket, the zero-page count and profile of the QEMU process behind a
-configured QMP socket (:mod:`migpredictd.qemu.zerohelper` has the protocol), so that the network-facing
-daemon needs neither ``CAP_SYS_PTRACE`` nor QEMU's uid. For every request it:
+configured QMP socket, or named by libvirt's PID file (:mod:`migpredictd.qemu.zerohelper` has the
+protocol), so that the network-facing daemon needs neither ``CAP_SYS_PTRACE`` nor QEMU's uid. For every
+request it:
 
 1. reads one line of at most 4096 bytes within :data:`READ_TIMEOUT_SECONDS`, else refuses;
 2. resolves the named QMP socket and refuses it unless it matches an ``--allow`` pattern and is a socket;
 3. connects to it itself and takes the listener's PID from ``SO_PEERCRED`` (it sends nothing on it);
+   or, for a PID file: refuses it unless it matches an ``--allow-pid-file`` pattern, is a regular file
+   (not a link) owned by root in a directory only root can write, and holds one PID of a process whose
+   command line names the domain the file is named after (``-name guest=NAME``);
 4. refuses the PID unless ``/proc/PID/exe`` is a QEMU binary (``--exe`` patterns);
 5. samples guest pages for zero through ``/proc/PID/mem`` (at most 65536 pages, one at a time, nothing
    kept), or reads ``/proc/PID/smaps`` when that fails;
@@ -62,6 +66,9 @@ DEFAULT_ALLOW: Final = (
     "/run/migpredictd/qmp/*",
 )
 DEFAULT_EXE: Final = ("qemu-system-*", "qemu-kvm", "kvm")
+# libvirtd's PID files of running domains (qemu:///system), written by root.
+DEFAULT_ALLOW_PID_FILES: Final = ("/run/libvirt/qemu/*.pid",)
+MAX_PID_FILE_BYTES: Final = 32
 _DELETED = " (deleted)"  # /proc/PID/exe of a binary replaced by a package upgrade
 
 
@@ -72,6 +79,7 @@ class HelperConfig:
     socket_path: str = DEFAULT_HELPER_SOCKET
     allow: tuple[str, ...] = DEFAULT_ALLOW
     exe: tuple[str, ...] = DEFAULT_EXE
+    allow_pid_files: tuple[str, ...] = DEFAULT_ALLOW_PID_FILES
     socket_group: str | None = None
     socket_mode: int = 0o660
     proc: Path = Path("/proc")
@@ -115,6 +123,49 @@ def listener_pid(path: str) -> int:
     return pid
 
 
+def pid_from_file(path: str, allow: Sequence[str], proc: Path) -> int:
+    """The PID in libvirt's PID file ``path``, if the file is trustworthy and its process runs the domain the
+    file is named after; else :class:`Refused`.
+
+    Trustworthy: matches an ``allow`` pattern with every symlink resolved, is a regular file owned by
+    root and lies in a root-owned directory that no one else may write, so only root (libvirtd) can
+    have put the PID there. The process's command line must carry ``guest=NAME`` (libvirt's
+    ``-name guest=NAME,...``) for the file ``NAME.pid``, so a stale file whose PID was reused is refused.
+    """
+    real = os.path.realpath(path)
+    if not any(fnmatch.fnmatchcase(real, p) for p in allow):
+        raise Refused(f"{path} is not a configured PID file (allowed: {', '.join(allow)})")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise Refused(f"{path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        parent = os.stat(os.path.dirname(real))
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_size > MAX_PID_FILE_BYTES:
+            raise Refused(f"{path} is not a small regular file owned by root")
+        if parent.st_uid != 0 or parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise Refused(f"{os.path.dirname(real)} is writable by others than root")
+        text = os.read(fd, MAX_PID_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        pid = int(text.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise Refused(f"{path} does not hold a PID") from None
+    if not 0 < pid < 1 << 22:
+        raise Refused(f"{path} does not hold a PID")
+    name = os.path.basename(real).removesuffix(".pid")
+    try:
+        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError as exc:
+        raise Refused(f"cannot inspect PID {pid}: {exc.strerror or exc.__class__.__name__}") from exc
+    names = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == b"-name"]
+    if not any(n.split(b",")[0] == b"guest=" + name.encode() for n in names):
+        raise Refused(f"PID {pid} from {path} is not QEMU for domain {name!r}")
+    return pid
+
+
 @dataclass(frozen=True)
 class ProcessIdentity:
     """What must not change while the helper reads a process: its executable and start time."""
@@ -139,8 +190,11 @@ def identify(pid: int, exe_patterns: Sequence[str], proc: Path) -> ProcessIdenti
 
 def estimate(request: HelperRequest, config: HelperConfig) -> HelperReply:
     """Answer one request (blocking); :class:`Refused` with the reason otherwise."""
-    path = allowed_socket(request.qmp_socket, config.allow)
-    pid = listener_pid(path)
+    if request.pid_file is not None:
+        pid = pid_from_file(request.pid_file, config.allow_pid_files, config.proc)
+    else:
+        assert request.qmp_socket is not None  # HelperRequest names exactly one
+        pid = listener_pid(allowed_socket(request.qmp_socket, config.allow))
     before = identify(pid, config.exe, config.proc)
     est: ZeroPageEstimate
     try:
@@ -198,7 +252,7 @@ class Helper:
             logger.info(
                 "%s: %s PID %d: %s, %.0f zero pages",
                 client,
-                request.qmp_socket,
+                request.pid_file or request.qmp_socket,
                 reply.pid,
                 reply.method,
                 reply.zero_pages,
@@ -297,6 +351,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="glob of the QMP sockets it may inspect, repeatable (default: " + ", ".join(DEFAULT_ALLOW) + ")",
     )
     parser.add_argument(
+        "--allow-pid-file",
+        action="append",
+        help="glob of the libvirt PID files it may follow, repeatable (default: "
+        + ", ".join(DEFAULT_ALLOW_PID_FILES)
+        + ")",
+    )
+    parser.add_argument(
         "--exe",
         action="append",
         help="glob of QEMU executable names, repeatable (default: " + ", ".join(DEFAULT_EXE) + ")",
@@ -312,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket_path=args.socket,
         allow=tuple(args.allow) if args.allow else DEFAULT_ALLOW,
         exe=tuple(args.exe) if args.exe else DEFAULT_EXE,
+        allow_pid_files=tuple(args.allow_pid_file) if args.allow_pid_file else DEFAULT_ALLOW_PID_FILES,
         socket_group=args.socket_group,
     )
     try:

@@ -69,10 +69,38 @@ def deployed_venv() -> Path:
     return VENV
 
 
-def unprivileged(*argv: str) -> list[str]:
-    """``argv`` (a command of the deployed venv's bin/, or a path) run as uid 9842 without capabilities."""
+def unprivileged(*argv: str, groups: Sequence[int] = ()) -> list[str]:
+    """``argv`` (a command of the deployed venv's bin/, or a path) run as uid 9842 without capabilities;
+    ``groups`` are its supplementary groups (a unit's ``SupplementaryGroups=``), none by default."""
     first = argv[0] if "/" in argv[0] else str(deployed_venv() / "bin" / argv[0])
-    return [*UNPRIVILEGED, first, *argv[1:]]
+    prefix = list(UNPRIVILEGED)
+    if groups:
+        prefix[prefix.index("--clear-groups")] = "--groups=" + ",".join(str(g) for g in groups)
+    return [*prefix, first, *argv[1:]]
+
+
+@functools.cache
+def deployed_venv_with_libvirt() -> Path:
+    """:func:`deployed_venv` plus the ``libvirt`` extra (libvirt-python, built once against libvirt-dev)."""
+    venv = deployed_venv()
+    python = str(venv / "bin" / "python")
+    if subprocess.run([python, "-c", "import libvirt"], capture_output=True, check=False).returncode != 0:
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "libvirt-python>=9"], check=True, cwd="/")
+        subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True)
+    return venv
+
+
+def ensure_user() -> None:
+    """The ``migpredictd`` user and group with uid/gid 9842, as the packaging creates them: libvirtd looks
+    the uid of each client up and refuses one it cannot find."""
+    if subprocess.run(["getent", "group", str(UID)], capture_output=True, check=False).returncode != 0:
+        subprocess.run(["groupadd", "--system", "--gid", str(UID), "migpredictd"], check=True)
+    if subprocess.run(["getent", "passwd", str(UID)], capture_output=True, check=False).returncode != 0:
+        subprocess.run(
+            ["useradd", "--system", "--uid", str(UID), "--gid", str(UID), "--no-create-home",
+             "--shell", "/usr/sbin/nologin", "migpredictd"],
+            check=True, capture_output=True,
+        )  # fmt: skip
 
 
 def share_qmp(guest: Guest) -> str:
@@ -84,7 +112,7 @@ def share_qmp(guest: Guest) -> str:
 
 
 def start_helper(
-    socket_path: str | Path, allow: Sequence[str], *, group: int = UID
+    socket_path: str | Path, allow: Sequence[str], *, group: int = UID, allow_pid_files: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
     """``migpredictd-zeropaged`` as root with two capabilities, socket-activated at ``socket_path``.
 
@@ -100,6 +128,7 @@ def start_helper(
     listener.listen(16)
     helper = str(deployed_venv() / "bin" / "migpredictd-zeropaged")
     args = [a for pattern in allow for a in ("--allow", pattern)]
+    args += [a for pattern in allow_pid_files for a in ("--allow-pid-file", pattern)]
     # systemd's socket activation: the listening socket as fd 3, LISTEN_PID naming the service's process.
     command = [
         *HELPER_CAPABILITIES,
@@ -152,12 +181,15 @@ RIG_QMP_SOCKETS: Final = "/tmp/migpredictd-rig-*/qmp.sock"  # noqa: S108 (a patt
 
 
 @contextlib.contextmanager
-def running_helper(socket_path: str = DEFAULT_HELPER_SOCKET) -> Iterator[subprocess.Popen[bytes]]:
+def running_helper(
+    socket_path: str = DEFAULT_HELPER_SOCKET, *, allow_pid_files: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
     """The helper at ``socket_path`` (default: where the daemon looks with no flag) for the rig's QMP
-    sockets, as :func:`start_helper` runs it; stopped and its socket removed on exit."""
+    sockets (and the PID files ``allow_pid_files``), as :func:`start_helper` runs it; stopped and its
+    socket removed on exit."""
     if Path(socket_path).exists():
         raise RigError(f"{socket_path} exists: another zero-page helper runs on this machine; stop it first")
-    proc = start_helper(socket_path, [RIG_QMP_SOCKETS])
+    proc = start_helper(socket_path, [RIG_QMP_SOCKETS], allow_pid_files=allow_pid_files)
     try:
         yield proc
     finally:

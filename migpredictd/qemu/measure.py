@@ -258,7 +258,7 @@ async def measure(
         else:
             # Reading sampled guest pages takes tens of ms: off the event loop, so scrapes never wait.
             zero, method, profile = await asyncio.to_thread(
-                _zero_pages,
+                zero_pages,
                 settings,
                 peer_pid,
                 addr if isinstance(addr, str) else None,
@@ -574,13 +574,15 @@ def _check_run(
         )
 
 
-def _zero_pages(  # noqa: PLR0917 (one private call site)
+def zero_pages(  # noqa: PLR0917
     settings: MeasureSettings,
     pid: int | None,
     socket_path: str | None,
     memory_bytes: int,
     notes: list[str],
     target: str,
+    *,
+    pid_file: str | None = None,
 ) -> tuple[float | None, str, tuple[float, ...] | None]:
     """Zero pages by the configured method, and where they lie (guest-sample only); when impossible,
     None ("unknown": assume none) plus a note. Every method tried and why it failed goes into ``notes``.
@@ -589,6 +591,9 @@ def _zero_pages(  # noqa: PLR0917 (one private call site)
     uid); the zero-page helper (the hardened deployments: the same guest-sample, done by a privileged
     helper); host-smaps here; host-status (unprivileged: QEMU's resident memory from
     ``/proc/PID/status``). Held-out errors of each: docs/accuracy.md.
+
+    The helper is told the QMP socket ``socket_path``, or libvirt's ``pid_file`` when that is given (the
+    libvirt edge: the monitor socket belongs to libvirtd).
     """
     method = settings.zero_pages
     if method == "none":
@@ -597,10 +602,13 @@ def _zero_pages(  # noqa: PLR0917 (one private call site)
     for m in methods:
         try:
             if m == "helper":
-                if socket_path is None:
-                    raise ZeroPagesUnavailableError("the helper needs a unix QMP socket")
+                if socket_path is None and pid_file is None:
+                    raise ZeroPagesUnavailableError("the helper needs a unix QMP socket or a PID file")
                 request = HelperRequest(
-                    qmp_socket=os.path.abspath(socket_path),
+                    qmp_socket=None
+                    if pid_file is not None or socket_path is None
+                    else os.path.abspath(socket_path),
+                    pid_file=pid_file,
                     memory_bytes=memory_bytes,
                     page_size=PAGE_SIZE,
                     samples=min(settings.guest_sample_pages, MAX_HELPER_SAMPLES),
@@ -721,4 +729,5 @@ __all__ = [
     "measure_command",
     "plan_runs",
     "settings_from_args",
+    "zero_pages",
 ]

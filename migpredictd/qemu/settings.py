@@ -17,11 +17,14 @@ from migpredictd.core.errors import InputError
 __all__ = [
     "DEFAULT_GUEST_SAMPLE_PAGES",
     "DEFAULT_HELPER_SOCKET",
+    "DEFAULT_MAX_SWEEPS",
     "DEFAULT_PERIODS_MS",
     "DEFAULT_SAMPLE_PAGES",
+    "DEFAULT_TARGET_SAMPLING_ERROR",
     "MAX_CALC_MS",
     "MAX_GUEST_SAMPLE_PAGES",
     "MAX_SAMPLE_PAGES",
+    "MAX_SWEEPS",
     "MIN_CALC_MS",
     "MIN_SAMPLE_PAGES",
     "SAMPLES_PER_RUN",
@@ -70,6 +73,11 @@ MAX_CALC_MS: Final = 60000.0
 # fix, and the cost stays tens of milliseconds (docs/measuring.md, "Zero pages").
 DEFAULT_GUEST_SAMPLE_PAGES: Final = 16384
 MAX_GUEST_SAMPLE_PAGES: Final = 1 << 20
+# libvirt's sweep: see MeasureSettings.target_sampling_error.
+DEFAULT_TARGET_SAMPLING_ERROR: Final = 0.1
+DEFAULT_MAX_SWEEPS: Final = 4
+MAX_SWEEPS: Final = 16
+
 # Where the unprivileged daemon finds the zero-page helper (migpredictd-zeropaged) with no flags.
 DEFAULT_HELPER_SOCKET: Final = "/run/migpredictd/zeropages.sock"
 
@@ -92,6 +100,11 @@ class MeasureSettings:
     poll_interval: float = 0.05
     # How long past calc-time QEMU may take to say "measured" (it normally answers within milliseconds).
     settle_timeout: float = 10.0
+    # libvirt only (it passes neither sample-pages nor milliseconds on, so QEMU samples 512 pages per GiB):
+    # repeat the whole-second sweep until the dirty pages at its shortest period have at most this
+    # relative sampling error, or max_sweeps sweeps ran (docs/measuring.md, "libvirt").
+    target_sampling_error: float = DEFAULT_TARGET_SAMPLING_ERROR
+    max_sweeps: int = DEFAULT_MAX_SWEEPS
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "command_timeout", "poll_interval", "settle_timeout"):
@@ -108,6 +121,14 @@ class MeasureSettings:
             raise InputError(
                 "must be an absolute unix socket path of at most 107 bytes", field="zero_pages_helper"
             )
+        if not (
+            isinstance(self.target_sampling_error, int | float)
+            and math.isfinite(self.target_sampling_error)
+            and 0.0 < self.target_sampling_error <= 1.0
+        ):
+            raise InputError("must be a share in (0, 1]", field="target_sampling_error")
+        if not 1 <= self.max_sweeps <= MAX_SWEEPS:
+            raise InputError(f"must be in 1..{MAX_SWEEPS}", field="max_sweeps")
         if not 1 <= self.guest_sample_pages <= MAX_GUEST_SAMPLE_PAGES:
             raise InputError(f"must be in 1..{MAX_GUEST_SAMPLE_PAGES}", field="guest_sample_pages")
         if self.periods_ms is not None:

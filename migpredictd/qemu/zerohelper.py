@@ -3,7 +3,8 @@
 The daemon runs without the rights to read another user's ``/proc/PID/mem``; the helper
 (:mod:`migpredictd.helper.zeropaged`, started as root with only ``CAP_SYS_PTRACE`` and
 ``CAP_DAC_OVERRIDE``) has them and answers one question on a unix socket: "the zero-page count and
-profile of the QEMU process listening on this QMP socket". docs/security.md has its threat model.
+profile of the QEMU process listening on this QMP socket" (or, on libvirt hosts, "... whose PID libvirt
+wrote to this PID file"). docs/security.md has its threat model.
 
 One request and one reply per connection, each one line of JSON (UTF-8, at most
 :data:`MAX_MESSAGE_BYTES` including the newline)::
@@ -14,8 +15,11 @@ One request and one reply per connection, each one line of JSON (UTF-8, at most
      "profile": [0.98, ...], "detail": "..."}
     {"version": 1, "ok": false, "error": "... is not a configured QMP socket"}
 
-The helper finds the PID itself (``SO_PEERCRED`` of its own connection to the socket): the client only
-names the socket, so it cannot point the helper at an arbitrary process.
+A request names exactly one of ``qmp_socket`` and ``pid_file`` (libvirt's ``/run/libvirt/qemu/NAME.pid``,
+for domains whose monitor socket belongs to libvirtd). The helper finds the PID itself: from
+``SO_PEERCRED`` of its own connection to the socket, or from a root-owned PID file in an allowed place whose
+process runs QEMU for that domain. The client only names a socket or a file, so it cannot point the helper
+at an arbitrary process.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ MAX_HELPER_SAMPLES: Final = 1 << 16
 MAX_MEMORY_BYTES: Final = 1 << 44  # 16 TiB, above any guest QEMU runs today
 PAGE_SIZES: Final = (4096, 16384, 65536)
 REPLY_METHODS: Final = ("guest-sample", "host-smaps")
-_REQUEST_KEYS: Final = frozenset({"version", "qmp_socket", "memory_bytes", "page_size", "samples"})
+_REQUEST_KEYS: Final = frozenset(
+    {"version", "qmp_socket", "pid_file", "memory_bytes", "page_size", "samples"}
+)
 
 
 class ProtocolError(ValueError):
@@ -46,18 +52,25 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class HelperRequest:
-    """What the daemon asks: the zero pages of the QEMU behind ``qmp_socket``."""
+    """What the daemon asks: the zero pages of the QEMU behind ``qmp_socket``, or of the QEMU whose PID
+    libvirt keeps in ``pid_file`` (exactly one of the two is set)."""
 
-    qmp_socket: str
+    qmp_socket: str | None
     memory_bytes: int
     page_size: int = 4096
     samples: int = 16384
+    pid_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.qmp_socket is None) == (self.pid_file is None):
+            raise ValueError("a helper request names exactly one of qmp_socket and pid_file")
 
     def encode(self) -> bytes:
+        where = {"qmp_socket": self.qmp_socket} if self.pid_file is None else {"pid_file": self.pid_file}
         return _line(
             {
                 "version": PROTOCOL_VERSION,
-                "qmp_socket": self.qmp_socket,
+                **where,
                 "memory_bytes": self.memory_bytes,
                 "page_size": self.page_size,
                 "samples": self.samples,
@@ -137,9 +150,21 @@ def parse_request(data: bytes) -> HelperRequest:
     unknown = sorted(set(obj) - _REQUEST_KEYS)
     if unknown:
         raise ProtocolError(f"unknown field {unknown[0]!r}")
+    if ("qmp_socket" in obj) == ("pid_file" in obj):
+        raise ProtocolError("exactly one of qmp_socket and pid_file must be given")
     path = obj.get("qmp_socket")
-    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > 107:
+    pid_file = obj.get("pid_file")
+    if "qmp_socket" in obj and (
+        not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > 107
+    ):
         raise ProtocolError("qmp_socket: must be an absolute path of at most 107 bytes")
+    if "pid_file" in obj and (
+        not isinstance(pid_file, str)
+        or not pid_file.startswith("/")
+        or "\0" in pid_file
+        or len(pid_file) > 4095
+    ):
+        raise ProtocolError("pid_file: must be an absolute path of at most 4095 bytes")
     page_size = _int(obj, "page_size", 1, 65536)
     if page_size not in PAGE_SIZES:
         raise ProtocolError(f"page_size: must be one of {', '.join(map(str, PAGE_SIZES))}")
@@ -147,7 +172,13 @@ def parse_request(data: bytes) -> HelperRequest:
     if memory % page_size:
         raise ProtocolError("memory_bytes: must be a whole number of pages")
     samples = _int(obj, "samples", 1, MAX_HELPER_SAMPLES)
-    return HelperRequest(qmp_socket=path, memory_bytes=memory, page_size=page_size, samples=samples)
+    return HelperRequest(
+        qmp_socket=path if isinstance(path, str) else None,
+        pid_file=pid_file if isinstance(pid_file, str) else None,
+        memory_bytes=memory,
+        page_size=page_size,
+        samples=samples,
+    )
 
 
 def parse_reply(data: bytes, request: HelperRequest) -> HelperReply:

@@ -118,6 +118,13 @@ FAMILIES: Final = (
         ("vm",),
     ),
     Family(
+        "migpredictd_dirty_sampling_error_ratio", "gauge",
+        "Relative standard error, from QEMU's page sampling alone, of the dirty pages at the shortest "
+        "period (binomial over the sampled pages of every run of that period); absent if no sampled page "
+        "changed. " + _AGE,
+        ("vm",),
+    ),
+    Family(
         "migpredictd_policy_outcome", "gauge",
         "1 for what the orchestrator policy is predicted to do with the migration at this bandwidth "
         "(outcome: completed, aborted, postcopy or not_converged); global.policies. " + _AGE,
@@ -215,6 +222,8 @@ def _memory_samples(t: TargetState) -> Iterator[Sample]:
             # at the end of each run; a sweep is one run per period.
             sampled = (m.memory_bytes * m.sample_pages_per_gib) >> 30
             yield "migpredictd_measurement_hashed_pages", {"vm": t.name}, float(2 * sampled * len(m.points))
+        if m.sampling_error is not None:
+            yield "migpredictd_dirty_sampling_error_ratio", {"vm": t.name}, m.sampling_error
         if m.zero_pages is not None:
             yield "migpredictd_zero_pages_estimate_bytes", {"vm": t.name}, m.zero_pages * m.page_size_bytes
 

@@ -33,13 +33,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from migpredictd import __version__
-from migpredictd.config.schema import Config, TargetConfig, load_full_config
+from migpredictd.config.schema import Config, LibvirtSource, TargetConfig, load_full_config
 from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.core.errors import ConfigError, InputError, TargetError, WebListenError
 from migpredictd.core.measurement import Measurement
 from migpredictd.core.model import MemoryModel, build_model
 from migpredictd.core.policies import PolicyOutcome, predict_policy
 from migpredictd.core.predictor import FloatArray, RateLimiter, VMPrediction, predict_derived, predict_grid
+from migpredictd.libvirt.api import Connection as LibvirtConnection
+from migpredictd.libvirt.api import ConnectionError as LibvirtConnectionError
+from migpredictd.libvirt.api import Domain
+from migpredictd.libvirt.discovery import namespaces, qmp_listener_pid, targets_for
+from migpredictd.libvirt.measure import measure_domain, read_pid
 from migpredictd.qemu.measure import measure
 from migpredictd.qemu.settings import SAMPLES_PER_RUN
 from migpredictd.serve.collector import DaemonCollector, MetricsRenderer
@@ -104,6 +109,26 @@ def _log_zero_page_method(name: str, new: Measurement, old: Measurement | None) 
         )
 
 
+@dataclasses.dataclass(eq=False)
+class LibvirtWatch:
+    """One ``libvirt:`` entry at run time: its connection's health and the domains it found last."""
+
+    source: LibvirtSource
+    connection: LibvirtConnection
+    targets: dict[str, TargetConfig] = dataclasses.field(default_factory=dict)
+    domains: list[Domain] = dataclasses.field(default_factory=list)  # as listed at the last good poll
+    up: bool = False
+    error: str | None = None
+    polls: int = 0
+    errors: int = 0
+    last_poll: float | None = None
+    task: asyncio.Task[None] | None = None
+
+
+def _source_key(s: LibvirtSource) -> tuple[object, ...]:
+    return (s.uri, s.names, s.exclude)
+
+
 class Daemon:
     """The long-running process; also the :class:`~migpredictd.web.server.WebApp` the HTTP server serves."""
 
@@ -120,6 +145,10 @@ class Daemon:
         self.renderer = MetricsRenderer(self.state, self.registry, details=False)
         self.config: Config | None = None
         self._targets: dict[str, TargetConfig] = {}
+        self._static: dict[str, TargetConfig] = {}  # this shard's targets from the config files
+        self._libvirt: dict[tuple[object, ...], LibvirtWatch] = {}
+        self._libvirt_connections: dict[str, LibvirtConnection] = {}
+        self._static_pids: dict[str, tuple[int, int | None]] = {}  # QMP socket -> (inode, listener PID)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler: MeasurementScheduler | None = None
         self._pending: list[tuple[str, Measurement, float, float]] = []
@@ -162,23 +191,128 @@ class Daemon:
 
     def apply(self, config: Config) -> None:
         """Make ``config`` current: targets of this shard, their jobs and their (empty) state."""
-        targets = {t.name: t for t in config.targets if in_shard(t.name, self.shard)}
         old = self.config
         self.config = config
-        self._targets = targets
+        self._static = {t.name: t for t in config.targets if in_shard(t.name, self.shard)}
         self.renderer.details = config.per_cell_details
-        self.state.set_targets({t.name: (t.qmp, t.labels) for t in targets.values()})
-        if self._scheduler is not None:
+        if self._scheduler is not None and (old is None or old.max_concurrent != config.max_concurrent):
             # A new limit is a new semaphore: measurements holding the old one would not count against
             # it, so a storm of reloads must not replace it when the limit did not change.
-            if old is None or old.max_concurrent != config.max_concurrent:
-                self._scheduler.set_limit(config.max_concurrent)
+            self._scheduler.set_limit(config.max_concurrent)
+        self._sync_libvirt(config.libvirt)
+        self._publish_targets()
+        self._targets_dir_signature = self._dir_signature()
+        self.state.record_reload(True, at=time.time())
+        log.info(
+            "config loaded",
+            extra={"file": self.config_file, "targets": len(self._static), "libvirt": len(config.libvirt)},
+        )
+
+    def _publish_targets(self) -> None:
+        """Targets = this shard's static ones plus the domains libvirt found (a domain that is also a
+        static target, by name or by the QEMU process behind its QMP socket, is measured once, as the
+        static target); state and jobs follow."""
+        config = self.config
+        if config is None:
+            return
+        targets = dict(self._static)
+        static_pids = {pid for _, pid in self._static_pids.values() if pid is not None}
+        for watch in self._libvirt.values():
+            for name, t in watch.targets.items():
+                if name in targets or not in_shard(name, self.shard):
+                    continue
+                if t.domain is not None and static_pids and read_pid(t.domain.pid_file) in static_pids:
+                    continue
+                targets[name] = t
+        self._targets = targets
+        self.state.set_targets({t.name: (t.qmp, t.labels) for t in targets.values()})
+        if self._scheduler is not None:
             self._scheduler.sync(
                 {n: Schedule(t.interval_seconds, config.jitter_seconds) for n, t in targets.items()}
             )
-        self._targets_dir_signature = self._dir_signature()
-        self.state.record_reload(True, at=time.time())
-        log.info("config loaded", extra={"file": self.config_file, "targets": len(targets)})
+
+    def _sync_libvirt(self, sources: tuple[LibvirtSource, ...]) -> None:
+        """One watch per ``libvirt:`` entry: new ones start polling, removed ones stop; an unchanged entry
+        keeps its connection and the domains it found."""
+        wanted = {_source_key(s): s for s in sources}
+        for key in list(self._libvirt):
+            if key not in wanted:
+                removed = self._libvirt.pop(key)
+                if removed.task is not None:
+                    removed.task.cancel()
+        for key, source in wanted.items():
+            watch = self._libvirt.get(key)
+            if watch is not None:
+                if watch.source != source:
+                    watch.source = source
+                    watch.targets = {t.name: t for t in targets_for(source, watch.domains)}
+                continue
+            conn = self._libvirt_connections.get(source.uri)
+            if conn is None:
+                conn = LibvirtConnection(source.uri)
+                self._libvirt_connections[source.uri] = conn
+            watch = LibvirtWatch(source=source, connection=conn)
+            self._libvirt[key] = watch
+            if self._loop is not None:
+                watch.task = self._loop.create_task(self._watch_libvirt(watch))
+        for uri in list(self._libvirt_connections):
+            if all(w.source.uri != uri for w in self._libvirt.values()):
+                self._libvirt_connections.pop(uri).close()
+
+    async def _watch_libvirt(self, watch: LibvirtWatch) -> None:
+        """Poll the entry's running domains every ``poll_interval``; a failure marks the connection down
+        and keeps the domains found last (their own measurements then fail and say so)."""
+        while not self._stop.is_set():
+            source = watch.source
+            try:
+                domains = await watch.connection.running_domains(namespaces([source]))
+            except LibvirtConnectionError as e:
+                watch.errors += 1
+                if watch.up or watch.error != e.detail:
+                    log.warning("libvirt unreachable", extra={"uri": source.uri, "error": e.detail})
+                watch.up, watch.error = False, e.detail
+            except Exception:  # a bug must not end the watch: it would never recover on its own
+                watch.errors += 1
+                watch.up, watch.error = False, "internal error"
+                log.exception("libvirt poll crashed", extra={"uri": source.uri})
+            else:
+                if not watch.up:
+                    log.info("libvirt connected", extra={"uri": source.uri, "domains": len(domains)})
+                watch.up, watch.error, watch.domains = True, None, domains
+                found = {t.name: t for t in targets_for(source, domains)}
+                if self._static:
+                    await asyncio.to_thread(self._refresh_static_pids)
+                if found != watch.targets:
+                    added = sorted(found.keys() - watch.targets.keys())
+                    gone = sorted(watch.targets.keys() - found.keys())
+                    if added or gone:
+                        log.info(
+                            "libvirt domains changed", extra={"uri": source.uri, "added": added, "gone": gone}
+                        )
+                    watch.targets = found
+                    self._publish_targets()
+            watch.polls += 1
+            watch.last_poll = time.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), source.poll_seconds)
+
+    def _refresh_static_pids(self) -> None:
+        """The QEMU PID behind each static unix QMP socket (cached per socket inode), so that a domain
+        also listed as a static target is measured once."""
+        fresh: dict[str, tuple[int, int | None]] = {}
+        for t in self._static.values():
+            path = t.qmp[len("unix:") :] if t.qmp.startswith("unix:") else t.qmp
+            if not path.startswith("/"):
+                continue
+            try:
+                inode = os.stat(path).st_ino
+            except OSError:
+                continue
+            cached = self._static_pids.get(path)
+            fresh[path] = (
+                cached if cached is not None and cached[0] == inode else (inode, qmp_listener_pid(path))
+            )
+        self._static_pids = fresh
 
     async def reload(self) -> tuple[bool, str]:
         """Reload the config and the web config, both parsed off the loop; a bad one is reported and the
@@ -267,7 +401,13 @@ class Daemon:
             return
         started, t0 = time.time(), time.monotonic()
         try:
-            m = await measure(target.qmp, target=name, settings=target.measurement)
+            if target.domain is not None:
+                conn = self._libvirt_connections.get(target.domain.uri)
+                if conn is None:
+                    return  # its libvirt entry was removed meanwhile
+                m = await measure_domain(conn, target.domain, target=name, settings=target.measurement)
+            else:
+                m = await measure(target.qmp, target=name, settings=target.measurement)
         except TargetError as e:
             self.state.record_failure(name, e.reason, str(e), at=time.time(), duration=time.monotonic() - t0)
             log.warning("measurement failed", extra={"target": name, "reason": e.reason, "error": str(e)})
@@ -453,6 +593,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         self._loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
+        for watch in self._libvirt.values():
+            if watch.task is None:
+                watch.task = asyncio.create_task(self._watch_libvirt(watch))
         watcher = asyncio.create_task(self._watch_targets_dir())
         lag = asyncio.create_task(self._watch_loop_lag())
         await self._stop.wait()
@@ -462,6 +605,11 @@ class Daemon:
         lag.cancel()
         for task in self._background:
             task.cancel()
+        for watch in self._libvirt.values():
+            if watch.task is not None:
+                watch.task.cancel()
+        for conn in self._libvirt_connections.values():
+            conn.close()
         # Bounded: measurements get a grace period to close their QMP sessions, the HTTP server stops in
         # a thread; a prediction batch still running in a worker is abandoned (run_command exits without
         # waiting for it: nothing is lost, the next start measures again).
@@ -617,6 +765,29 @@ class _RuntimeCollector(Collector):
             done.add_metric([stage], float(d.predicted[stage]))
         yield cpu
         yield done
+        up = GaugeMetricFamily(
+            "migpredictd_libvirt_up",
+            "1 if the last poll of this libvirt entry's URI listed its domains, else 0.",
+            labels=["uri"],
+        )
+        found = GaugeMetricFamily(
+            "migpredictd_libvirt_domains",
+            "Running domains this libvirt entry selected at its last successful poll.",
+            labels=["uri"],
+        )
+        failures = CounterMetricFamily(
+            "migpredictd_libvirt_poll_failures", "Polls of this libvirt URI that failed.", labels=["uri"]
+        )
+        by_uri: dict[str, list[LibvirtWatch]] = {}
+        for w in list(d._libvirt.values()):
+            by_uri.setdefault(w.source.uri, []).append(w)
+        for uri, watches in sorted(by_uri.items()):
+            up.add_metric([uri], 1.0 if all(w.up for w in watches) else 0.0)
+            found.add_metric([uri], float(sum(len(w.targets) for w in watches)))
+            failures.add_metric([uri], float(sum(w.errors for w in watches)))
+        yield up
+        yield found
+        yield failures
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
