@@ -8,6 +8,9 @@
 #   qemu-10.0/usr/bin/qemu-system-x86_64   QEMU 10.0 binary (uses the libraries 7.2's install brought)
 #   qemu-10.0/data/                         its -L firmware dir (usr/share/qemu + seabios link)
 #   kernel/vmlinuz                          the guest kernel
+# With --libvirt (the test command; the demo does not need it) also libvirtd, virsh and what building
+# libvirt-python needs (libvirt-dev, pkg-config, python3-dev): tests/test_libvirt.py starts libvirtd itself,
+# without systemd, and never enables it.
 # Every step is skipped when its result is already there; re-running is cheap.
 set -euo pipefail
 
@@ -19,6 +22,13 @@ DEBIAN_SOURCES=/etc/apt/sources.list.d/debian.sources
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static seabios gcc libc6-dev prometheus acl systemd chromium)
 
 log() { printf 'install-rig: %s\n' "$*" >&2; }
+
+for arg in "$@"; do
+    case "${arg}" in
+        --libvirt) APT_PACKAGES+=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config python3-dev) ;;
+        *) log "unknown option ${arg} (known: --libvirt)"; exit 2 ;;
+    esac
+done
 
 if [[ "$(id -u)" -ne 0 ]]; then
     log "must run as root (apt-get, /opt)"; exit 1

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from migpredictd.core.errors import ZeroPagesUnavailableError
-from migpredictd.helper.zeropaged import DEFAULT_EXE, Refused, allowed_socket, identify
+from migpredictd.helper.zeropaged import DEFAULT_EXE, Refused, allowed_socket, identify, pid_from_file
 from migpredictd.lab.deployed import UID, share_qmp, start_helper, stop_helper, unprivileged
 from migpredictd.lab.rig.guest import GuestSpec
 from migpredictd.qemu.settings import DEFAULT_HELPER_SOCKET
@@ -77,11 +77,63 @@ def test_a_good_request_round_trips() -> None:
         (line(GOOD) + line(GOOD), "one line"),
         (b'{"version": 1, "x": "' + b"a" * MAX_MESSAGE_BYTES + b'"}\n', "larger than 4096"),
         (b"[" * 3000 + b"\n", "not JSON"),
+        (line({**GOOD, "pid_file": "/run/libvirt/qemu/a.pid"}), "exactly one of qmp_socket and pid_file"),
+        (
+            line({k: v for k, v in GOOD.items() if k != "qmp_socket"}),
+            "exactly one of qmp_socket and pid_file",
+        ),
+        (line({**GOOD, "qmp_socket": None}), "qmp_socket: must be an absolute path"),
     ],
 )
 def test_malformed_requests_are_refused_naming_the_field(data: bytes, says: str) -> None:
     with pytest.raises(ProtocolError, match=says):
         parse_request(data)
+
+
+def test_a_libvirt_pid_file_request_round_trips() -> None:
+    data = {k: v for k, v in GOOD.items() if k != "qmp_socket"} | {"pid_file": "/run/libvirt/qemu/vm1.pid"}
+    req = parse_request(line(data))
+    assert req.pid_file == "/run/libvirt/qemu/vm1.pid"
+    assert req.qmp_socket is None
+    assert parse_request(req.encode()) == req
+    with pytest.raises(ValueError, match="exactly one"):
+        HelperRequest(qmp_socket="/run/a.qmp", pid_file="/run/libvirt/qemu/vm1.pid", memory_bytes=MIB)
+
+
+def test_only_root_owned_pid_files_of_that_domains_qemu_are_followed(tmp_path: Path) -> None:
+    """A PID file is trusted only from root, in a place only root writes, for a process whose command
+    line is QEMU's for that very domain (this test process is not)."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    good = run / "vm1.pid"
+    good.write_text(f"{os.getpid()}\n")
+    allow = [str(run / "*.pid")]
+    with pytest.raises(Refused, match="is not a configured PID file"):
+        pid_from_file(str(good), ["/run/libvirt/qemu/*.pid"], Path("/proc"))
+    with pytest.raises(Refused, match=f"PID {os.getpid()} from .* is not QEMU for domain 'vm1'"):
+        pid_from_file(str(good), allow, Path("/proc"))
+    (run / "junk.pid").write_text("12ab\n")
+    with pytest.raises(Refused, match="does not hold a PID"):
+        pid_from_file(str(run / "junk.pid"), allow, Path("/proc"))
+    os.chown(good, UID, -1)
+    with pytest.raises(Refused, match="owned by root"):
+        pid_from_file(str(good), allow, Path("/proc"))
+    os.chown(good, 0, -1)
+    run.chmod(0o777)
+    with pytest.raises(Refused, match="writable by others than root"):
+        pid_from_file(str(good), allow, Path("/proc"))
+    run.chmod(0o755)
+    # A fake /proc whose process does run QEMU for vm1: followed.
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    (proc / "4242" / "cmdline").write_bytes(
+        b"/usr/bin/qemu-system-x86_64\0-name\0guest=vm1,debug-threads=on\0"
+    )
+    good.write_text("4242\n")
+    assert pid_from_file(str(good), allow, proc) == 4242
+    (proc / "4242" / "cmdline").write_bytes(b"/usr/bin/qemu-system-x86_64\0-name\0guest=vm10\0")
+    with pytest.raises(Refused, match="not QEMU for domain 'vm1'"):
+        pid_from_file(str(good), allow, proc)
 
 
 def test_a_reply_out_of_range_is_not_believed() -> None:

@@ -1168,7 +1168,8 @@ def check_config_main(argv: list[str]) -> int:
             print(problem, file=sys.stderr)
         print(f"{len(e.problems)} problem{'s' if len(e.problems) != 1 else ''}", file=sys.stderr)
         return 1
-    print(f"ok: {len(config.targets)} targets")
+    sources = f", {len(config.libvirt)} libvirt entries" if config.libvirt else ""
+    print(f"ok: {len(config.targets)} targets{sources}")
     return 0
 
 
