@@ -15,7 +15,14 @@
 #     migpredictd:0.1.0
 #
 # The socket directory is mounted at the same path as on the host, so socket paths in config.yaml are the
-# host's paths. See docs/deploy.md for libvirt (second -qmp socket per VM).
+# host's paths. On a libvirt host, config.yaml lists `libvirt: [{uri: "qemu:///system"}]` and the container
+# mounts libvirt's socket instead (docs/deploy.md, "libvirt"):
+#
+#   docker run -d --name migpredictd --restart unless-stopped -p 9842:9842 \
+#     --group-add "$(getent group libvirt | cut -d: -f3)" \
+#     -v /etc/migpredictd:/etc/migpredictd:ro -v /run/libvirt:/run/libvirt:ro \
+#     --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+#     migpredictd:0.1.0
 #
 # Zero pages: the same image's second entrypoint, migpredictd-zeropaged, is the privileged helper
 # (docs/security.md). It runs as root with two capabilities, no network, and the host's PIDs; the daemon
@@ -37,13 +44,24 @@ FROM ${PYTHON_IMAGE} AS builder
 WORKDIR /src
 # .dockerignore lets through only what the wheel needs (pyproject, README, LICENSE, the package).
 COPY . .
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# libvirt-python (the libvirt extra) compiles against libvirt's headers; only this stage has a compiler.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libvirt-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[libvirt]'
 
 # --- runtime
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="migpredictd" \
       org.opencontainers.image.description="Predicts QEMU pre-copy live migration time and convergence as Prometheus metrics" \
       org.opencontainers.image.licenses="GPL-2.0-or-later"
+
+# libvirt's client library, for the libvirt extra (Debian's, as the builder compiled against).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libvirt0 \
+ && rm -rf /var/lib/apt/lists/*
 
 # A fixed uid/gid so hostPath and bind-mount permissions can be planned for (9842 = the port, easy to recall).
 RUN groupadd --system --gid 9842 migpredictd \
@@ -52,9 +70,11 @@ RUN groupadd --system --gid 9842 migpredictd \
  && install -d -o root -g migpredictd -m 0750 /etc/migpredictd
 
 # --no-index: install exactly the wheels the builder resolved (versions pinned by that resolution);
-# nothing is fetched at this stage. The bind mount keeps the wheels out of every image layer.
+# nothing is fetched at this stage. The bind mount keeps the wheels out of every image layer. (DL3013 asks
+# for pinned versions: the wheel directory holds exactly one version of each.)
+# hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/migpredictd-*.whl
+    pip install --no-cache-dir --no-index --find-links=/wheels 'migpredictd[libvirt]'
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -62,7 +82,7 @@ ENV PYTHONUNBUFFERED=1 \
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 9842:9842
 EXPOSE 9842
-VOLUME ["/etc/migpredictd", "/run/qemu-server", "/run/migpredictd"]
+VOLUME ["/etc/migpredictd", "/run/qemu-server", "/run/migpredictd", "/run/libvirt"]
 
 # slim has no curl: the probe is a Python one-liner. Exit 1 on any non-2xx answer or connection error.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \

@@ -252,6 +252,7 @@ def test_dockerfile_exposes_port_volumes_and_runs_the_daemon() -> None:
         "/etc/migpredictd",
         "/run/qemu-server",
         "/run/migpredictd",
+        "/run/libvirt",
     }
     assert exec_form(instructions["ENTRYPOINT"]) == ["migpredictd"]
     cmd = exec_form(instructions["CMD"])
@@ -881,3 +882,12 @@ if __name__ == "__main__":
         (K8S / "prometheusrule.yaml").write_text(render_prometheusrule())
     else:
         sys.exit("usage: python tests/test_deploy_assets.py --write-prometheusrule")
+
+
+def test_the_libvirt_drop_in_only_adds_the_libvirt_group() -> None:
+    """docs/deploy.md's libvirt drop-in: the read-write libvirt socket's group, nothing loosened."""
+    drop_in = DEPLOY / "systemd" / "migpredictd-libvirt.conf"
+    settings = unit_settings(drop_in)
+    assert list(settings) == ["Service"]
+    assert settings["Service"] == [("SupplementaryGroups", "libvirt")]
+    assert "migpredictd-libvirt.conf" in (DEPLOY.parent / "docs" / "deploy.md").read_text()
