@@ -7,6 +7,8 @@ The real-libvirtd proof is tests/test_libvirt.py; these pin the decisions one ca
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -312,3 +314,32 @@ def test_a_domain_that_is_also_a_static_target_is_measured_once(tmp_path: Path) 
     err = LibvirtError("Domain not found", target="vm-b", command="virDomainGetState")
     assert str(err) == "target vm-b virDomainGetState: Domain not found"
     assert err.reason == "libvirt"
+
+
+def test_a_domain_whose_qemu_listens_on_a_static_targets_socket_is_measured_once(tmp_path: Path) -> None:
+    """The second-socket alternative and a libvirt entry on one host: the static target's QMP socket
+    leads to the domain's QEMU (here: this process listens, and the PID file names this process)."""
+    sock_path = tmp_path / "vm.qmp"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    pid_dir = tmp_path / "run"
+    pid_dir.mkdir()
+    (pid_dir / "instance-1.pid").write_text(f"{os.getpid()}\n")
+    (pid_dir / "instance-2.pid").write_text("1\n")
+    path = _config(
+        tmp_path,
+        f'targets: [{{name: web, qmp: "unix:{sock_path}"}}]\n'
+        f'libvirt: [{{uri: "qemu:///system", pid_dir: "{pid_dir}"}}]\n',
+    )
+    try:
+        daemon = Daemon(str(path))
+        daemon.apply(load_config(path))
+        watch = next(iter(daemon._libvirt.values()))
+        found = targets_for(watch.source, [_domain("instance-1"), _domain("instance-2")])
+        watch.targets = {t.name: t for t in found}
+        daemon._refresh_static_pids()
+        daemon._publish_targets()
+    finally:
+        listener.close()
+    assert sorted(daemon._targets) == ["instance-2", "web"]
