@@ -95,6 +95,8 @@ class TargetConfig:
     interval_seconds: float
     measurement: MeasureSettings
     source: str
+    # The target's own ``policies`` (replacing global.policies for it); None: the global list.
+    policies: tuple[Policy, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,13 @@ class Config:
     per_cell_details: bool = False
     # What orchestrators do with each VM's migration (global.policies; core/policies.py).
     policies: tuple[Policy, ...] = ()
+
+    def policies_for(self, target: str) -> tuple[Policy, ...]:
+        """The policies predicted for ``target``: its own list when it has one, else global.policies."""
+        for t in self.targets:
+            if t.name == target:
+                return self.policies if t.policies is None else t.policies
+        return self.policies
 
 
 # --- limits and defaults ----------------------------------------------------------------------------------
@@ -491,7 +500,7 @@ def _axis(
 
 # --- targets -----------------------------------------------------------------------------------------------
 
-_TARGET_KEYS: Final = ("name", "qmp", "labels", "interval", "measurement")
+_TARGET_KEYS: Final = ("name", "qmp", "labels", "interval", "measurement", "policies")
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,6 +620,9 @@ def _target(
             )
     elif interval is not None and "interval" in entries:
         _check_measurement(measurement, interval, entries["interval"].line, join(key, "interval"), p)
+    policies: tuple[Policy, ...] | None = None
+    if "policies" in entries:
+        policies = _policies(entries["policies"], join(key, "policies"), p)
     if len(p.items) > start or name is None or qmp is None or labels is None or interval is None:
         return None, entries
     target = TargetConfig(
@@ -620,6 +632,7 @@ def _target(
         interval_seconds=interval,
         measurement=measurement,
         source=f"{p.file}:{y.line}",
+        policies=policies,
     )
     return target, entries
 
