@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from benchmarks.accuracy import MBIT, MIB, true_measurement
+from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.core.measurement import Measurement, parse_measurement
 from migpredictd.core.model import build_model
 from migpredictd.core.policies import make_policy, simulate_policy
+from migpredictd.lab.loopback import loopback_predictor
 from migpredictd.lab.orchestrators import controlled_migration
 from migpredictd.lab.rig.guest import UNPACED, Guest, GuestSpec, free_tcp_port
 from migpredictd.qemu.measure import measure
@@ -143,6 +145,10 @@ def predict_case(case: PolicyCase, m: Measurement, *, dirty_scale: float = 1.0, 
         max_downtime=case.downtime_ms / 1000.0 if fixed else None,
         vcpu_utilization=m.vcpu_utilization,
         deadline_seconds=case.cutoff_s,
+        # the loopback link, as the accuracy lab describes it (lab/loopback.py)
+        stop_copy_speedup=loopback_predictor(
+            case.bandwidth * bw_scale, rate_limiter_for(m.qemu_version)
+        ).stop_copy_speedup,
     )
     return {
         "outcome": p.outcome,

@@ -500,6 +500,7 @@ def _derive_batch(
                 predict_policy(
                     model, policy, config.grid.bandwidths, vcpu_utilization=m.vcpu_utilization,
                     deadline_seconds=config.prediction.deadline_seconds,
+                    stop_copy_speedup=config.prediction.stop_copy_speedup,
                 )
             )
             for policy in own
