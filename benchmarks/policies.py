@@ -219,7 +219,10 @@ def run_case(case: PolicyCase, set_name: str, say: Callable[[str], None]) -> Row
     port = free_tcp_port()
     uri = f"tcp:127.0.0.1:{port}"
     policy = make_policy(case.policy, dict(case.options))
-    with Guest(case.spec) as source, Guest(case.spec, incoming="defer") as destination:
+    with (
+        Guest(case.spec) as source,
+        Guest(case.spec, incoming="defer", exit_on_reboot=not case.may_postcopy()) as destination,
+    ):
         with destination.qmp() as dq:
             if case.may_postcopy():
                 dq.execute(
@@ -291,6 +294,7 @@ def summarize(rows: Sequence[Row], title: str) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     errs = []
     wrong_far = []
+    failed = [r["case"] for r in rows if r["real"]["outcome"] == "failed"]
     for r in rows:
         g = r["guest"]
         real = r["real"]
@@ -299,7 +303,7 @@ def summarize(rows: Sequence[Row], title: str) -> str:
         if e is not None:
             errs.append(e)
         right = real["outcome"] == pred["outcome"]
-        if not right and r["boundary"]["far"]:
+        if not right and r["boundary"]["far"] and r["real"]["outcome"] != "failed":
             wrong_far.append(r["case"])
         rate = "unpaced" if g["rate_mib"] < 0 else f"{g['rate_mib']:g}MiB/s"
         real_txt = real["outcome"] + (f" {real['total_time_ms'] / 1000:.2f} s" if real_seconds(r) else "")
@@ -322,16 +326,18 @@ def summarize(rows: Sequence[Row], title: str) -> str:
             f"{'n/a' if e is None else format(100 * e, '.1f') + '%'} | {'right' if right else 'WRONG'} | "
             f"{'yes' if r['boundary']['far'] else 'no'} |"
         )
-    far = [r for r in rows if r["boundary"]["far"]]
+    scored = [r for r in rows if r["real"]["outcome"] != "failed"]
+    far = [r for r in scored if r["boundary"]["far"]]
     med = statistics.median(errs) if errs else math.nan
     out += [
         "",
         f"- completed on the destination in both: {len(errs)}; median error "
         f"{'n/a' if math.isnan(med) else format(100 * med, '.1f') + '%'} (target <= "
         f"{100 * TARGET_MEDIAN_ERROR:g}%): {'met' if errs and med <= TARGET_MEDIAN_ERROR else 'NOT met'}",
-        f"- outcome right: {sum(r['real']['outcome'] == r['prediction']['outcome'] for r in rows)} of "
-        f"{len(rows)}; far (>10%) from a boundary: {len(far)}, wrong among them: "
+        f"- outcome right: {sum(r['real']['outcome'] == r['prediction']['outcome'] for r in scored)} of "
+        f"{len(scored)}; far (>10%) from a boundary: {len(far)}, wrong among them: "
         f"{len(wrong_far)} {wrong_far if wrong_far else ''}",
+        f"- lab failures (QEMU failed the migration; not scored): {failed if failed else 'none'}",
     ]
     return "\n".join(out) + "\n"
 

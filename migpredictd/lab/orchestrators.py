@@ -62,6 +62,7 @@ THROTTLE_PARAMETERS: Final = (
     "throttle-trigger-threshold",
     "cpu-throttle-tailslow",
 )
+STUCK_GRACE_S: Final = 30.0  # past the cutoff plus this, a migration that never ends is a lab failure
 ACTIVE: Final = frozenset({"setup", "active", "postcopy-active", "device", "pre-switchover", "cancelling"})
 
 
@@ -80,8 +81,9 @@ class ControlledMigration:
 
     ``outcome``: ``completed`` (pre-copy, possibly after a pause), ``postcopy`` (completed after
     migrate-start-postcopy), ``aborted`` (the orchestrator cancelled it), ``not_converged`` (still
-    running at the lab's cutoff, then cancelled). Times are QEMU's (``total-time``); for a cancelled
-    migration, the last active sample's.
+    running at the lab's cutoff, then cancelled), ``failed`` (QEMU failed it, or the destination went
+    away in post-copy: a lab failure, not an orchestrator's outcome). Times are QEMU's
+    (``total-time``); for a cancelled migration, the last active sample's.
     """
 
     policy: str
@@ -217,6 +219,10 @@ class _Run:
             self.qmp.execute("migrate_cancel")
             self.cancelled_by = "cutoff"
             self.events.append(Event(self.elapsed(), "cancel", "lab cutoff"))
+        if not _terminal(s) and self.elapsed() > self.cutoff_s + STUCK_GRACE_S:
+            raise RigError(
+                f"migration still {s.get('status')!r} {STUCK_GRACE_S:.0f} s after the lab's cutoff"
+            )
         return s
 
     def finish(self, final: JSONObject) -> ControlledMigration:
@@ -253,7 +259,9 @@ class _Run:
 
 
 def _terminal(s: JSONObject) -> bool:
-    return s.get("status") in ("completed", "failed", "cancelled")
+    # postcopy-paused: the destination went away in post-copy (the guest runs there, half its memory
+    # still here); the lab counts it as a failed run, not as an orchestrator's outcome
+    return s.get("status") in ("completed", "failed", "cancelled", "postcopy-paused")
 
 
 def _wait_end(run: _Run, interval: float = LAB_POLL_S) -> JSONObject:

@@ -194,9 +194,13 @@ class Guest:
         incoming: str | None = None,
         ready_timeout: float = 90.0,
         assets: GuestAssets | None = None,
+        exit_on_reboot: bool = True,
     ) -> None:
         self.spec = spec
         self.incoming = incoming
+        # False for a post-copy destination: a guest that panics there (TCG loses hot pages under load,
+        # QEMU_FACTS.md) resets inside QEMU instead of ending it, so the source can finish the migration.
+        self.exit_on_reboot = exit_on_reboot
         self.ready_timeout = ready_timeout
         self._assets = assets
         self._proc: subprocess.Popen[bytes] | None = None
@@ -319,7 +323,7 @@ class Guest:
             *self._memory_args(),
             "-nodefaults", "-no-user-config",  # no NIC/VGA: nothing needs option ROMs
             "-display", "none",
-            "-no-reboot",
+            *(["-no-reboot"] if self.exit_on_reboot else []),
             "-kernel", str(assets.kernel),
             "-initrd", str(assets.initramfs),
             "-append", self.spec.kernel_args(),
