@@ -215,7 +215,8 @@ class _Run:
         throttle = s.get("cpu-throttle-percentage")
         if isinstance(throttle, int):
             self.max_throttle = max(self.max_throttle, throttle)
-        if self.cancelled_by is None and s.get("status") in ACTIVE and self.elapsed() > self.cutoff_s:
+        cancellable = s.get("status") in ACTIVE and s.get("status") != "postcopy-active"
+        if self.cancelled_by is None and cancellable and self.elapsed() > self.cutoff_s:
             self.qmp.execute("migrate_cancel")
             self.cancelled_by = "cutoff"
             self.events.append(Event(self.elapsed(), "cancel", "lab cutoff"))
@@ -364,8 +365,8 @@ def _nova(run: _Run, o: Mapping[str, object], ram_bytes: int, postcopy: bool) ->
         # libvirt reports the job as running (VIR_DOMAIN_JOB_UNBOUNDED) from QEMU's setup on
         if s.get("status") in ("setup", "active", "postcopy-active") and run.cancelled_by is None:
             elapsed = run.elapsed()
-            # should_trigger_timeout_action()
-            if completion_timeout > 0 and elapsed > completion_timeout:
+            # should_trigger_timeout_action(): never once in post-copy
+            if completion_timeout > 0 and elapsed > completion_timeout and run.postcopy_at is None:
                 if action == "force_complete":
                     if postcopy:
                         run.start_postcopy()
