@@ -95,6 +95,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 downtimes=grid.downtimes,
                 vcpu_utilization=m.vcpu_utilization,
                 deadline_seconds=settings.deadline_seconds,
+                stop_copy_speedup=settings.stop_copy_speedup,
             )
         )
         if args.format == "table":

@@ -26,6 +26,9 @@ from tests.waits import wait_until
 
 POLICY_RECORD: Final = "migpredictd:migration_converges:policy"
 EVACUATION_RECORD: Final = "migpredictd:evacuation_seconds:policy"
+PARALLEL_RECORD: Final = "migpredictd:migration_converges:parallel"
+PARALLEL_EVACUATION_RECORD: Final = "migpredictd:evacuation_seconds:parallel"
+RECORDS: Final = frozenset({POLICY_RECORD, EVACUATION_RECORD, PARALLEL_RECORD, PARALLEL_EVACUATION_RECORD})
 # The one selector the policy rule is allowed to be: metric{bandwidth="...", max_downtime="..."}.
 _SELECTOR = re.compile(r"^(?P<metric>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<matchers>[^{}]*)\}$")
 _MATCHER = re.compile(r'^\s*(?P<label>[a-zA-Z_]\w*)\s*=\s*"(?P<value>[^"\\]*)"\s*$')

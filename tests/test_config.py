@@ -901,3 +901,81 @@ def test_policies_take_their_products_option_names(tmp_path: Path) -> None:
     ]
     assert "did you mean 'migrate_downtime'" in str(bad[0])
     assert "abort, force_complete" in str(bad[1])
+
+
+def test_a_targets_policies_replace_the_global_list(tmp_path: Path) -> None:
+    (tmp_path / "more").mkdir()
+    write(
+        tmp_path / "more",
+        """
+        - name: vm3
+          qmp: /run/vm3.sock
+          policies: [{name: proxmox, options: {migrate_downtime: 0.5}}]
+        """,
+        "a.yaml",
+    )
+    cfg = load_full_config(
+        write(
+            tmp_path,
+            """
+            global:
+              policies: [nova]
+            targets_dir: more
+            targets:
+              - name: vm1
+                qmp: /run/vm1.sock
+              - name: vm2
+                qmp: /run/vm2.sock
+                policies: [{name: kubevirt, options: {completionTimeoutPerGiB: 50}}, auto-converge]
+              - name: vm4
+                qmp: /run/vm4.sock
+                policies: []
+            """,
+        )
+    )
+    assert [p.name for p in cfg.policies_for("vm1")] == ["nova"]  # inherits global.policies
+    assert [p.name for p in cfg.policies_for("vm2")] == ["kubevirt", "auto-converge"]
+    assert cfg.policies_for("vm2")[0]["completionTimeoutPerGiB"] == 50.0
+    assert cfg.policies_for("vm3")[0]["migrate_downtime"] == 0.5  # from targets_dir
+    assert cfg.policies_for("vm4") == ()  # an empty list switches them off for this VM
+    assert cfg.policies_for("unknown") == cfg.policies
+
+
+def test_a_targets_bad_policy_names_its_file_line_and_field(tmp_path: Path) -> None:
+    (tmp_path / "more").mkdir()
+    extra = write(
+        tmp_path / "more",
+        """
+        - name: vm3
+          qmp: /run/vm3.sock
+          policies:
+            - {name: nova, options: {live_migration_downtime: 50}}
+        """,
+        "a.yaml",
+    )
+    main = write(
+        tmp_path,
+        """
+        targets_dir: more
+        targets:
+          - name: vm1
+            qmp: /run/vm1.sock
+            policies: [vmware]
+          - name: vm2
+            qmp: /run/vm2.sock
+            policies:
+              - {name: kubevirt, options: {completionTimeoutPerGib: 50}}
+        """,
+    )
+    bad = problems_of(main)
+    assert [(p.file, p.line, p.key) for p in bad] == [
+        (str(main), 5, "targets[0].policies[0].name"),
+        (str(main), 9, "targets[1].policies[0].options.completionTimeoutPerGib"),
+    ]
+    assert "did you mean 'completionTimeoutPerGiB'" in str(bad[1])
+    main.write_text("targets_dir: more\ntargets: []\n")
+    bad = problems_of(main)
+    assert [(p.file, p.line, p.key) for p in bad] == [
+        (str(extra), 4, "targets[0].policies[0].options.live_migration_downtime")
+    ]
+    assert "at least 100" in str(bad[0])

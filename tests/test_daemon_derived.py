@@ -89,6 +89,7 @@ def test_configured_policies_are_published_with_the_derived_answers(tmp_path: Pa
     (tmp_path / "s").mkdir()
     fleet = FakeQMPFleet(directory=tmp_path / "s")
     fleet.add("vm", FakeVM(version=V10, package=PKG10, noise=False))
+    fleet.add("vm2", FakeVM(version=V10, package=PKG10, seed=2, noise=False))
     config = tmp_path / "config.yaml"
     lines = [
         "global: {interval: 1h, jitter: 0s,",
@@ -98,15 +99,23 @@ def test_configured_policies_are_published_with_the_derived_answers(tmp_path: Pa
     ]
     with fleet.run_in_thread():
         lines.append(f"  - {{name: vm, qmp: 'unix:{fleet['vm'].address}'}}")
+        # a target's own list replaces global.policies for it
+        lines.append(f"  - {{name: vm2, qmp: 'unix:{fleet['vm2'].address}', policies: [proxmox]}}")
         config.write_text("\n".join(lines) + "\n")
         d = DaemonProcess(config, free_port())
         try:
-            s = wait_for(d.port, lambda x: has_derived(x, "vm"), timeout=60)
+            s = wait_for(d.port, lambda x: has_derived(x, "vm") and has_derived(x, "vm2"), timeout=60)
             outcomes = {
                 (dict(lb)["policy"], dict(lb)["bandwidth"]): dict(lb)["outcome"]
                 for name, lb in s
-                if name == "migpredictd_policy_outcome"
+                if name == "migpredictd_policy_outcome" and dict(lb)["vm"] == "vm"
             }
+            vm2 = {
+                dict(lb)["policy"]
+                for name, lb in s
+                if name == "migpredictd_policy_outcome" and dict(lb)["vm"] == "vm2"
+            }
+            assert vm2 == {"proxmox"}
             # one outcome per policy and grid bandwidth (8 x 2), each exposed as 1
             assert len(outcomes) == 16, outcomes
             assert {p for p, _ in outcomes} == {"nova", "kubevirt"}

@@ -739,7 +739,9 @@ EXPECTED_ALERTS = {
     "MigpredictdDown",
     "MigpredictdZeroPagesDegraded",
     "MigpredictdEvacuationExceedsWindow",
-    "MigpredictdOrchestratorWouldAbort",
+    "MigpredictdParallelEvacuationExceedsWindow",
+    "MigpredictdNovaWouldAbort",
+    "MigpredictdKubevirtWouldTimeOut",
 }
 
 
@@ -774,11 +776,19 @@ def test_the_policy_pair_is_chosen_in_exactly_one_place() -> None:
         for rule in group["rules"]
         if "bandwidth=" in rule["expr"] or "max_downtime=" in rule["expr"]
     ]
+    # the policy pair, and the share of the link each of N parallel migrations gets (its second choice)
     assert selectors == [
         (
             "migpredictd:migration_converges:policy",
             'migpredictd_migration_converges{bandwidth="10Gbps", max_downtime="500ms"}',
-        )
+        ),
+        (
+            "migpredictd:migration_converges:parallel",
+            'migpredictd_migration_converges{bandwidth="2.5Gbps", max_downtime="500ms"}',
+        ),
+    ]
+    assert [g["name"] for g in alert_groups() if any("record" in r for r in g["rules"])] == [
+        "migpredictd-policy"
     ]
     will_not_converge = next(
         rule for group in alert_groups() for rule in group["rules"]
@@ -786,6 +796,25 @@ def test_the_policy_pair_is_chosen_in_exactly_one_place() -> None:
     )  # fmt: skip
     assert will_not_converge["expr"] == "migpredictd:migration_converges:policy == 0"
     assert will_not_converge["for"] == "15m"
+
+
+def test_every_panel_and_rule_names_existing_recording_rules() -> None:
+    """Every ``migpredictd:*`` name in a panel or rule is a recording rule of alerts.yml (the metrics,
+    ``migpredictd_*``, are checked against the README below); the policy and evacuation panels read
+    theirs."""
+    recorded = {r["record"] for g in alert_groups() for r in g["rules"] if "record" in r}
+    used = {name for e in deploy_exprs() for name in re.findall(r"\bmigpredictd:[\w:]+", e.expr)}
+    assert used <= recorded, sorted(used - recorded)
+    panel_names = {
+        name for e in deploy_exprs() if e.source.startswith("grafana panel")
+        for name in re.findall(r"\bmigpredictd[_:][\w:]+", e.expr)
+    }  # fmt: skip
+    assert {
+        "migpredictd_policy_outcome",
+        "migpredictd_policy_migration_seconds",
+        "migpredictd:evacuation_seconds:policy",
+        "migpredictd:evacuation_seconds:parallel",
+    } <= panel_names
 
 
 def test_deploy_uses_only_documented_metrics() -> None:
@@ -831,6 +860,10 @@ def test_dashboard_structure_variables_and_panels() -> None:
         "Measurement status",
         "Age of last successful measurement",
         "Measurement failures",
+        "Policy outcome at the alert policy's bandwidth",
+        "Migration time per policy",
+        "Host evacuation, one VM at a time",
+        "Host evacuation, 4 VMs at a time",
     } <= titles
     per_vm = next(p for p in panels if p["title"] == "Predicted migration time: $vm")
     assert per_vm["repeat"] == "vm"

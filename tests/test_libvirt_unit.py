@@ -343,3 +343,12 @@ def test_a_domain_whose_qemu_listens_on_a_static_targets_socket_is_measured_once
     finally:
         listener.close()
     assert sorted(daemon._targets) == ["instance-2", "web"]
+
+
+def test_a_libvirt_entrys_policies_apply_to_its_domains(tmp_path: Path) -> None:
+    config = load_config(_config(tmp_path, 'libvirt: [{uri: "qemu:///system", policies: [nova]}]\n'))
+    (target,) = targets_for(config.libvirt[0], [_domain("a")])
+    assert target.policies is not None
+    assert [p.name for p in target.policies] == ["nova"]
+    with pytest.raises(ConfigError, match=r"libvirt\[0\]\.policies\[0\]"):
+        load_config(_config(tmp_path, 'libvirt: [{uri: "qemu:///system", policies: [novaa]}]\n'))

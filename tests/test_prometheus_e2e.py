@@ -24,6 +24,7 @@ from tests.daemon_helpers import DaemonProcess, free_port, http
 from tests.prometheus_helpers import (
     EVACUATION_RECORD,
     POLICY_RECORD,
+    RECORDS,
     PrometheusProcess,
     prometheus_binary,
     prometheus_config,
@@ -57,6 +58,9 @@ RATE_INTERVAL: Final = "10s"  # what Grafana's $__rate_interval is near for a 1 
 # rule whose selector matches nothing fails. Each one is also run with its threshold removed (a "witness"),
 # which must return data: that proves its selectors match real series and only the condition is false.
 EXPECTED_EMPTY: Final[Mapping[str, str]] = {
+    "rules migpredictd/MigpredictdParallelEvacuationExceedsWindow": (
+        "the two guests migrate 4 at a time in seconds, not in 4 hours"
+    ),
     "rules migpredictd/MigpredictdMeasurementStale": (
         "every VM was measured seconds ago, not 30 minutes ago (the dead target has no last success)"
     ),
@@ -72,6 +76,7 @@ EXPECTED_EMPTY: Final[Mapping[str, str]] = {
 ABSENT_WHILE_A_VM_IS_STUCK: Final = {
     f"rules migpredictd-policy/{EVACUATION_RECORD}",
     "rules migpredictd/MigpredictdEvacuationExceedsWindow",
+    "grafana panel 'Host evacuation, one VM at a time' A",
 }
 _UNLESS_STUCK = re.compile(
     r"\s*unless on \(job, instance\) \(migpredictd:migration_converges:policy == 0\)\s*$"
@@ -88,7 +93,7 @@ def daemon_config(tmp_path: Path, idle_qmp: str, busy_qmp: str) -> Path:
         "global:\n"
         "  interval: 8s\n"
         "  jitter: 0s\n"
-        "  policies: [nova]\n"
+        "  policies: [nova, kubevirt]\n"
         "targets:\n"
         f"  - {{name: idle, qmp: '{idle_qmp}', measurement: {{periods: [1s, 2s]}}}}\n"
         f"  - {{name: busy, qmp: '{busy_qmp}', measurement: {{periods: [250ms, 500ms, 1s, 2s]}}}}\n"
@@ -103,7 +108,7 @@ def test_rules_for_test_edits_the_policy_and_every_hold() -> None:
     edited = rules_for_test(original, bandwidth=POLICY_BANDWIDTH, max_downtime=POLICY_DOWNTIME, hold=HOLD)
     before = {r.get("alert") or r["record"]: r for g in original["groups"] for r in g["rules"]}
     after = {r.get("alert") or r["record"]: r for g in edited["groups"] for r in g["rules"]}
-    assert before.keys() == after.keys() == EXPECTED_ALERTS | {POLICY_RECORD, EVACUATION_RECORD}
+    assert before.keys() == after.keys() == EXPECTED_ALERTS | RECORDS
     assert after[POLICY_RECORD]["expr"] == (
         f'migpredictd_migration_converges{{bandwidth="{POLICY_BANDWIDTH}", max_downtime="{POLICY_DOWNTIME}"}}'
     )
@@ -239,17 +244,21 @@ def test_prometheus_runs_every_deploy_query_and_fires_the_policy_alert(
         target_down = wait_until(lambda: prom.firing("MigpredictdTargetDown"), 10, "MigpredictdTargetDown")
         assert [a["vm"] for a in target_down] == ["dead"]
         # Nova gives up on the busy guest at the policy pair's 100 Mbit/s (800 s/GiB x 2 GiB < the 1 h
-        # deadline): its abort alert fires for that VM only.
-        aborts = wait_until(
-            lambda: prom.firing("MigpredictdOrchestratorWouldAbort"), 20, "MigpredictdOrchestratorWouldAbort"
-        )
+        # deadline), and so does KubeVirt (150 s per GB, 1 GB): each alert fires for that VM only.
+        aborts = wait_until(lambda: prom.firing("MigpredictdNovaWouldAbort"), 20, "MigpredictdNovaWouldAbort")
         assert [(a["vm"], a["policy"], a["bandwidth"]) for a in aborts] == [
             ("busy", "nova", POLICY_BANDWIDTH)
+        ]
+        timeouts = wait_until(
+            lambda: prom.firing("MigpredictdKubevirtWouldTimeOut"), 20, "MigpredictdKubevirtWouldTimeOut"
+        )
+        assert [(a["vm"], a["policy"], a["bandwidth"]) for a in timeouts] == [
+            ("busy", "kubevirt", POLICY_BANDWIDTH)
         ]
 
         # Every rule Prometheus loaded evaluates cleanly: exactly the rules of alerts.yml, health ok.
         loaded = prom.rules()
-        assert {r["name"] for r in loaded} == EXPECTED_ALERTS | {POLICY_RECORD, EVACUATION_RECORD}
+        assert {r["name"] for r in loaded} == EXPECTED_ALERTS | RECORDS
         assert [(r["name"], r["lastError"]) for r in loaded if r["health"] != "ok"] == []
 
         # Every shipped expression, with Grafana's variables as a user picking this daemon and "All" VMs.

@@ -34,7 +34,7 @@ def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProc
 def test_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", ALERTS.name)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 14 rules found" in result.stdout
 
 
 def test_rule_unit_tests_pass() -> None:
@@ -67,7 +67,11 @@ def test_every_alert_has_a_firing_and_a_not_firing_unit_test() -> None:
         ),
         ("> 14400", "> 28800"),  # the evacuation window
         ("unless on (job, instance) (migpredictd:migration_converges:policy == 0)", ""),
-        ('migpredictd_policy_outcome{outcome="aborted"}', 'migpredictd_policy_outcome{outcome="postcopy"}'),
+        ('{policy="nova", outcome="aborted"}', '{policy="nova", outcome="postcopy"}'),
+        ('{policy="kubevirt", outcome="aborted"}', '{policy="nova", outcome="aborted"}'),
+        (") / 4", ") / 2"),  # the parallel evacuation's N
+        ("unless on (job, instance) (migpredictd:migration_converges:parallel == 0)", ""),
+        ("            or\n", "            and\n"),  # the longest migration when it exceeds the sum over N
     ],
 )
 def test_rule_unit_tests_catch_a_changed_rule(tmp_path: Path, original: str, mutant: str) -> None:

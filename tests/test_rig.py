@@ -20,7 +20,7 @@ import pytest
 from migpredictd.core.address import parse_address
 from migpredictd.lab.rig import INSTALL_HINT, RigError
 from migpredictd.lab.rig.assets import CpioEntry, QemuGeneration, build_initramfs, guest_assets, newc_archive
-from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
+from migpredictd.lab.rig.guest import UNPACED, Guest, GuestSpec, free_tcp_port
 from migpredictd.lab.rig.migration import migrate
 from migpredictd.qemu.qmp import QMPSession
 
@@ -158,7 +158,10 @@ def test_guest_spec_rejects_impossible_workloads() -> None:
     with pytest.raises(ValueError, match="48 MiB"):
         GuestSpec(memory_mib=128, touch_mib=100)
     with pytest.raises(ValueError, match=">= 0"):
-        GuestSpec(rate_mib=-1)
+        GuestSpec(touch_mib=-1)
+    with pytest.raises(ValueError, match="-1"):
+        GuestSpec(rate_mib=-2)
+    assert "dirtier.rate_mib=-1" in GuestSpec(rate_mib=UNPACED).kernel_args()  # CPU-bound
     assert "dirtier.rate_mib=2.5" in GuestSpec(rate_mib=2.5).kernel_args()
 
 

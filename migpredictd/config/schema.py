@@ -101,6 +101,8 @@ class TargetConfig:
     source: str
     # Set for a domain found through a ``libvirt:`` entry: measured through libvirt's API, not QMP.
     domain: DomainRef | None = None
+    # The target's own ``policies`` (replacing global.policies for it); None: the global list.
+    policies: tuple[Policy, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,8 @@ class LibvirtSource:
     poll_seconds: float
     pid_dir: str
     source: str
+    # The entry's own ``policies`` for its domains (replacing global.policies); None: the global list.
+    policies: tuple[Policy, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +156,13 @@ class Config:
     policies: tuple[Policy, ...] = ()
     # Where domains are discovered through libvirt (the ``libvirt:`` list).
     libvirt: tuple[LibvirtSource, ...] = ()
+
+    def policies_for(self, target: str) -> tuple[Policy, ...]:
+        """The policies predicted for ``target``: its own list when it has one, else global.policies."""
+        for t in self.targets:
+            if t.name == target:
+                return self.policies if t.policies is None else t.policies
+        return self.policies
 
 
 # --- limits and defaults ----------------------------------------------------------------------------------
@@ -528,7 +539,7 @@ def _axis(
 
 # --- targets -----------------------------------------------------------------------------------------------
 
-_TARGET_KEYS: Final = ("name", "qmp", "labels", "interval", "measurement")
+_TARGET_KEYS: Final = ("name", "qmp", "labels", "interval", "measurement", "policies")
 
 
 @dataclass(frozen=True, slots=True)
@@ -648,6 +659,9 @@ def _target(
             )
     elif interval is not None and "interval" in entries:
         _check_measurement(measurement, interval, entries["interval"].line, join(key, "interval"), p)
+    policies: tuple[Policy, ...] | None = None
+    if "policies" in entries:
+        policies = _policies(entries["policies"], join(key, "policies"), p)
     if len(p.items) > start or name is None or qmp is None or labels is None or interval is None:
         return None, entries
     target = TargetConfig(
@@ -657,6 +671,7 @@ def _target(
         interval_seconds=interval,
         measurement=measurement,
         source=f"{p.file}:{y.line}",
+        policies=policies,
     )
     return target, entries
 
@@ -877,6 +892,7 @@ def load_config(path: str | Path) -> Config:
 
 _LIBVIRT_KEYS: Final = (
     "uri", "names", "exclude", "metadata", "labels", "interval", "measurement", "poll_interval", "pid_dir",
+    "policies",
 )  # fmt: skip
 _LIBVIRT_MEASUREMENT_KEYS: Final = (
     "periods", "zero_pages", "zero_pages_helper", "guest_sample_pages", "target_sampling_error", "max_sweeps",
@@ -1050,6 +1066,9 @@ def _libvirt_sources(y: Node, defaults: _Defaults, p: Problems) -> tuple[Libvirt
                 )
             elif v is not None:
                 poll = v
+        policies: tuple[Policy, ...] | None = None
+        if "policies" in entries:
+            policies = _policies(entries["policies"], join(key, "policies"), p)
         pid_dir = DEFAULT_LIBVIRT_PID_DIR
         if "pid_dir" in entries:
             text = _string(entries["pid_dir"], join(key, "pid_dir"), p)
@@ -1088,6 +1107,7 @@ def _libvirt_sources(y: Node, defaults: _Defaults, p: Problems) -> tuple[Libvirt
                 poll_seconds=poll,
                 pid_dir=pid_dir,
                 source=f"{p.file}:{item.line}",
+                policies=policies,
             )
         )
     return tuple(out)

@@ -1,25 +1,32 @@
 """What an orchestrator really does with a migration: downtime steps, timeouts, throttling, post-copy.
 
-Pure. Each policy takes its product's own option names and defaults, so an operator can paste them:
+Pure. Each policy takes its product's own option names and defaults, so an operator can paste them, and
+follows its product's control loop (polls included: an action comes half a poll after its condition):
 
-- ``nova`` (nova/conf/libvirt.py, nova/virt/libvirt/migration.py): the max downtime rises in
-  ``live_migration_downtime_steps`` steps, one every ``live_migration_downtime_delay`` x data GiB
-  seconds, from ``live_migration_downtime / steps`` to ``live_migration_downtime`` (ms), data GiB being
-  max(RAM GiB, 2); after ``live_migration_completion_timeout`` x data GiB seconds (0: never) it aborts
+- ``nova`` (nova/conf/libvirt.py, nova/virt/libvirt/migration.py, the driver's migration monitor, which
+  polls every 0.5 s): the max downtime rises in ``live_migration_downtime_steps`` steps, one every
+  ``live_migration_downtime_delay`` x data GiB seconds, from ``live_migration_downtime / steps`` to
+  ``live_migration_downtime`` (ms, whole), data GiB being max(RAM GiB, 2); at the first poll past
+  ``live_migration_completion_timeout`` x data GiB seconds (0: never) it aborts
   (``live_migration_timeout_action=abort``) or forces completion (``force_complete``: post-copy if
-  permitted, else it pauses the guest and copies the rest). With ``live_migration_permit_post_copy`` it
-  also switches to post-copy after the first pass as soon as an iteration cuts the remaining data by
-  less than 10% (``should_switch_to_postcopy``), and it then wins over
-  ``live_migration_permit_auto_converge``, as in Nova.
-- ``kubevirt`` (MigrationPolicy and migration configuration): ``completionTimeoutPerGiB`` x
-  max(RAM GiB, 1) seconds, then post-copy if ``allowPostCopy`` else abort; ``progressTimeout`` seconds
-  without progress (the remaining data not falling below its lowest) aborts; ``allowAutoConverge``;
-  ``bandwidthPerMigration`` (bytes/s, 0: the link) caps the bandwidth. The downtime is QEMU's 300 ms.
-- ``proxmox`` (QemuMigrate.pm): ``migrate_downtime`` seconds (0.1), doubled whenever the remaining data
-  has not shrunk for 5 polls of a second; ``migrate_speed`` in MB/s (0: no limit) caps the bandwidth.
-  No timeout.
-- ``auto-converge`` (QEMU, migration/ram.c and cpu-throttle.c): at a bitmap sync, if the bytes dirtied
-  since the previous one exceed ``throttle-trigger-threshold`` % of the bytes sent meanwhile, at every
+  permitted, else it pauses the guest, and QEMU sends the rest). With ``live_migration_permit_post_copy``
+  (which then wins over ``live_migration_permit_auto_converge``, as in Nova) ``should_switch_to_postcopy``
+  compares ``data_remaining`` poll to poll: from the second iteration on, the first poll after a sync
+  sees it jump up, and switches.
+- ``kubevirt`` (virt-launcher's migration monitor, polling every 0.4 s): ``completionTimeoutPerGiB`` x
+  the memory in decimal GB rounded up (``ScaledValue(Giga)``: 1 GiB counts 2), fired once the whole
+  seconds elapsed exceed it: post-copy if ``allowPostCopy`` else abort. ``progressTimeout`` counts from
+  the last poll whose ``remaining`` was below the previous poll's, which a migration sending data has
+  at nearly every poll: it never fires here. ``allowAutoConverge``; ``bandwidthPerMigration`` (bytes/s,
+  0: the link) caps the bandwidth. The downtime is QEMU's 300 ms.
+- ``proxmox`` (QemuMigrate.pm, set_migration_caps): ``migrate_downtime`` seconds (0.1); every poll
+  (0.1 s once little remains) that sees ``remaining`` above the previous poll's counts, and the sixth
+  doubles the downtime; ``migrate_speed`` in MiB/s (0: no limit) caps the bandwidth; auto-converge is
+  on. Proxmox also turns on XBZRLE, which this model does not know: re-sent pages that changed little
+  cost far less than a page (docs/policies.md, measured). No timeout.
+- ``auto-converge`` (QEMU, migration/ram.c and cpu-throttle.c): at a bitmap sync more than a second
+  after the last evaluation, if the bytes dirtied since then exceed ``throttle-trigger-threshold`` % of
+  the bytes sent meanwhile, at every
   second such sync (as QEMU counts them, not necessarily consecutive) the vCPUs are throttled:
   ``cpu-throttle-initial`` %, then ``cpu-throttle-increment`` more each time, up to ``max-cpu-throttle``.
   With ``cpu-throttle-tailslow`` the last steps follow the overshoot instead of the fixed increment.
@@ -32,15 +39,18 @@ guest uses (measured on real QEMU, QEMU_FACTS.md): the dirtying rate is scaled b
 min(1, (1 - p/100) / u). ``u`` is the measured vCPU utilisation (1 = CPU-bound, the default when unknown).
 
 The simulation is per pass: the first pass sends every page (zero pages as 9 bytes), each later one what
-the previous pass dirtied; after each pass comes a bitmap sync, where the orchestrator's clock and the
-throttle are checked, and the migration stops when what is dirty fits in the current max downtime. It
-is coarser than the predictor's qemu mode (no rate-limiter windows): docs/policies.md compares them.
+the previous pass dirtied; after each pass comes a bitmap sync, where the throttle and the limit are
+checked, and the migration stops when what is dirty fits in the current max downtime. An orchestrator's
+action inside a pass (a timeout, a post-copy switch) takes what is left of that pass plus what was
+dirtied since its start. The stop-and-copy and the post-copy phase are not rate-limited: they run at
+the link's speed (``stop_copy_speedup`` x the bandwidth). It is coarser than the predictor's qemu mode
+(no rate-limiter windows): docs/policies.md compares them, and with real migrations.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -53,9 +63,15 @@ Outcome = Literal["completed", "aborted", "postcopy", "not_converged"]
 OUTCOMES: Final = ("completed", "aborted", "postcopy", "not_converged")
 GIB: Final = 1 << 30
 QEMU_DEFAULT_DOWNTIME_S: Final = 0.3
-PROXMOX_POLL_S: Final = 1.0
-PROXMOX_STALL_POLLS: Final = 5
+MIB: Final = 1 << 20
+NOVA_POLL_S: Final = 0.5  # LibvirtDriver._live_migration_monitor
+KUBEVIRT_POLL_S: Final = 0.4  # virt-launcher's monitorSleepPeriodMS
+PROXMOX_FAST_POLL_S: Final = 0.1  # QemuMigrate.pm's usleep once remaining is small
+PROXMOX_GROWN_POLLS: Final = 5  # more polls than this with a grown `remaining` double the downtime
 MAX_PASSES: Final = 100_000
+THROTTLE_PERIOD_S: Final = 1.0  # migration_bitmap_sync(): "more than 1 second = 1000 millisecons"
+THROTTLE_TIMESLICE_S: Final = 0.010  # cpu-throttle.c CPU_THROTTLE_TIMESLICE_NS
+SATURATED: Final = 1.1  # a curve whose second window reads at most this times its first is flat
 
 _BOOL = {
     "true": True,
@@ -196,6 +212,11 @@ class _Run:
     high: int = 0
     passes: int = 0
     max_throttle: float = 0.0
+    # migration_bitmap_sync() evaluates the throttle only once more than a second has passed since it
+    # last did: the period's dirtied and sent bytes add up over the syncs in between.
+    period_start: float = 0.0
+    period_dirty: float = 0.0
+    period_sent: float = 0.0
 
 
 def _first_pass_bytes(m: MemoryModel) -> float:
@@ -211,10 +232,15 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
     max_downtime: float | None = None,
     vcpu_utilization: float | None = None,
     deadline_seconds: float = 3600.0,
+    stop_copy_speedup: float = 1.0,
     fast_forward: bool = True,
 ) -> PolicyOutcome:
     """One migration of ``m`` at ``bandwidth`` bytes/s under ``policy`` (``max_downtime`` seconds is the
     limit where the policy has none of its own: auto-converge and postcopy; default QEMU's 300 ms).
+
+    ``stop_copy_speedup`` (as in :class:`~migpredictd.core.predictor.PredictorSettings`): the final
+    stop-and-copy and the post-copy phase are not rate-limited (QEMU's ``max-postcopy-bandwidth`` is 0,
+    unlimited, by default), so they run at ``bandwidth`` x this, the link's speed.
 
     ``fast_forward`` takes the passes of a steady state (each pass sends exactly what the one before
     dirtied, nothing scheduled changes) up to the orchestrator's next event at once; ``False`` runs them
@@ -222,19 +248,24 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
     o = policy.options
     name = policy.name
     util = 1.0 if vcpu_utilization is None else min(max(vcpu_utilization, 1e-3), 1.0)
-    ram_gib = m.total_pages * m.page_size_bytes / GIB
+    ram_bytes = m.total_pages * m.page_size_bytes
+    ram_gib = ram_bytes / GIB
     rate = bandwidth
+    link = bandwidth * max(stop_copy_speedup, 1.0)
     if name == "kubevirt" and float(o["bandwidthPerMigration"]) > 0:  # type: ignore[arg-type]
         rate = min(rate, float(o["bandwidthPerMigration"]))  # type: ignore[arg-type]
     if name == "proxmox" and float(o["migrate_speed"]) > 0:  # type: ignore[arg-type]
-        rate = min(rate, float(o["migrate_speed"]) * 1e6)  # type: ignore[arg-type]
+        # QemuMigrate.pm: migrate_speed x 1024 (KiB/s) x 1024 (B/s)
+        rate = min(rate, float(o["migrate_speed"]) * MIB)  # type: ignore[arg-type]
+    link = max(link, rate)
     page_wire = m.page_size_bytes + PAGE_HEADER_BYTES
 
-    # What the orchestrator may do.
-    auto_converge = name == "auto-converge"
+    # What the orchestrator may do, and when it looks (its poll interval: an action comes on average
+    # half a poll after its condition holds).
+    auto_converge = name in ("auto-converge", "proxmox")  # Proxmox's set_migration_caps turns it on
     postcopy_allowed = name == "postcopy"
-    timeout = math.inf
-    timeout_action = "abort"
+    timeout_at = math.inf  # when the timeout's action is taken
+    timeout_action = "abort"  # abort, postcopy or pause
     downtime_fixed = QEMU_DEFAULT_DOWNTIME_S if max_downtime is None else max_downtime
     steps: list[tuple[float, float]] = []
     if name == "nova":
@@ -244,17 +275,29 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         delay = int(float(o["live_migration_downtime_delay"]) * data_gib)  # type: ignore[arg-type]
         base = total_ms / n_steps
         offset = (total_ms - base) / n_steps
-        steps = [(float(delay * i), (base + offset * i) / 1000.0) for i in range(n_steps + 1)]
-        if float(o["live_migration_completion_timeout"]) > 0:  # type: ignore[arg-type]
-            timeout = int(float(o["live_migration_completion_timeout"]) * data_gib)  # type: ignore[arg-type]
-        timeout_action = str(o["live_migration_timeout_action"])
+        # update_downtime() runs at every poll: a step from its start on the next poll (the first at once)
+        steps = [
+            (float(delay * i) + (NOVA_POLL_S / 2 if i else 0.0), int(base + offset * i) / 1000.0)
+            for i in range(n_steps + 1)
+        ]
         postcopy_allowed = bool(o["live_migration_permit_post_copy"])
         auto_converge = bool(o["live_migration_permit_auto_converge"]) and not postcopy_allowed
+        if float(o["live_migration_completion_timeout"]) > 0:  # type: ignore[arg-type]
+            timeout = int(float(o["live_migration_completion_timeout"]) * data_gib)  # type: ignore[arg-type]
+            timeout_at = timeout + NOVA_POLL_S / 2  # the first poll with elapsed > timeout
+        if o["live_migration_timeout_action"] == "force_complete":
+            timeout_action = "postcopy" if postcopy_allowed else "pause"
     elif name == "kubevirt":
-        timeout = float(o["completionTimeoutPerGiB"]) * max(ram_gib, 1.0)  # type: ignore[arg-type]
+        # acceptableCompletionTime: per GiB x the memory in GB (10^9 bytes, rounded up: ScaledValue(Giga));
+        # it fires at the first poll where the whole seconds elapsed exceed it.
+        acceptable = float(o["completionTimeoutPerGiB"]) * math.ceil(ram_bytes / 1e9)  # type: ignore[arg-type]
+        if acceptable > 0:
+            timeout_at = math.floor(acceptable) + 1.0 + KUBEVIRT_POLL_S / 2
         postcopy_allowed = bool(o["allowPostCopy"])
-        timeout_action = "force_complete" if postcopy_allowed else "abort"
+        timeout_action = "postcopy" if postcopy_allowed else "abort"
         auto_converge = bool(o["allowAutoConverge"])
+        # progressTimeout: progress is `remaining` below the previous poll's, which a migration that
+        # sends data has at nearly every 0.4 s poll; it never fires here.
     elif name == "proxmox":
         downtime_fixed = float(o["migrate_downtime"])  # type: ignore[arg-type]
     switch_at = math.inf
@@ -262,6 +305,7 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
     if name == "postcopy":
         switch_at = float(o["switch_after_seconds"])  # type: ignore[arg-type]
         switch_passes = int(o["switch_after_passes"])  # type: ignore[call-overload]
+    nova_switch_at = math.inf  # should_switch_to_postcopy(): the first poll after a sync whose jump stalls
 
     def downtime_now(t: float) -> float:
         if steps:
@@ -273,25 +317,28 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         return downtime_fixed
 
     run = _Run()
+    pass_dirty, dirty_at = _throttled_dirty(m, 0.0, util), 0.0
     proxmox_downtime = downtime_fixed
-    stalled_since: float | None = None
-    lowest_pending = math.inf
-    lowest_at = 0.0
-    previous_pending = math.inf
+    grown = 0.0  # Proxmox's count of polls that saw `remaining` grow
     doubled = False
     pending_bytes = _first_pass_bytes(m)  # the first pass: every page
     normal = float(m.total_pages) - m.zero_pages
 
-    def finish(outcome: Outcome, *, postcopy_bytes: float = 0.0, down_bytes: float = 0.0) -> PolicyOutcome:
-        post = postcopy_bytes / rate if outcome == "postcopy" else None
+    def finish(outcome: Outcome, *, left: float = 0.0, limit: float = 0.0) -> PolicyOutcome:
+        """``left``: bytes still to send; ``limit`` the downtime limit (for a paused guest)."""
+        post: float | None = None
         seconds: float | None = None
         downtime: float | None = None
         if outcome == "completed":
-            downtime = down_bytes / rate
-            seconds = run.t + downtime
+            # the guest stopped (QEMU's stop-and-copy, or Nova's pause): pre-copy at the rate until what
+            # is left fits the limit, then the rest unthrottled
+            down_bytes = min(left, limit * rate)
+            downtime = down_bytes / link
+            seconds = run.t + (left - down_bytes) / rate + downtime
         elif outcome == "postcopy":
+            post = left / link
             downtime = 0.0
-            seconds = run.t + (post or 0.0)
+            seconds = run.t + post
         return PolicyOutcome(
             bandwidth=bandwidth, outcome=outcome, seconds=seconds, downtime_seconds=downtime,
             max_throttle_percent=run.max_throttle, postcopy_seconds=post,
@@ -302,61 +349,63 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         # One pass: send what is pending at the rate, while the guest dirties (slowed by the throttle).
         sent = pending_bytes
         dt = sent / rate
+        if run.throttle != dirty_at:
+            pass_dirty, dirty_at = _throttled_dirty(m, run.throttle, util), run.throttle
+        act_at = min(timeout_at, switch_at, nova_switch_at, deadline_seconds)
+        if act_at < run.t + dt:
+            # The orchestrator acts within this pass: what is left of it plus what the guest dirtied
+            # since its start (pages dirtied among those still to send counted once).
+            into = max(act_at - run.t, 0.0)
+            run.t += into
+            left = max(sent - rate * into, 0.0)
+            dirtied = min(pass_dirty(into), normal) * page_wire
+            rest = left + dirtied * (1.0 - left / sent if sent > 0 else 1.0)
+            if act_at == deadline_seconds and act_at < min(timeout_at, switch_at, nova_switch_at):
+                return finish("not_converged")
+            if act_at == timeout_at and timeout_action == "abort":
+                return finish("aborted")
+            if act_at == timeout_at and timeout_action == "pause":
+                return finish("completed", left=rest, limit=downtime_now(run.t))
+            return finish("postcopy", left=rest)
         run.t += dt
         run.passes += 1
-        speed = min(1.0, (1.0 - run.throttle / 100.0) / util)
-        dirty_pages = min(m.dirty(dt * 1000.0 * speed), normal)
+        dirty_pages = min(pass_dirty(dt), normal)
         pending_bytes = dirty_pages * page_wire
-        # The bitmap sync: the orchestrator looks, QEMU may throttle.
+        # The bitmap sync: QEMU checks the limit, the orchestrator looks at its next poll.
         limit = proxmox_downtime if name == "proxmox" else downtime_now(run.t)
-        if pending_bytes / rate <= limit:
-            return finish("completed", down_bytes=pending_bytes)
+        if pending_bytes <= rate * limit:
+            return finish("completed", left=pending_bytes, limit=limit)
+        if switch_passes and run.passes >= switch_passes:
+            return finish("postcopy", left=pending_bytes)
         if (
-            postcopy_allowed
-            and name == "postcopy"
-            and (run.t >= switch_at or (switch_passes and run.passes >= switch_passes))
+            name == "nova"
+            and postcopy_allowed
+            and math.isinf(nova_switch_at)
+            and pending_bytes > 0.9 * rate * NOVA_POLL_S / 2
         ):
-            return finish("postcopy", postcopy_bytes=pending_bytes)
-        # should_switch_to_postcopy(): after the first pass, an iteration that cut the remaining data by
-        # less than 10% switches to post-copy.
-        if (
-            postcopy_allowed
-            and name == "nova"
-            and run.passes >= 2
-            and previous_pending < math.inf
-            and (previous_pending - pending_bytes) * 100.0 / previous_pending < 10.0
-        ):
-            return finish("postcopy", postcopy_bytes=pending_bytes)
-        if run.t >= timeout:
-            if timeout_action == "force_complete":
-                if postcopy_allowed:
-                    return finish("postcopy", postcopy_bytes=pending_bytes)
-                return finish("completed", down_bytes=pending_bytes)  # Nova pauses the guest
-            return finish("aborted")
-        if name == "kubevirt":
-            if pending_bytes < lowest_pending:
-                lowest_pending, lowest_at = pending_bytes, run.t
-            elif run.t - lowest_at >= float(o["progressTimeout"]):  # type: ignore[arg-type]
-                if postcopy_allowed:
-                    return finish("postcopy", postcopy_bytes=pending_bytes)
-                return finish("aborted")
+            # From the second iteration on, a poll whose data_remaining fell by less than 10 % since the
+            # previous poll switches: the first poll after a sync sees remaining jump up (from half a
+            # poll's bytes, on average, at the poll before it).
+            nova_switch_at = run.t + NOVA_POLL_S / 2
         if name == "proxmox":
-            if pending_bytes < previous_pending:
-                stalled_since = None
-            elif stalled_since is None:
-                stalled_since = run.t - dt
-            if stalled_since is not None and run.t - stalled_since >= PROXMOX_STALL_POLLS * PROXMOX_POLL_S:
+            # Each 0.1 s poll (Proxmox polls that often once remaining is below what a 1 s poll moved)
+            # that sees remaining above its previous value counts; the sixth doubles the downtime.
+            grown += _proxmox_growths(pending_bytes, rate)
+            if grown > PROXMOX_GROWN_POLLS:
+                grown = 0.0
                 proxmox_downtime *= 2.0
-                stalled_since = run.t
                 doubled = True
         # (not right after the downtime doubled: the next pass is checked against the new limit)
         steady = pending_bytes == sent and not doubled
         doubled = False
-        previous_pending = pending_bytes
         throttle_before = run.throttle
-        if auto_converge and run.passes >= 2:
-            _maybe_throttle(run, dirty_bytes=dirty_pages * m.page_size_bytes, sent_bytes=sent, o=o)
-        if run.t >= deadline_seconds or run.passes >= MAX_PASSES:
+        if auto_converge:
+            run.period_dirty += dirty_pages * m.page_size_bytes
+            run.period_sent += sent
+            if run.t - run.period_start > THROTTLE_PERIOD_S:
+                _maybe_throttle(run, dirty_bytes=run.period_dirty, sent_bytes=run.period_sent, o=o)
+                run.period_start, run.period_dirty, run.period_sent = run.t, 0.0, 0.0
+        if run.passes >= MAX_PASSES:
             return finish("not_converged")
         if (
             fast_forward
@@ -365,21 +414,58 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
             and not (auto_converge and run.throttle < _max_throttle(o))
         ):
             # Every pass from here is this one again until the orchestrator's next event: take them at once.
-            events = [deadline_seconds, timeout, switch_at]
+            events = [deadline_seconds, timeout_at, switch_at, nova_switch_at]
             events += [start for start, _ in steps if start > run.t]
-            if name == "kubevirt":
-                events.append(lowest_at + float(o["progressTimeout"]))  # type: ignore[arg-type]
-            if name == "proxmox":
-                # a steady pass does not shrink the remaining data: the stall runs from here at the latest
-                since = run.t if stalled_since is None else stalled_since
-                events.append(since + PROXMOX_STALL_POLLS * PROXMOX_POLL_S)
             skip = math.floor((min(events) - run.t) / dt) - 1
             if switch_passes:  # postcopy after a number of passes: that pass is an event too
                 skip = min(skip, switch_passes - run.passes - 1)
+            if name == "proxmox":
+                per_pass = _proxmox_growths(pending_bytes, rate)
+                if per_pass > 0:  # stop before the pass whose count doubles the downtime
+                    skip = min(skip, math.ceil((PROXMOX_GROWN_POLLS - grown) / per_pass) - 1)
             if skip > 0:
                 skip = min(skip, MAX_PASSES - run.passes - 1)
                 run.t += skip * dt
                 run.passes += skip
+                if name == "proxmox":
+                    grown += skip * per_pass
+
+
+def _proxmox_growths(pending_bytes: float, rate: float) -> float:
+    """Proxmox polls that see `remaining` grow in one pass: the first poll after its sync does when the
+    pass lasts a poll or more; in shorter ones about every second poll does."""
+    polls = pending_bytes / rate / PROXMOX_FAST_POLL_S
+    return 1.0 if polls >= 1.0 else polls / 2.0
+
+
+def _throttled_dirty(m: MemoryModel, throttle: float, util: float) -> Callable[[float], float]:
+    """Pages the guest dirties in a pass of ``s`` seconds at ``throttle`` %.
+
+    Unthrottled, or throttled less than the share ``util`` of its vCPU it uses: the curve. Otherwise the
+    vCPU runs in bursts (cpu-throttle.c): 10 ms of running every 10 ms / (1 - throttle), each burst
+    worth 10 ms / ``util`` of the guest's unthrottled time; a pass shorter than that period sees a
+    burst with the probability of its share of the period (the expected pages are taken). A curve already
+    flat at its first window (the working set filled faster than the measurement resolves) cannot tell
+    what a burst shorter than that window dirties: the burst is taken to fill it, as a CPU-bound guest
+    does (measured: docs/policies.md)."""
+    share = 1.0 - throttle / 100.0
+    if throttle <= 0.0 or share >= util:
+        return lambda s: m.dirty(s * 1000.0)
+    period_s = THROTTLE_TIMESLICE_S / share
+    burst_ms = THROTTLE_TIMESLICE_S * 1000.0 / util
+    first = 1 if m.period_ms[0] == 0.0 and len(m.period_ms) > 2 else 0
+    flat = m.dirty_pages[first + 1] <= SATURATED * m.dirty_pages[first] and m.dirty_pages[first] > 0
+    floor_ms = m.period_ms[first] if flat else 0.0
+
+    def burst(ms: float) -> float:
+        return m.dirty(max(ms, floor_ms))
+
+    def dirty(s: float) -> float:
+        if s >= period_s:
+            return burst(s / period_s * burst_ms)
+        return s / period_s * burst(burst_ms)
+
+    return dirty
 
 
 def _max_throttle(o: Mapping[str, object]) -> float:
@@ -420,6 +506,7 @@ def predict_policy(
     downtimes: Sequence[float] = (),
     vcpu_utilization: float | None = None,
     deadline_seconds: float = 3600.0,
+    stop_copy_speedup: float = 1.0,
 ) -> list[PolicyOutcome]:
     """Every bandwidth under ``policy``; for auto-converge (and postcopy) every (bandwidth, downtime) of
     ``downtimes`` when given."""
@@ -429,7 +516,13 @@ def predict_policy(
     )
     return [
         simulate_policy(
-            m, policy, b, max_downtime=d, vcpu_utilization=vcpu_utilization, deadline_seconds=deadline_seconds
+            m,
+            policy,
+            b,
+            max_downtime=d,
+            vcpu_utilization=vcpu_utilization,
+            deadline_seconds=deadline_seconds,
+            stop_copy_speedup=stop_copy_speedup,
         )
         for b, d in cells
     ]

@@ -103,6 +103,7 @@ def targets_for(source: LibvirtSource, domains: Iterable[Domain]) -> list[Target
                     uuid=d.uuid,
                     pid_file=pid_file_for(source.uri, d.name, source.pid_dir),
                 ),
+                policies=source.policies,
             )
         )
     return out

@@ -61,8 +61,12 @@ READ_ONLY_COMMANDS: Final = frozenset(
 LAB_COMMANDS: Final = READ_ONLY_COMMANDS | frozenset(
     {
         "migrate",
+        "migrate-incoming",
+        "migrate-set-capabilities",
         "migrate-set-parameters",
+        "migrate-start-postcopy",
         "migrate_cancel",
+        "query-migrate-capabilities",
         "query-migrate-parameters",
         "query-qmp-schema",
         "quit",

@@ -127,7 +127,8 @@ FAMILIES: Final = (
     Family(
         "migpredictd_policy_outcome", "gauge",
         "1 for what the orchestrator policy is predicted to do with the migration at this bandwidth "
-        "(outcome: completed, aborted, postcopy or not_converged); global.policies. " + _AGE,
+        "(outcome: completed, aborted, postcopy or not_converged); global.policies or the target's own. "
+        + _AGE,
         ("vm", "policy", "bandwidth", "outcome"),
     ),
     Family(

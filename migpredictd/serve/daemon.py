@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import html
 import itertools
@@ -38,7 +39,7 @@ from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.core.errors import ConfigError, InputError, TargetError, WebListenError
 from migpredictd.core.measurement import Measurement
 from migpredictd.core.model import MemoryModel, build_model
-from migpredictd.core.policies import PolicyOutcome, predict_policy
+from migpredictd.core.policies import Policy, PolicyOutcome, predict_policy
 from migpredictd.core.predictor import FloatArray, RateLimiter, VMPrediction, predict_derived, predict_grid
 from migpredictd.libvirt.api import Connection as LibvirtConnection
 from migpredictd.libvirt.api import ConnectionError as LibvirtConnectionError
@@ -511,9 +512,11 @@ class Daemon:
             if grids is not None and len(grids) != len(work):
                 grids = None
             try:
-                min_bw, min_dt, outcomes, cpu = await loop.run_in_executor(
-                    self._deriver, _derive_batch, models, limiters, measurements, config, grids
+                policies = [config.policies_for(name) for name, *_ in work]
+                batch = functools.partial(
+                    _derive_batch, models, limiters, measurements, config, grids, policies=policies
                 )
+                min_bw, min_dt, outcomes, cpu = await loop.run_in_executor(self._deriver, batch)
             except Exception:
                 log.exception("derived answers failed", extra={"targets": len(work)})
                 continue
@@ -629,9 +632,12 @@ def _derive_batch(
     measurements: list[Measurement],
     config: Config,
     grids: list[FloatArray] | None,
+    *,
+    policies: list[tuple[Policy, ...]] | None = None,
 ) -> tuple[FloatArray, FloatArray, list[dict[str, tuple[PolicyOutcome, ...]]], float]:
     """The derived answers and the configured policies' outcomes of one batch (on the derive worker),
-    and the CPU seconds they took; then the heap trimmed."""
+    and the CPU seconds they took; then the heap trimmed. ``policies``: each model's own (a target's
+    list or global.policies; default global.policies for all)."""
     cpu = time.thread_time()
     min_bw, min_dt = predict_derived(
         models, config.grid, config.prediction, limiters=limiters, grid_seconds=grids
@@ -642,11 +648,14 @@ def _derive_batch(
                 predict_policy(
                     model, policy, config.grid.bandwidths, vcpu_utilization=m.vcpu_utilization,
                     deadline_seconds=config.prediction.deadline_seconds,
+                    stop_copy_speedup=config.prediction.stop_copy_speedup,
                 )
             )
-            for policy in config.policies
+            for policy in own
         }
-        for model, m in zip(models, measurements, strict=True)
+        for model, m, own in zip(
+            models, measurements, policies or [config.policies] * len(models), strict=True
+        )
     ]  # fmt: skip
     cpu = time.thread_time() - cpu
     _trim_heap()

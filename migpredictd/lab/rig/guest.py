@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
 READY_LINE: Final = "dirtier: ready"
+UNPACED: Final = -1.0  # rate_mib of a dirtier that writes as fast as its vCPU runs
 Pattern = Literal["seq", "random"]
 JSONObject = dict[str, Any]
 
@@ -50,7 +51,7 @@ class GuestSpec:
     memory_mib: int = 256
     touch_mib: int = 64
     wss_mib: int = 32
-    rate_mib: float = 0.0
+    rate_mib: float = 0.0  # MiB/s; UNPACED (-1): as fast as the vCPU writes (CPU-bound)
     pattern: Pattern = "seq"
     phase_s: float = 0.0
     zeroed_mib: int = 0  # allocated, written and re-zeroed pages (a long-running guest's zero pages)
@@ -62,8 +63,10 @@ class GuestSpec:
             raise ValueError(f"pattern must be 'seq' or 'random', not {self.pattern!r}")
         if self.memory_mib < 64:
             raise ValueError("memory_mib must be at least 64 (kernel + initramfs)")
-        if min(self.touch_mib, self.wss_mib, self.rate_mib, self.phase_s, self.zeroed_mib) < 0:
-            raise ValueError("touch_mib, wss_mib, rate_mib, phase_s and zeroed_mib must be >= 0")
+        if min(self.touch_mib, self.wss_mib, self.phase_s, self.zeroed_mib) < 0:
+            raise ValueError("touch_mib, wss_mib, phase_s and zeroed_mib must be >= 0")
+        if self.rate_mib < 0 and self.rate_mib != UNPACED:
+            raise ValueError("rate_mib must be >= 0, or -1 (unpaced: CPU-bound)")
         # The kernel, page cache and the initramfs itself need about 40 MiB (and 1/64 of RAM for the
         # kernel's page structures); keep the arena below that.
         if max(self.touch_mib, self.wss_mib) + self.zeroed_mib > self.memory_mib - 48 - self.memory_mib // 64:
@@ -191,9 +194,13 @@ class Guest:
         incoming: str | None = None,
         ready_timeout: float = 90.0,
         assets: GuestAssets | None = None,
+        exit_on_reboot: bool = True,
     ) -> None:
         self.spec = spec
         self.incoming = incoming
+        # False for a post-copy destination: a guest that panics there (TCG loses hot pages under load,
+        # QEMU_FACTS.md) resets inside QEMU instead of ending it, so the source can finish the migration.
+        self.exit_on_reboot = exit_on_reboot
         self.ready_timeout = ready_timeout
         self._assets = assets
         self._proc: subprocess.Popen[bytes] | None = None
@@ -316,7 +323,7 @@ class Guest:
             *self._memory_args(),
             "-nodefaults", "-no-user-config",  # no NIC/VGA: nothing needs option ROMs
             "-display", "none",
-            "-no-reboot",
+            *(["-no-reboot"] if self.exit_on_reboot else []),
             "-kernel", str(assets.kernel),
             "-initrd", str(assets.initramfs),
             "-append", self.spec.kernel_args(),

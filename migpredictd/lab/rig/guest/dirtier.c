@@ -3,7 +3,8 @@
  *   1. touch: write non-zero data to every page of touch_mib MiB (pages QEMU must send in full);
  *   2. dirty: rewrite pages of a working set of wss_mib MiB at a paced rate_mib MiB/s, in sequential
  *      or random order; every write stores a new counter value so the page's content really changes
- *      (calc-dirty-rate page-sampling compares page hashes, not dirty bits);
+ *      (calc-dirty-rate page-sampling compares page hashes, not dirty bits); rate_mib=-1 does not pace
+ *      at all: it writes as fast as the vCPU runs (a CPU-bound guest, the case the throttle slows);
  *   3. phases: with phase_s > 0 the working set moves to the next wss_mib of the touched arena every
  *      phase_s seconds (a working set that drifts over time);
  *   4. zeroed: write zeroed_mib MiB of pages, then zero them again and keep them: allocated zero pages,
@@ -110,7 +111,8 @@ int main(void) {
     struct params p = {.zeroed_mib = 0, .touch_mib = 64, .wss_mib = 32, .rate_mib = 0, .random_order = 0,
                        .phase_s = 0};
     parse_cmdline(&p);
-    if (p.touch_mib < 0 || p.wss_mib < 0 || p.rate_mib < 0 || p.phase_s < 0 || p.zeroed_mib < 0)
+    int unpaced = p.rate_mib == -1.0;
+    if (p.touch_mib < 0 || p.wss_mib < 0 || (p.rate_mib < 0 && !unpaced) || p.phase_s < 0 || p.zeroed_mib < 0)
         die("negative parameter");
 
     unsigned long zeroed_pages = (unsigned long)(p.zeroed_mib * PAGES_PER_MIB);
@@ -158,8 +160,26 @@ int main(void) {
 
     say("dirtier: ready\n");
 
-    if (wss_pages == 0 || pages_per_s <= 0) {
+    if (wss_pages == 0 || (pages_per_s <= 0 && !unpaced)) {
         for (;;) pause(); /* idle guest: memory stays as touched */
+    }
+    if (unpaced) {
+        /* CPU-bound: no pacing and no sleep, one page after another for ever (the phase still moves). */
+        for (;;) {
+            if (p.phase_s > 0) {
+                unsigned long ph = (unsigned long)((now_s() - start) / p.phase_s);
+                if (ph != phase) {
+                    phase = ph;
+                    cursor = 0;
+                }
+            }
+            unsigned long base = (phase * wss_pages) % arena_pages;
+            for (unsigned long k = 0; k < 4096; k++) {
+                unsigned long idx = p.random_order ? (unsigned long)(next_random() % wss_pages) : cursor;
+                if (!p.random_order) cursor = (cursor + 1) % wss_pages;
+                *(volatile uint64_t *)(arena + ((base + idx) % arena_pages) * PAGE_SIZE + 8) = ++counter;
+            }
+        }
     }
 
     for (;;) {
