@@ -143,9 +143,10 @@ class Daemon:
         # superseded: only the newest measurement's answers are ever published).
         self._underived: dict[str, tuple[Measurement, MemoryModel, RateLimiter]] = {}
         self._derive_task: asyncio.Task[None] | None = None
-        # CPU seconds of the prediction workers and the targets they predicted, per stage.
-        self.prediction_cpu = {"grid": 0.0, "derived": 0.0}
-        self.predicted = {"grid": 0, "derived": 0}
+        # CPU seconds of the prediction workers and the targets they predicted, per stage (policies:
+        # the configured orchestrator policies' outcomes, computed with the derived answers).
+        self.prediction_cpu = {"grid": 0.0, "derived": 0.0, "policies": 0.0}
+        self.predicted = {"grid": 0, "derived": 0, "policies": 0}
         self.loop_lag = 0.0  # seconds the event loop answered late at the last check, and the worst
         self.loop_lag_max = 0.0
         self.loop_lag_counts = [0] * len(LOOP_LAG_BUCKETS)  # per bucket (not cumulative), +Inf last
@@ -371,7 +372,7 @@ class Daemon:
             if grids is not None and len(grids) != len(work):
                 grids = None
             try:
-                min_bw, min_dt, outcomes, cpu = await loop.run_in_executor(
+                min_bw, min_dt, outcomes, cpu, policy_cpu = await loop.run_in_executor(
                     self._deriver, _derive_batch, models, limiters, measurements, config, grids
                 )
             except Exception:
@@ -379,6 +380,9 @@ class Daemon:
                 continue
             self.prediction_cpu["derived"] += cpu
             self.predicted["derived"] += len(work)
+            if config.policies:
+                self.prediction_cpu["policies"] += policy_cpu
+                self.predicted["policies"] += len(work)
             for i, (name, m, _, _) in enumerate(work):
                 self.state.record_derived(name, m, config.grid, min_bw[i], min_dt[i], policies=outcomes[i])
             await loop.run_in_executor(self._worker, self._render)
@@ -481,13 +485,15 @@ def _derive_batch(
     measurements: list[Measurement],
     config: Config,
     grids: list[FloatArray] | None,
-) -> tuple[FloatArray, FloatArray, list[dict[str, tuple[PolicyOutcome, ...]]], float]:
+) -> tuple[FloatArray, FloatArray, list[dict[str, tuple[PolicyOutcome, ...]]], float, float]:
     """The derived answers and the configured policies' outcomes of one batch (on the derive worker),
-    and the CPU seconds they took; then the heap trimmed."""
+    and the CPU seconds each took; then the heap trimmed."""
     cpu = time.thread_time()
     min_bw, min_dt = predict_derived(
         models, config.grid, config.prediction, limiters=limiters, grid_seconds=grids
     )
+    policy_cpu = time.thread_time()
+    cpu = policy_cpu - cpu
     outcomes = [
         {
             policy.name: tuple(
@@ -500,9 +506,9 @@ def _derive_batch(
         }
         for model, m in zip(models, measurements, strict=True)
     ]  # fmt: skip
-    cpu = time.thread_time() - cpu
+    policy_cpu = time.thread_time() - policy_cpu
     _trim_heap()
-    return min_bw, min_dt, outcomes, cpu
+    return min_bw, min_dt, outcomes, cpu, policy_cpu
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -604,15 +610,15 @@ class _RuntimeCollector(Collector):
         yield delay
         cpu = CounterMetricFamily(
             "migpredictd_prediction_cpu_seconds",
-            "CPU seconds the prediction workers spent: grids, or derived answers.",
+            "CPU seconds the prediction workers spent: grids, derived answers, or the configured policies.",
             labels=["stage"],
         )
         done = CounterMetricFamily(
             "migpredictd_predicted_targets",
-            "Target predictions made: grids, or derived answers.",
+            "Target predictions made: grids, derived answers, or the configured policies' outcomes.",
             labels=["stage"],
         )
-        for stage in ("grid", "derived"):
+        for stage in ("grid", "derived", "policies"):
             cpu.add_metric([stage], d.prediction_cpu[stage])
             done.add_metric([stage], float(d.predicted[stage]))
         yield cpu
