@@ -235,3 +235,74 @@ def test_fast_forward_through_steady_passes_changes_nothing() -> None:
                 if a is not None and b is not None:
                     assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
             assert fast.passes == slow.passes, name
+
+
+def _option_variants() -> list[tuple[str, dict[str, str]]]:
+    """Every policy at its defaults and with the options that change its control flow."""
+    return [
+        *((name, {}) for name in POLICIES),
+        ("nova", {"live_migration_permit_post_copy": "true"}),
+        ("nova", {"live_migration_permit_auto_converge": "true", "live_migration_downtime_steps": "3"}),
+        (
+            "nova",
+            {"live_migration_timeout_action": "force_complete", "live_migration_completion_timeout": "1"},
+        ),
+        ("nova", {"live_migration_downtime_delay": "0", "live_migration_completion_timeout": "0"}),
+        ("kubevirt", {"allowPostCopy": "true", "progressTimeout": "5"}),
+        ("kubevirt", {"allowAutoConverge": "true", "bandwidthPerMigration": str(16 * MIB)}),
+        ("kubevirt", {"completionTimeoutPerGiB": "2"}),
+        ("proxmox", {"migrate_speed": "50", "migrate_downtime": "0.01"}),
+        ("auto-converge", {"cpu-throttle-tailslow": "true", "throttle-trigger-threshold": "10"}),
+        ("auto-converge", {"cpu-throttle-initial": "50", "cpu-throttle-increment": "25"}),
+        ("postcopy", {"switch_after_passes": "3", "switch_after_seconds": "600"}),
+    ]
+
+
+def test_outcomes_equal_the_reference_implementation() -> None:
+    """predict_policy (each policy's and model's constants computed once for every cell) gives exactly
+    the outcomes of the simulation as first written (lab.reference), field for field, on 60 random
+    guests, at several bandwidths, downtimes and vCPU utilisations, under every policy variant."""
+    import random
+
+    from migpredictd.lab.reference import reference_simulate_policy
+
+    rng = random.Random(17)
+    variants = [make_policy(name, options) for name, options in _option_variants()]
+    bandwidths = [1e6, 1.25e7, 1e8, 3e8, 1.25e9, 5e9]
+    downtimes = [0.01, 0.05, 0.3, 2.0, float("inf")]
+    seen: set[tuple[str, str]] = set()
+    for _ in range(60):
+        gib = rng.choice([0.25, 1, 3, 16])
+        m = guest(
+            gib,
+            rng.choice([0.0, 1.0, 20.0, 200.0, 2000.0]),
+            min(rng.choice([4, 64, 500, 4000]), gib * 1024 * 0.9),
+            zero_share=rng.choice([0.0, 0.3, 0.9]),
+        )
+        util = rng.choice([None, 0.05, 0.5, 1.0])
+        for policy in variants:
+            got = predict_policy(
+                m, policy, bandwidths, downtimes=downtimes, vcpu_utilization=util, deadline_seconds=1800.0
+            )
+            per_downtime = policy.name in ("auto-converge", "postcopy")
+            cells = (
+                [(b, d) for b in bandwidths for d in downtimes]
+                if per_downtime
+                else [(b, None) for b in bandwidths]
+            )
+            want = [
+                reference_simulate_policy(
+                    m, policy, b, max_downtime=d, vcpu_utilization=util, deadline_seconds=1800.0
+                )
+                for b, d in cells
+            ]
+            assert got == want, policy
+            seen.update((policy.name, o.outcome) for o in got)
+    # the cases cover every outcome each policy can give
+    assert seen >= {
+        ("nova", "completed"), ("nova", "aborted"), ("nova", "postcopy"), ("nova", "not_converged"),
+        ("kubevirt", "completed"), ("kubevirt", "aborted"), ("kubevirt", "postcopy"),
+        ("proxmox", "completed"), ("proxmox", "not_converged"),
+        ("auto-converge", "completed"), ("auto-converge", "not_converged"),
+        ("postcopy", "completed"), ("postcopy", "postcopy"),
+    }, seen  # fmt: skip

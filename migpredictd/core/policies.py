@@ -39,6 +39,7 @@ is coarser than the predictor's qemu mode (no rate-limiter windows): docs/polici
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -187,7 +188,7 @@ class PolicyOutcome:
     passes: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Run:
     """The mutable state of one simulated migration."""
 
@@ -198,44 +199,55 @@ class _Run:
     max_throttle: float = 0.0
 
 
-def _first_pass_bytes(m: MemoryModel) -> float:
-    normal = m.page_size_bytes + PAGE_HEADER_BYTES
-    return (m.total_pages - m.zero_pages) * normal + m.zero_pages * ZERO_PAGE_BYTES
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one policy does with one VM's migration, whatever the bandwidth: its options read and
+    converted once, the model's curve ready for bisection (the same values and float operations as
+    reading them at every pass)."""
+
+    name: str
+    page_size: int
+    page_wire: int
+    first_pass_bytes: float
+    normal: float
+    # MemoryModel.dirty's breakpoints, slopes and offsets
+    period_ms: tuple[float, ...]
+    dirty_pages: tuple[float, ...]
+    slopes: tuple[float, ...]
+    offsets: tuple[float, ...]
+    rate_cap: float  # kubevirt's bandwidthPerMigration, proxmox's migrate_speed; inf = none
+    auto_converge: bool
+    postcopy_allowed: bool
+    timeout: float
+    force_complete: bool
+    downtime_fixed: float | None  # proxmox's migrate_downtime; None = the cell's, else QEMU's default
+    step_starts: tuple[float, ...]  # nova's downtime steps: from when, and the downtime then
+    step_values: tuple[float, ...]
+    switch_at: float
+    switch_passes: int
+    progress_timeout: float
+    # auto-converge's options (throttle-trigger-threshold as a share)
+    threshold: float
+    initial: float
+    increment: float
+    ceiling: float
+    tailslow: bool
 
 
-def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's exit in sight)
-    m: MemoryModel,
-    policy: Policy,
-    bandwidth: float,
-    *,
-    max_downtime: float | None = None,
-    vcpu_utilization: float | None = None,
-    deadline_seconds: float = 3600.0,
-    fast_forward: bool = True,
-) -> PolicyOutcome:
-    """One migration of ``m`` at ``bandwidth`` bytes/s under ``policy`` (``max_downtime`` seconds is the
-    limit where the policy has none of its own: auto-converge and postcopy; default QEMU's 300 ms).
-
-    ``fast_forward`` takes the passes of a steady state (each pass sends exactly what the one before
-    dirtied, nothing scheduled changes) up to the orchestrator's next event at once; ``False`` runs them
-    one by one (the reference the tests compare with)."""
+def _plan(m: MemoryModel, policy: Policy) -> _Plan:
     o = policy.options
     name = policy.name
-    util = 1.0 if vcpu_utilization is None else min(max(vcpu_utilization, 1e-3), 1.0)
     ram_gib = m.total_pages * m.page_size_bytes / GIB
-    rate = bandwidth
+    rate_cap = math.inf
     if name == "kubevirt" and float(o["bandwidthPerMigration"]) > 0:  # type: ignore[arg-type]
-        rate = min(rate, float(o["bandwidthPerMigration"]))  # type: ignore[arg-type]
+        rate_cap = float(o["bandwidthPerMigration"])  # type: ignore[arg-type]
     if name == "proxmox" and float(o["migrate_speed"]) > 0:  # type: ignore[arg-type]
-        rate = min(rate, float(o["migrate_speed"]) * 1e6)  # type: ignore[arg-type]
-    page_wire = m.page_size_bytes + PAGE_HEADER_BYTES
-
-    # What the orchestrator may do.
+        rate_cap = float(o["migrate_speed"]) * 1e6  # type: ignore[arg-type]
     auto_converge = name == "auto-converge"
     postcopy_allowed = name == "postcopy"
     timeout = math.inf
     timeout_action = "abort"
-    downtime_fixed = QEMU_DEFAULT_DOWNTIME_S if max_downtime is None else max_downtime
+    downtime_fixed = None
     steps: list[tuple[float, float]] = []
     if name == "nova":
         data_gib = max(ram_gib, 2.0)
@@ -257,20 +269,88 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         auto_converge = bool(o["allowAutoConverge"])
     elif name == "proxmox":
         downtime_fixed = float(o["migrate_downtime"])  # type: ignore[arg-type]
-    switch_at = math.inf
-    switch_passes = 0
-    if name == "postcopy":
-        switch_at = float(o["switch_after_seconds"])  # type: ignore[arg-type]
-        switch_passes = int(o["switch_after_passes"])  # type: ignore[call-overload]
+    normal_wire = m.page_size_bytes + PAGE_HEADER_BYTES
+    return _Plan(
+        name=name,
+        page_size=m.page_size_bytes,
+        page_wire=normal_wire,
+        first_pass_bytes=(m.total_pages - m.zero_pages) * normal_wire + m.zero_pages * ZERO_PAGE_BYTES,
+        normal=float(m.total_pages) - m.zero_pages,
+        period_ms=m.period_ms,
+        dirty_pages=m.dirty_pages,
+        slopes=m.slopes,
+        offsets=m.offsets,
+        rate_cap=rate_cap,
+        auto_converge=auto_converge,
+        postcopy_allowed=postcopy_allowed,
+        timeout=timeout,
+        force_complete=timeout_action == "force_complete",
+        downtime_fixed=downtime_fixed,
+        step_starts=tuple(start for start, _ in steps),
+        step_values=tuple(value for _, value in steps),
+        switch_at=float(o["switch_after_seconds"]) if name == "postcopy" else math.inf,  # type: ignore[arg-type]
+        switch_passes=int(o["switch_after_passes"]) if name == "postcopy" else 0,  # type: ignore[call-overload]
+        progress_timeout=float(o["progressTimeout"]) if name == "kubevirt" else math.inf,  # type: ignore[arg-type]
+        threshold=float(o["throttle-trigger-threshold"]) / 100.0,  # type: ignore[arg-type]
+        initial=float(o["cpu-throttle-initial"]),  # type: ignore[arg-type]
+        increment=float(o["cpu-throttle-increment"]),  # type: ignore[arg-type]
+        ceiling=float(o["max-cpu-throttle"]),  # type: ignore[arg-type]
+        tailslow=bool(o["cpu-throttle-tailslow"]),
+    )
 
-    def downtime_now(t: float) -> float:
-        if steps:
-            current = steps[0][1]
-            for start, value in steps:
-                if start <= t:
-                    current = value
-            return current
-        return downtime_fixed
+
+def simulate_policy(
+    m: MemoryModel,
+    policy: Policy,
+    bandwidth: float,
+    *,
+    max_downtime: float | None = None,
+    vcpu_utilization: float | None = None,
+    deadline_seconds: float = 3600.0,
+    fast_forward: bool = True,
+) -> PolicyOutcome:
+    """One migration of ``m`` at ``bandwidth`` bytes/s under ``policy`` (``max_downtime`` seconds is the
+    limit where the policy has none of its own: auto-converge and postcopy; default QEMU's 300 ms).
+
+    ``fast_forward`` takes the passes of a steady state (each pass sends exactly what the one before
+    dirtied, nothing scheduled changes) up to the orchestrator's next event at once; ``False`` runs them
+    one by one (the reference the tests compare with)."""
+    return _simulate(
+        _plan(m, policy),
+        bandwidth,
+        max_downtime=max_downtime,
+        vcpu_utilization=vcpu_utilization,
+        deadline_seconds=deadline_seconds,
+        fast_forward=fast_forward,
+    )
+
+
+def _simulate(  # noqa: PLR0911 (one control loop, every orchestrator's exit in sight)
+    plan: _Plan,
+    bandwidth: float,
+    *,
+    max_downtime: float | None,
+    vcpu_utilization: float | None,
+    deadline_seconds: float,
+    fast_forward: bool,
+) -> PolicyOutcome:
+    name = plan.name
+    util = 1.0 if vcpu_utilization is None else min(max(vcpu_utilization, 1e-3), 1.0)
+    rate = min(bandwidth, plan.rate_cap)
+    page_wire = plan.page_wire
+    auto_converge = plan.auto_converge
+    postcopy_allowed = plan.postcopy_allowed
+    timeout = plan.timeout
+    switch_at = plan.switch_at
+    switch_passes = plan.switch_passes
+    is_nova, is_kubevirt, is_proxmox = name == "nova", name == "kubevirt", name == "proxmox"
+    if plan.downtime_fixed is not None:
+        downtime_fixed = plan.downtime_fixed
+    else:
+        downtime_fixed = QEMU_DEFAULT_DOWNTIME_S if max_downtime is None else max_downtime
+    starts, values = plan.step_starts, plan.step_values
+    xs, ys, slopes, offsets = plan.period_ms, plan.dirty_pages, plan.slopes, plan.offsets
+    last = len(xs)
 
     run = _Run()
     proxmox_downtime = downtime_fixed
@@ -279,8 +359,8 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
     lowest_at = 0.0
     previous_pending = math.inf
     doubled = False
-    pending_bytes = _first_pass_bytes(m)  # the first pass: every page
-    normal = float(m.total_pages) - m.zero_pages
+    pending_bytes = plan.first_pass_bytes  # the first pass: every page
+    normal = plan.normal
 
     def finish(outcome: Outcome, *, postcopy_bytes: float = 0.0, down_bytes: float = 0.0) -> PolicyOutcome:
         post = postcopy_bytes / rate if outcome == "postcopy" else None
@@ -305,10 +385,19 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         run.t += dt
         run.passes += 1
         speed = min(1.0, (1.0 - run.throttle / 100.0) / util)
-        dirty_pages = min(m.dirty(dt * 1000.0 * speed), normal)
+        # MemoryModel.dirty(ms): the first breakpoint at or after ms, by bisection.
+        ms = dt * 1000.0 * speed
+        i = last if math.isnan(ms) else bisect.bisect_left(xs, ms)  # (nan: the last point, as dirty's scan)
+        dirty = ys[-1] if i == last else ys[i] if xs[i] == ms else offsets[i] + slopes[i] * ms
+        dirty_pages = min(dirty, normal)
         pending_bytes = dirty_pages * page_wire
         # The bitmap sync: the orchestrator looks, QEMU may throttle.
-        limit = proxmox_downtime if name == "proxmox" else downtime_now(run.t)
+        if is_proxmox:
+            limit = proxmox_downtime
+        elif starts:  # nova's step in force: the last one started
+            limit = values[max(bisect.bisect_right(starts, run.t) - 1, 0)]
+        else:
+            limit = downtime_fixed
         if pending_bytes / rate <= limit:
             return finish("completed", down_bytes=pending_bytes)
         if (
@@ -321,26 +410,26 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         # less than 10% switches to post-copy.
         if (
             postcopy_allowed
-            and name == "nova"
+            and is_nova
             and run.passes >= 2
             and previous_pending < math.inf
             and (previous_pending - pending_bytes) * 100.0 / previous_pending < 10.0
         ):
             return finish("postcopy", postcopy_bytes=pending_bytes)
         if run.t >= timeout:
-            if timeout_action == "force_complete":
+            if plan.force_complete:
                 if postcopy_allowed:
                     return finish("postcopy", postcopy_bytes=pending_bytes)
                 return finish("completed", down_bytes=pending_bytes)  # Nova pauses the guest
             return finish("aborted")
-        if name == "kubevirt":
+        if is_kubevirt:
             if pending_bytes < lowest_pending:
                 lowest_pending, lowest_at = pending_bytes, run.t
-            elif run.t - lowest_at >= float(o["progressTimeout"]):  # type: ignore[arg-type]
+            elif run.t - lowest_at >= plan.progress_timeout:
                 if postcopy_allowed:
                     return finish("postcopy", postcopy_bytes=pending_bytes)
                 return finish("aborted")
-        if name == "proxmox":
+        if is_proxmox:
             if pending_bytes < previous_pending:
                 stalled_since = None
             elif stalled_since is None:
@@ -355,21 +444,21 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         previous_pending = pending_bytes
         throttle_before = run.throttle
         if auto_converge and run.passes >= 2:
-            _maybe_throttle(run, dirty_bytes=dirty_pages * m.page_size_bytes, sent_bytes=sent, o=o)
+            _maybe_throttle(run, plan, dirty_bytes=dirty_pages * plan.page_size, sent_bytes=sent)
         if run.t >= deadline_seconds or run.passes >= MAX_PASSES:
             return finish("not_converged")
         if (
             fast_forward
             and steady
             and run.throttle == throttle_before
-            and not (auto_converge and run.throttle < _max_throttle(o))
+            and not (auto_converge and run.throttle < plan.ceiling)
         ):
             # Every pass from here is this one again until the orchestrator's next event: take them at once.
             events = [deadline_seconds, timeout, switch_at]
-            events += [start for start, _ in steps if start > run.t]
-            if name == "kubevirt":
-                events.append(lowest_at + float(o["progressTimeout"]))  # type: ignore[arg-type]
-            if name == "proxmox":
+            events += [start for start in starts if start > run.t]
+            if is_kubevirt:
+                events.append(lowest_at + plan.progress_timeout)
+            if is_proxmox:
                 # a steady pass does not shrink the remaining data: the stall runs from here at the latest
                 since = run.t if stalled_since is None else stalled_since
                 events.append(since + PROXMOX_STALL_POLLS * PROXMOX_POLL_S)
@@ -382,26 +471,20 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
                 run.passes += skip
 
 
-def _max_throttle(o: Mapping[str, object]) -> float:
-    return float(o["max-cpu-throttle"])  # type: ignore[arg-type]
-
-
-def _maybe_throttle(run: _Run, *, dirty_bytes: float, sent_bytes: float, o: Mapping[str, object]) -> None:
+def _maybe_throttle(run: _Run, plan: _Plan, *, dirty_bytes: float, sent_bytes: float) -> None:
     """migration_trigger_throttle(): every second period dirtying more than the threshold's share of
     what was sent raises the throttle (mig_throttle_guest_down)."""
-    threshold = float(o["throttle-trigger-threshold"]) / 100.0  # type: ignore[arg-type]
+    threshold = plan.threshold
     if dirty_bytes <= threshold * sent_bytes:
         return
     run.high += 1
     if run.high < 2:
         return
     run.high = 0
-    initial = float(o["cpu-throttle-initial"])  # type: ignore[arg-type]
-    increment = float(o["cpu-throttle-increment"])  # type: ignore[arg-type]
-    ceiling = float(o["max-cpu-throttle"])  # type: ignore[arg-type]
+    increment, ceiling = plan.increment, plan.ceiling
     if run.throttle == 0.0:
-        run.throttle = initial
-    elif o["cpu-throttle-tailslow"] and run.throttle + increment >= ceiling:
+        run.throttle = plan.initial
+    elif plan.tailslow and run.throttle + increment >= ceiling:
         # tailslow: near the top, step by what the dirtying overshoots the threshold
         overshoot = 1.0 - threshold * sent_bytes / dirty_bytes
         run.throttle = min(
@@ -427,12 +510,14 @@ def predict_policy(
     cells: list[tuple[float, float | None]] = (
         [(b, d) for b in bandwidths for d in downtimes] if per_downtime else [(b, None) for b in bandwidths]
     )
+    plan = _plan(m, policy)  # once for every cell
     return [
-        simulate_policy(
-            m, policy, b, max_downtime=d, vcpu_utilization=vcpu_utilization, deadline_seconds=deadline_seconds
+        _simulate(
+            plan, b, max_downtime=d, vcpu_utilization=vcpu_utilization, deadline_seconds=deadline_seconds,
+            fast_forward=True,
         )
         for b, d in cells
-    ]
+    ]  # fmt: skip
 
 
 def outcome_to_json(p: PolicyOutcome) -> dict[str, object]:
