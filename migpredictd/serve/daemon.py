@@ -55,10 +55,13 @@ DEFAULT_LISTEN = ":9842"
 TARGETS_DIR_POLL_SECONDS = 5.0
 PREDICTION_BATCH_DELAY = 0.2  # seconds to gather measurements that finish together into one batch
 MAX_PREDICTION_BATCH = 500
-# Derived answers wait this long for more measurements to share their batch, up to this many VMs: a
-# batch of a few VMs costs several times more per VM than one of a thousand (benchmarks/predict.py),
-# and nothing waits for them (the grids are published already).
+# Derived answers wait this long for more measurements to share their batch, and again while more keep
+# coming (a round under way), up to DERIVE_BATCH_MAX_WAIT or this many VMs: a batch's bisection costs a
+# fixed ~0.1 s on top of its VMs' share (one vectorised simulation per step, whatever its size), so a
+# batch of 200 costs about twice as much per VM as one of 1,000 (docs/performance.md); nothing waits
+# for them (the grids are published already).
 DERIVE_BATCH_DELAY = 2.0
+DERIVE_BATCH_MAX_WAIT = 10.0
 MAX_DERIVE_BATCH = 1000
 LOOP_LAG_PROBE_SECONDS = 0.25
 LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
@@ -349,8 +352,13 @@ class Daemon:
         batches, until none waits."""
         loop = asyncio.get_running_loop()
         while self._underived and not self._stop.is_set() and self.config is not None:
-            if len(self._underived) < MAX_DERIVE_BATCH:
+            waited = 0.0
+            while len(self._underived) < MAX_DERIVE_BATCH and waited < DERIVE_BATCH_MAX_WAIT:
+                waiting = len(self._underived)
                 await asyncio.sleep(DERIVE_BATCH_DELAY)
+                waited += DERIVE_BATCH_DELAY
+                if len(self._underived) == waiting or self._stop.is_set():
+                    break  # no more came meanwhile (or re-measured targets replaced their own)
             config = self.config
             if not self._underived or config is None:
                 break
