@@ -6,6 +6,8 @@
 2. The grid through the CLI (``predict --mode seed --format table``, parse + predict + render): the
    marginal per-VM cost from two batch sizes against the plain seed algorithm's per-VM time
    (target >= 100x); also the vectorised ``seed`` mode alone, every cell checked against the seed.
+3. Each orchestrator policy (defaults) over the grid's bandwidths, per VM, against the simulation as
+   first written (``reference.reference_simulate_policy``), their outcomes compared.
 
     python benchmarks/predict.py [--vms 200] [--baseline-vms 50] [--before TREE] [--write]
 """
@@ -28,6 +30,7 @@ import numpy as np
 
 from migpredictd.core.measurement import parse_measurement
 from migpredictd.core.model import MemoryModel, build_model
+from migpredictd.core.policies import POLICIES, Policy, PolicyOutcome, make_policy, predict_policy
 from migpredictd.core.predictor import (
     DEFAULT_BANDWIDTHS,
     DEFAULT_DOWNTIMES,
@@ -37,7 +40,7 @@ from migpredictd.core.predictor import (
     predict_derived,
     predict_grid,
 )
-from migpredictd.lab.reference import brute_force_derived, seed_cell_ms
+from migpredictd.lab.reference import brute_force_derived, reference_simulate_policy, seed_cell_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "cover_letter_sample.json"
@@ -95,6 +98,7 @@ def main() -> None:
     )
     ap.add_argument("--baseline-vms", type=int, default=50, help="VMs timed with the slow baseline")
     ap.add_argument("--oracle-vms", type=int, default=40, help="VMs whose derived answers the oracle checks")
+    ap.add_argument("--policy-vms", type=int, default=200, help="VMs whose policy outcomes are timed")
     ap.add_argument(
         "--before",
         type=Path,
@@ -195,6 +199,28 @@ def main() -> None:
         path.unlink()
     if mismatches:
         raise SystemExit("seed mode does not reproduce the seed algorithm")
+
+    # 3. Orchestrator policies over the grid's bandwidths (auto-converge and postcopy: every cell), per
+    # VM, against the simulation as first written (lab.reference), on the same VMs in this run.
+    pvms = qmodels[: args.policy_vms]
+    say(f"3. policies, per VM over {len(grid.bandwidths)} bandwidths ({len(pvms)} VMs, qemu-mode models):")
+    for name in POLICIES:
+        policy = make_policy(name)
+        per_downtime = name in ("auto-converge", "postcopy")
+        downtimes: tuple[float | None, ...] = grid.downtimes if per_downtime else (None,)
+        policy_cells = [(b, d) for b in grid.bandwidths for d in downtimes]
+
+        def new(policy: Policy = policy) -> list[list[PolicyOutcome]]:
+            return [predict_policy(m, policy, grid.bandwidths, downtimes=grid.downtimes) for m in pvms]
+
+        def old(policy: Policy = policy, cells: list[tuple[float, float | None]] = policy_cells) -> object:
+            return [[reference_simulate_policy(m, policy, b, max_downtime=d) for b, d in cells] for m in pvms]
+
+        t_new = best_of(3, new) * 1000.0 / len(pvms)
+        t_old = best_of(3, old) * 1000.0 / len(pvms)
+        if new() != old():
+            raise SystemExit(f"policy {name}: outcomes differ from the reference")
+        say(f"   {name:<13} ({len(policy_cells):2d} cells): {t_new:6.3f} ms, first written {t_old:6.3f} ms")
     if args.write:
         RESULTS.write_text(
             "# Prediction speed\n\n`python benchmarks/predict.py --write`, one run, 2-core shared host, "
