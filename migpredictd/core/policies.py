@@ -188,17 +188,6 @@ class PolicyOutcome:
     passes: int = 0
 
 
-@dataclass(slots=True)
-class _Run:
-    """The mutable state of one simulated migration."""
-
-    t: float = 0.0
-    throttle: float = 0.0
-    high: int = 0
-    passes: int = 0
-    max_throttle: float = 0.0
-
-
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """What one policy does with one VM's migration, whatever the bandwidth: its options read and
@@ -325,6 +314,35 @@ def simulate_policy(
     )
 
 
+def _finish(  # noqa: PLR0917 (_simulate's exits pass its loop's state as it stands)
+    plan: _Plan,
+    bandwidth: float,
+    rate: float,
+    max_downtime: float | None,
+    outcome: Outcome,
+    t: float,
+    max_throttle: float,
+    passes: int,
+    *,
+    postcopy_bytes: float = 0.0,
+    down_bytes: float = 0.0,
+) -> PolicyOutcome:
+    post = postcopy_bytes / rate if outcome == "postcopy" else None
+    seconds: float | None = None
+    downtime: float | None = None
+    if outcome == "completed":
+        downtime = down_bytes / rate
+        seconds = t + downtime
+    elif outcome == "postcopy":
+        downtime = 0.0
+        seconds = t + (post or 0.0)
+    return PolicyOutcome(
+        bandwidth=bandwidth, outcome=outcome, seconds=seconds, downtime_seconds=downtime,
+        max_throttle_percent=max_throttle, postcopy_seconds=post,
+        max_downtime=max_downtime if plan.name in ("auto-converge", "postcopy") else None, passes=passes,
+    )  # fmt: skip
+
+
 def _simulate(  # noqa: PLR0911 (one control loop, every orchestrator's exit in sight)
     plan: _Plan,
     bandwidth: float,
@@ -340,10 +358,12 @@ def _simulate(  # noqa: PLR0911 (one control loop, every orchestrator's exit in 
     page_wire = plan.page_wire
     auto_converge = plan.auto_converge
     postcopy_allowed = plan.postcopy_allowed
+    postcopy_switch = postcopy_allowed and name == "postcopy"
+    nova_switch = postcopy_allowed and name == "nova"
     timeout = plan.timeout
     switch_at = plan.switch_at
     switch_passes = plan.switch_passes
-    is_nova, is_kubevirt, is_proxmox = name == "nova", name == "kubevirt", name == "proxmox"
+    is_kubevirt, is_proxmox = name == "kubevirt", name == "proxmox"
     if plan.downtime_fixed is not None:
         downtime_fixed = plan.downtime_fixed
     else:
@@ -351,8 +371,14 @@ def _simulate(  # noqa: PLR0911 (one control loop, every orchestrator's exit in 
     starts, values = plan.step_starts, plan.step_values
     xs, ys, slopes, offsets = plan.period_ms, plan.dirty_pages, plan.slopes, plan.offsets
     last = len(xs)
+    bisect_left, bisect_right, isnan = bisect.bisect_left, bisect.bisect_right, math.isnan
 
-    run = _Run()
+    # The migration's state.
+    t = 0.0
+    throttle = 0.0
+    high = 0
+    passes = 0
+    max_throttle = 0.0
     proxmox_downtime = downtime_fixed
     stalled_since: float | None = None
     lowest_pending = math.inf
@@ -361,33 +387,18 @@ def _simulate(  # noqa: PLR0911 (one control loop, every orchestrator's exit in 
     doubled = False
     pending_bytes = plan.first_pass_bytes  # the first pass: every page
     normal = plan.normal
-
-    def finish(outcome: Outcome, *, postcopy_bytes: float = 0.0, down_bytes: float = 0.0) -> PolicyOutcome:
-        post = postcopy_bytes / rate if outcome == "postcopy" else None
-        seconds: float | None = None
-        downtime: float | None = None
-        if outcome == "completed":
-            downtime = down_bytes / rate
-            seconds = run.t + downtime
-        elif outcome == "postcopy":
-            downtime = 0.0
-            seconds = run.t + (post or 0.0)
-        return PolicyOutcome(
-            bandwidth=bandwidth, outcome=outcome, seconds=seconds, downtime_seconds=downtime,
-            max_throttle_percent=run.max_throttle, postcopy_seconds=post,
-            max_downtime=max_downtime if name in ("auto-converge", "postcopy") else None, passes=run.passes,
-        )  # fmt: skip
+    stall_s = PROXMOX_STALL_POLLS * PROXMOX_POLL_S
 
     while True:
         # One pass: send what is pending at the rate, while the guest dirties (slowed by the throttle).
         sent = pending_bytes
         dt = sent / rate
-        run.t += dt
-        run.passes += 1
-        speed = min(1.0, (1.0 - run.throttle / 100.0) / util)
+        t += dt
+        passes += 1
+        speed = min(1.0, (1.0 - throttle / 100.0) / util)
         # MemoryModel.dirty(ms): the first breakpoint at or after ms, by bisection.
         ms = dt * 1000.0 * speed
-        i = last if math.isnan(ms) else bisect.bisect_left(xs, ms)  # (nan: the last point, as dirty's scan)
+        i = last if isnan(ms) else bisect_left(xs, ms)  # (nan: the last point, as dirty's scan)
         dirty = ys[-1] if i == last else ys[i] if xs[i] == ms else offsets[i] + slopes[i] * ms
         dirty_pages = min(dirty, normal)
         pending_bytes = dirty_pages * page_wire
@@ -395,104 +406,112 @@ def _simulate(  # noqa: PLR0911 (one control loop, every orchestrator's exit in 
         if is_proxmox:
             limit = proxmox_downtime
         elif starts:  # nova's step in force: the last one started
-            limit = values[max(bisect.bisect_right(starts, run.t) - 1, 0)]
+            limit = values[max(bisect_right(starts, t) - 1, 0)]
         else:
             limit = downtime_fixed
         if pending_bytes / rate <= limit:
-            return finish("completed", down_bytes=pending_bytes)
-        if (
-            postcopy_allowed
-            and name == "postcopy"
-            and (run.t >= switch_at or (switch_passes and run.passes >= switch_passes))
-        ):
-            return finish("postcopy", postcopy_bytes=pending_bytes)
+            return _finish(
+                plan, bandwidth, rate, max_downtime, "completed", t, max_throttle, passes,
+                down_bytes=pending_bytes,
+            )  # fmt: skip
+        if postcopy_switch and (t >= switch_at or (switch_passes and passes >= switch_passes)):
+            return _finish(
+                plan, bandwidth, rate, max_downtime, "postcopy", t, max_throttle, passes,
+                postcopy_bytes=pending_bytes,
+            )  # fmt: skip
         # should_switch_to_postcopy(): after the first pass, an iteration that cut the remaining data by
         # less than 10% switches to post-copy.
         if (
-            postcopy_allowed
-            and is_nova
-            and run.passes >= 2
+            nova_switch
+            and passes >= 2
             and previous_pending < math.inf
             and (previous_pending - pending_bytes) * 100.0 / previous_pending < 10.0
         ):
-            return finish("postcopy", postcopy_bytes=pending_bytes)
-        if run.t >= timeout:
+            return _finish(
+                plan, bandwidth, rate, max_downtime, "postcopy", t, max_throttle, passes,
+                postcopy_bytes=pending_bytes,
+            )  # fmt: skip
+        if t >= timeout:
             if plan.force_complete:
                 if postcopy_allowed:
-                    return finish("postcopy", postcopy_bytes=pending_bytes)
-                return finish("completed", down_bytes=pending_bytes)  # Nova pauses the guest
-            return finish("aborted")
+                    return _finish(
+                        plan, bandwidth, rate, max_downtime, "postcopy", t, max_throttle, passes,
+                        postcopy_bytes=pending_bytes,
+                    )  # fmt: skip
+                return _finish(  # Nova pauses the guest
+                    plan, bandwidth, rate, max_downtime, "completed", t, max_throttle, passes,
+                    down_bytes=pending_bytes,
+                )  # fmt: skip
+            return _finish(plan, bandwidth, rate, max_downtime, "aborted", t, max_throttle, passes)
         if is_kubevirt:
             if pending_bytes < lowest_pending:
-                lowest_pending, lowest_at = pending_bytes, run.t
-            elif run.t - lowest_at >= plan.progress_timeout:
+                lowest_pending, lowest_at = pending_bytes, t
+            elif t - lowest_at >= plan.progress_timeout:
                 if postcopy_allowed:
-                    return finish("postcopy", postcopy_bytes=pending_bytes)
-                return finish("aborted")
-        if is_proxmox:
+                    return _finish(
+                        plan, bandwidth, rate, max_downtime, "postcopy", t, max_throttle, passes,
+                        postcopy_bytes=pending_bytes,
+                    )  # fmt: skip
+                return _finish(plan, bandwidth, rate, max_downtime, "aborted", t, max_throttle, passes)
+        elif is_proxmox:
             if pending_bytes < previous_pending:
                 stalled_since = None
             elif stalled_since is None:
-                stalled_since = run.t - dt
-            if stalled_since is not None and run.t - stalled_since >= PROXMOX_STALL_POLLS * PROXMOX_POLL_S:
+                stalled_since = t - dt
+            if stalled_since is not None and t - stalled_since >= stall_s:
                 proxmox_downtime *= 2.0
-                stalled_since = run.t
+                stalled_since = t
                 doubled = True
         # (not right after the downtime doubled: the next pass is checked against the new limit)
         steady = pending_bytes == sent and not doubled
         doubled = False
         previous_pending = pending_bytes
-        throttle_before = run.throttle
-        if auto_converge and run.passes >= 2:
-            _maybe_throttle(run, plan, dirty_bytes=dirty_pages * plan.page_size, sent_bytes=sent)
-        if run.t >= deadline_seconds or run.passes >= MAX_PASSES:
-            return finish("not_converged")
+        throttle_before = throttle
+        if auto_converge and passes >= 2:
+            # migration_trigger_throttle(): every second period dirtying more than the threshold's
+            # share of what was sent raises the throttle (mig_throttle_guest_down).
+            dirty_bytes = dirty_pages * plan.page_size
+            threshold = plan.threshold
+            if not dirty_bytes <= threshold * sent:
+                high += 1
+                if high >= 2:
+                    high = 0
+                    increment, ceiling = plan.increment, plan.ceiling
+                    if throttle == 0.0:
+                        throttle = plan.initial
+                    elif plan.tailslow and throttle + increment >= ceiling:
+                        # tailslow: near the top, step by what the dirtying overshoots the threshold
+                        overshoot = 1.0 - threshold * sent / dirty_bytes
+                        throttle = min(
+                            ceiling, throttle + max(1.0, min(increment, overshoot * (100.0 - throttle)))
+                        )
+                    else:
+                        throttle = min(ceiling, throttle + increment)
+                    max_throttle = max(max_throttle, throttle)
+        if t >= deadline_seconds or passes >= MAX_PASSES:
+            return _finish(plan, bandwidth, rate, max_downtime, "not_converged", t, max_throttle, passes)
         if (
             fast_forward
             and steady
-            and run.throttle == throttle_before
-            and not (auto_converge and run.throttle < plan.ceiling)
+            and throttle == throttle_before
+            and not (auto_converge and throttle < plan.ceiling)
         ):
             # Every pass from here is this one again until the orchestrator's next event: take them at once.
             events = [deadline_seconds, timeout, switch_at]
-            events += [start for start in starts if start > run.t]
+            events += [start for start in starts if start > t]
             if is_kubevirt:
                 events.append(lowest_at + plan.progress_timeout)
             if is_proxmox:
                 # a steady pass does not shrink the remaining data: the stall runs from here at the latest
-                since = run.t if stalled_since is None else stalled_since
-                events.append(since + PROXMOX_STALL_POLLS * PROXMOX_POLL_S)
-            skip = math.floor((min(events) - run.t) / dt) - 1
+                since = t if stalled_since is None else stalled_since
+                events.append(since + stall_s)
+            skip = math.floor((min(events) - t) / dt) - 1
             if switch_passes:  # postcopy after a number of passes: that pass is an event too
-                skip = min(skip, switch_passes - run.passes - 1)
+                skip = min(skip, switch_passes - passes - 1)
             if skip > 0:
-                skip = min(skip, MAX_PASSES - run.passes - 1)
-                run.t += skip * dt
-                run.passes += skip
-
-
-def _maybe_throttle(run: _Run, plan: _Plan, *, dirty_bytes: float, sent_bytes: float) -> None:
-    """migration_trigger_throttle(): every second period dirtying more than the threshold's share of
-    what was sent raises the throttle (mig_throttle_guest_down)."""
-    threshold = plan.threshold
-    if dirty_bytes <= threshold * sent_bytes:
-        return
-    run.high += 1
-    if run.high < 2:
-        return
-    run.high = 0
-    increment, ceiling = plan.increment, plan.ceiling
-    if run.throttle == 0.0:
-        run.throttle = plan.initial
-    elif plan.tailslow and run.throttle + increment >= ceiling:
-        # tailslow: near the top, step by what the dirtying overshoots the threshold
-        overshoot = 1.0 - threshold * sent_bytes / dirty_bytes
-        run.throttle = min(
-            ceiling, run.throttle + max(1.0, min(increment, overshoot * (100.0 - run.throttle)))
-        )
-    else:
-        run.throttle = min(ceiling, run.throttle + increment)
-    run.max_throttle = max(run.max_throttle, run.throttle)
+                skip = min(skip, MAX_PASSES - passes - 1)
+                t += skip * dt
+                passes += skip
 
 
 def predict_policy(
