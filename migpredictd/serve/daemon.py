@@ -56,10 +56,9 @@ TARGETS_DIR_POLL_SECONDS = 5.0
 PREDICTION_BATCH_DELAY = 0.2  # seconds to gather measurements that finish together into one batch
 MAX_PREDICTION_BATCH = 500
 # Derived answers wait this long for more measurements to share their batch, and again while more keep
-# coming (a round under way), up to DERIVE_BATCH_MAX_WAIT or this many VMs: a batch's bisection costs a
-# fixed ~0.1 s on top of its VMs' share (one vectorised simulation per step, whatever its size), so a
-# batch of 200 costs about twice as much per VM as one of 1,000 (docs/performance.md); nothing waits
-# for them (the grids are published already).
+# coming (a round under way), up to DERIVE_BATCH_MAX_WAIT or this many VMs: a batch's bisection has a
+# fixed cost on top of its VMs' share (one vectorised simulation per step, whatever its size), so small
+# batches cost more per VM (docs/performance.md); nothing waits for them (the grids are published).
 DERIVE_BATCH_DELAY = 2.0
 DERIVE_BATCH_MAX_WAIT = 10.0
 MAX_DERIVE_BATCH = 1000
