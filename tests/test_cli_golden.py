@@ -55,3 +55,14 @@ def test_batch_rendering_equals_rendering_each_vm() -> None:
     odd = VMPrediction(huge, preds[0].passes, huge, huge, np.zeros(6), np.zeros(8))
     batch = [preds[1], odd]
     assert render_tables(batch, DEFAULT_GRID) == [render_table(p, DEFAULT_GRID) for p in batch]
+
+
+@pytest.mark.parametrize("mode", ["seed", "qemu"])
+def test_tables_in_several_batches_are_the_same_text(
+    mode: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table path predicts and renders TABLE_BATCH VMs at a time; batches of 7 (the last one
+    shorter) print the same bytes."""
+    monkeypatch.setattr(cli, "TABLE_BATCH", 7)
+    assert cli.main(["predict", "--mode", mode, "--format", "table", str(INPUT)]) == 0
+    assert capsys.readouterr().out == (DATA / f"cli_golden_{mode}_table.txt").read_text()
