@@ -6,8 +6,10 @@
 2. The grid through the CLI (``predict --mode seed --format table``, parse + predict + render): the
    marginal per-VM cost from two batch sizes against the plain seed algorithm's per-VM time
    (target >= 100x); also the vectorised ``seed`` mode alone, every cell checked against the seed.
+3. Each orchestrator policy (defaults) over the grid's bandwidths, per VM, beside the VM's grid
+   (``predict_grid``, qemu mode) on the same VMs.
 
-    python benchmarks/predict.py [--vms 200] [--baseline-vms 50] [--write]
+    python benchmarks/predict.py [--vms 200] [--baseline-vms 50] [--before TREE] [--write]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from migpredictd.core.measurement import parse_measurement
 from migpredictd.core.model import MemoryModel, build_model
+from migpredictd.core.policies import POLICIES, Policy, PolicyOutcome, make_policy, predict_policy
 from migpredictd.core.predictor import (
     DEFAULT_BANDWIDTHS,
     DEFAULT_DOWNTIMES,
@@ -73,12 +76,16 @@ def best_of(runs: int, f: Callable[[], object]) -> float:
     return statistics.median(times)
 
 
-def cli(args: list[str], stdin: Path) -> float:
-    """Wall seconds of one ``migpredictd`` process reading ``stdin``."""
+def cli(args: list[str], stdin: Path, tree: Path = ROOT) -> float:
+    """Wall seconds of one ``migpredictd`` process of the checkout ``tree`` reading ``stdin``."""
     t0 = time.perf_counter()
     with stdin.open("rb") as f:
         subprocess.run(
-            [sys.executable, "-m", "migpredictd.cli", *args], stdin=f, stdout=subprocess.DEVNULL, check=True
+            [sys.executable, "-m", "migpredictd.cli", *args],
+            stdin=f,
+            stdout=subprocess.DEVNULL,
+            check=True,
+            cwd=tree,  # python -m finds the package in the working directory first
         )
     return time.perf_counter() - t0
 
@@ -91,6 +98,13 @@ def main() -> None:
     )
     ap.add_argument("--baseline-vms", type=int, default=50, help="VMs timed with the slow baseline")
     ap.add_argument("--oracle-vms", type=int, default=40, help="VMs whose derived answers the oracle checks")
+    ap.add_argument("--policy-vms", type=int, default=200, help="VMs whose policy outcomes are timed")
+    ap.add_argument(
+        "--before",
+        type=Path,
+        metavar="TREE",
+        help="a checkout of an earlier commit: its CLI is also timed, on the same inputs in this run",
+    )
     ap.add_argument("--write", action="store_true", help=f"also write {RESULTS.relative_to(ROOT)}")
     args = ap.parse_args()
     grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
@@ -155,9 +169,14 @@ def main() -> None:
         path.write_text("".join(json.dumps(d) + "\n" for d in inputs(size)))
         files[size] = path
     argv = ["predict", "--mode", "seed", "--format", "table"]
-    t_small = statistics.median(cli(argv, files[c1]) for _ in range(5))
-    t_large = statistics.median(cli(argv, files[c2]) for _ in range(5))
-    cli_ms = (t_large - t_small) * 1000.0 / (c2 - c1)
+
+    def cli_marginal_ms(tree: Path) -> float:
+        t_small = statistics.median(cli(argv, files[c1], tree) for _ in range(5))
+        t_large = statistics.median(cli(argv, files[c2], tree) for _ in range(5))
+        return float((t_large - t_small) * 1000.0 / (c2 - c1))
+
+    cli_ms = cli_marginal_ms(ROOT)
+    before_ms = None if args.before is None else cli_marginal_ms(args.before)
     fast_ms = best_of(3, lambda: predict_grid(models, grid, seed, derived=False)) * 1000.0 / n2
     fast = predict_grid(models[: args.baseline_vms], grid, seed, derived=False)
     mismatches = 0
@@ -168,6 +187,11 @@ def main() -> None:
     say(f"   seed algorithm, cell by cell ({args.baseline_vms} VMs):  {seed_ms:8.3f} ms per VM")
     ratio = seed_ms / cli_ms
     say(f"   CLI, table, marginal per VM ({c1} -> {c2}): {cli_ms:8.3f} ms   -> {ratio:.0f}x (target >= 100x)")
+    if before_ms is not None:
+        say(
+            f"   the same, before (--before {args.before}): {before_ms:8.3f} ms"
+            f"   -> {seed_ms / before_ms:.0f}x"
+        )
     say(f"   vectorised seed mode alone ({n2} VMs):       {fast_ms:8.3f} ms   -> {seed_ms / fast_ms:.0f}x")
     compared = len(base) * len(grid.bandwidths) * len(grid.downtimes)
     say(f"   cells compared with the seed: {compared}, mismatches: {mismatches}")
@@ -175,6 +199,23 @@ def main() -> None:
         path.unlink()
     if mismatches:
         raise SystemExit("seed mode does not reproduce the seed algorithm")
+
+    # 3. Orchestrator policies over the grid's bandwidths (auto-converge and postcopy: every cell), per
+    # VM, beside the grid of the same VMs in this run.
+    pvms = qmodels[: args.policy_vms]
+    t_grid = best_of(3, lambda: predict_grid(pvms, grid, PredictorSettings())) * 1000.0 / len(pvms)
+    say(f"3. policies, per VM over {len(grid.bandwidths)} bandwidths ({len(pvms)} VMs, qemu-mode models):")
+    for name in POLICIES:
+        policy = make_policy(name)
+        per_downtime = name in ("auto-converge", "postcopy")
+        downtimes: tuple[float | None, ...] = grid.downtimes if per_downtime else (None,)
+        policy_cells = [(b, d) for b in grid.bandwidths for d in downtimes]
+
+        def new(policy: Policy = policy) -> list[list[PolicyOutcome]]:
+            return [predict_policy(m, policy, grid.bandwidths, downtimes=grid.downtimes) for m in pvms]
+
+        t_new = best_of(3, new) * 1000.0 / len(pvms)
+        say(f"   {name:<13} ({len(policy_cells):2d} cells): {t_new:6.3f} ms, the grid {t_grid:6.3f} ms")
     if args.write:
         RESULTS.write_text(
             "# Prediction speed\n\n`python benchmarks/predict.py --write`, one run, 2-core shared host, "

@@ -13,6 +13,7 @@ Two parts, both printed as Markdown (``--write`` puts them in ``benchmarks/resul
 
     python -m benchmarks.scale                   # 100, 1,000, 10,000 (about 5 minutes on 2 cores)
     python -m benchmarks.scale --sizes 100 1000  # quicker
+    python -m benchmarks.scale --sizes 10000 --part 2 --policies nova kubevirt   # with policies configured
 """
 
 from __future__ import annotations
@@ -286,29 +287,39 @@ def start_fleet(n: int, directory: Path) -> tuple[subprocess.Popen[str], list[tu
 
 
 def write_fleet_config(
-    path: Path, endpoints: list[tuple[str, str]], *, jitter: str, slots: int, interval: str = "1h"
+    path: Path,
+    endpoints: list[tuple[str, str]],
+    *,
+    jitter: str,
+    slots: int,
+    interval: str = "1h",
+    policies: list[str] | None = None,
 ) -> None:
-    """The daemon's config for a fake fleet: one 50 ms calc-dirty-rate per VM, no zero pages."""
+    """The daemon's config for a fake fleet: one 50 ms calc-dirty-rate per VM, no zero pages, and
+    ``policies`` (names, with their products' defaults) as ``global.policies``."""
     lines = [
         "global:",
         f"  interval: {interval}",
         f"  jitter: {jitter}",
         f"  max_concurrent: {slots}",
         "  measurement: {periods: [50ms], zero_pages: none, connect_timeout: 30s, command_timeout: 30s}",
+        f"  policies: [{', '.join(policies or [])}]",
         "targets:",
     ]
     lines += [f"  - {{name: {name}, qmp: 'unix:{address}'}}" for name, address in endpoints]
     path.write_text("\n".join(lines) + "\n")
 
 
-def daemon_run(n: int, *, jitter: float, max_concurrent: int, scrapes: int) -> dict[str, float]:
+def daemon_run(
+    n: int, *, jitter: float, max_concurrent: int, scrapes: int, policies: list[str] | None = None
+) -> dict[str, float]:
     tmp = Path(
         tempfile.mkdtemp(prefix=f"scale{n}-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
     )
     (tmp / "s").mkdir()
     fleet, endpoints = start_fleet(n, tmp / "s")
     config = tmp / "config.yaml"
-    write_fleet_config(config, endpoints, jitter=f"{jitter:g}s", slots=max_concurrent)
+    write_fleet_config(config, endpoints, jitter=f"{jitter:g}s", slots=max_concurrent, policies=policies)
     port = free_port()
     log = tmp / "daemon.log"
     t0 = time.monotonic()
@@ -361,6 +372,7 @@ def daemon_run(n: int, *, jitter: float, max_concurrent: int, scrapes: int) -> d
         tasks = gauge(body, "migpredictd_asyncio_tasks")
         cpu_grid = stage_counter(body, "migpredictd_prediction_cpu_seconds_total", "grid")
         cpu_derived = stage_counter(body, "migpredictd_prediction_cpu_seconds_total", "derived")
+        cpu_policies = stage_counter(body, "migpredictd_prediction_cpu_seconds_total", "policies")
         predicted = stage_counter(body, "migpredictd_predicted_targets_total", "grid")
     finally:
         daemon.terminate()
@@ -383,8 +395,10 @@ def daemon_run(n: int, *, jitter: float, max_concurrent: int, scrapes: int) -> d
         "listening_s": listening,
         "all_predicted_s": all_predicted,
         "all_derived_s": all_derived,
-        "prediction_ms_per_vm": (cpu_grid + cpu_derived) / predicted * 1e3,
+        "prediction_ms_per_vm": (cpu_grid + cpu_derived + cpu_policies) / predicted * 1e3,
         "grid_ms_per_vm": cpu_grid / predicted * 1e3,
+        "derived_ms_per_vm": cpu_derived / predicted * 1e3,
+        "policies_ms_per_vm": cpu_policies / predicted * 1e3,
         "cpu_round_s": cpu_round,
         "plain_median_ms": statistics.median(plain) * 1e3,
         "plain_p99_ms": pct(plain, 0.99) * 1e3,
@@ -403,7 +417,7 @@ def daemon_run(n: int, *, jitter: float, max_concurrent: int, scrapes: int) -> d
     }
 
 
-def part2(sizes: list[int], scrapes: int) -> list[str]:
+def part2(sizes: list[int], scrapes: int, policies: list[str] | None = None) -> list[str]:
     out = [
         "## 2. The daemon over a fake fleet",
         "",
@@ -412,25 +426,34 @@ def part2(sizes: list[int], scrapes: int) -> list[str]:
         "`all predicted` = from starting the daemon until every target has a prediction (polled with "
         "gzip scrapes); `derived` = until every target's derived answers are published too; `CPU` = the "
         "daemon's user+system seconds until all predicted; `prediction CPU` = what the prediction workers "
-        "spent per VM, grid + derived answers (grid alone), from `migpredictd_prediction_cpu_seconds_total` "
-        "and `migpredictd_predicted_targets_total`; `lag` = the worst delay of the event loop "
+        "spent per VM, grid + derived answers + the configured policies' outcomes (each stage in brackets), "
+        "from `migpredictd_prediction_cpu_seconds_total` and `migpredictd_predicted_targets_total`; "
+        f"`policies` = `global.policies` ({'none' if not policies else ', '.join(policies)}, with their "
+        "products' defaults); `lag` = the worst delay of the event loop "
         "(`migpredictd_event_loop_lag_max_seconds`); `spread` = when the first and last measurements of "
         "the first round finished, and the most that finished in one second.",
         "",
-        "| VMs | jitter | slots | all predicted | derived | CPU (per VM) | prediction CPU per VM | lag | "
+        "| VMs | jitter | slots | all predicted | derived | CPU (per VM) | policies "
+        "| prediction CPU per VM (grid + derived + policies) | lag | "
         "spread | scrape median / p99 | gzip median / p99 | body | RSS (peak) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
         jitter = max(1.0, n / 500)
         slots = min(256, max(16, n // 20))
         r = daemon_run(
-            n, jitter=jitter, max_concurrent=slots, scrapes=scrapes if n < 10000 else max(5, scrapes // 2)
+            n,
+            jitter=jitter,
+            max_concurrent=slots,
+            scrapes=scrapes if n < 10000 else max(5, scrapes // 2),
+            policies=policies,
         )
         out.append(
             f"| {n:,} | {jitter:g} s | {slots} | {r['all_predicted_s']:.1f} s | {r['all_derived_s']:.1f} s | "
             f"{r['cpu_round_s']:.1f} s ({r['cpu_round_s'] / n * 1e3:.1f} ms) | "
-            f"{r['prediction_ms_per_vm']:.2f} ms ({r['grid_ms_per_vm']:.2f} ms) | "
+            f"{', '.join(policies) if policies else 'none'} | "
+            f"{r['prediction_ms_per_vm']:.2f} ms ({r['grid_ms_per_vm']:.2f} + {r['derived_ms_per_vm']:.2f} + "
+            f"{r['policies_ms_per_vm']:.2f} ms) | "
             f"{r['loop_lag_max_s'] * 1e3:.0f} ms | "
             f"{r['first_done_s']:.1f}..{r['last_done_s']:.1f} s, max {r['max_per_second']:.0f}/s | "
             f"{r['plain_median_ms']:.0f} / {r['plain_p99_ms']:.0f} ms | "
@@ -446,6 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     ap.add_argument("--scrapes", type=int, default=20, help="scrapes per size and encoding")
     ap.add_argument("--part", choices=("1", "2", "both"), default="both")
+    ap.add_argument(
+        "--policies",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="part 2: orchestrator policies to configure (global.policies, defaults), e.g. nova kubevirt",
+    )
     ap.add_argument("--write", action="store_true", help=f"write the tables to {RESULTS}")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -463,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("1", "both"):
         out += [*part1([n for n in args.sizes if n >= 1000] or args.sizes), ""]
     if args.part in ("2", "both"):
-        out += [*part2(args.sizes, args.scrapes), ""]
+        out += [*part2(args.sizes, args.scrapes, args.policies), ""]
     text = "\n".join(out)
     print(text)
     if args.write:

@@ -80,6 +80,9 @@ def test_slow_derived_answers_never_hold_back_other_results(tmp_path: Path) -> N
             assert grid_cpu is not None
             assert derived_cpu is not None
             assert 0 < grid_cpu < derived_cpu
+            # no policies configured: none computed
+            assert value(s, "migpredictd_predicted_targets_total", stage="policies") == 0
+            assert value(s, "migpredictd_prediction_cpu_seconds_total", stage="policies") == 0
             assert d.proc.poll() is None, d.logs()[-3000:]
         finally:
             d.stop()
@@ -126,5 +129,10 @@ def test_configured_policies_are_published_with_the_derived_answers(tmp_path: Pa
                 assert (secs is not None) == (outcome in ("completed", "postcopy"))
             # the default fake guest (512 MiB, 20 MiB/s over 64 MiB) completes at 10 Gbit/s under Nova
             assert outcomes[("nova", "10Gbps")] == "completed"
+            # the policies' CPU is a stage of its own, counted for both targets (each has policies)
+            assert value(s, "migpredictd_predicted_targets_total", stage="policies") == 2
+            policy_cpu = value(s, "migpredictd_prediction_cpu_seconds_total", stage="policies")
+            assert policy_cpu is not None
+            assert policy_cpu > 0
         finally:
             d.stop()

@@ -178,3 +178,17 @@ def test_age_inverts_dirty_and_matches_the_batch() -> None:
     batch = ModelBatch.of([m])
     got = batch.age(np.zeros(len(pages), dtype=np.int64), np.array(pages))
     assert got.tolist() == pytest.approx([m.age(p) for p in pages], rel=1e-12)
+
+
+def test_the_running_maximum_of_a_negative_zero_is_zero() -> None:
+    """A count of -0.0 passes validation (it is not below zero); after a 0.0 the running maximum reads
+    it as 0.0, as it did before the monotone case skipped the running maximum."""
+    m = Measurement(
+        page_size_bytes=4096,
+        total_pages=1000,
+        points=(DirtyPoint(100.0, 0.0), DirtyPoint(200.0, -0.0), DirtyPoint(300.0, 5.0)),
+        zero_pages=0.0,
+    )
+    ys = build_model(m, mode="seed").dirty_pages
+    assert [math.copysign(1.0, y) for y in ys[:3]] == [1.0, 1.0, 1.0]
+    assert ys[1:4] == (0.0, 0.0, 5.0)

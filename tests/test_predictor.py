@@ -612,3 +612,32 @@ def test_derived_answers_reuse_the_grid_exactly(mode: str) -> None:
     fresh = predict_derived(ms, grid, cfg)
     np.testing.assert_array_equal(reused[0], fresh[0])
     np.testing.assert_array_equal(reused[1], fresh[1])
+
+
+@pytest.mark.parametrize("deadline", [3600.0, 30.0, 0.5])
+def test_seed_grid_by_bandwidth_lanes_equals_every_cell_alone(deadline: float) -> None:
+    """predict_grid's seed mode simulates each (VM, bandwidth) once for all downtimes: every cell's
+    seconds, passes, bytes and downtime equal simulate()'s, cell by cell, bit for bit (nan where both
+    are nan), on the golden CLI inputs (varied shapes) and 200 scaled cover-letter VMs, with a grid
+    whose downtimes include 0 and unlimited."""
+    from benchmarks.predict import inputs
+    from migpredictd.core.predictor import _simulate_seed_grid
+
+    docs = [json.loads(line) for line in (DATA / "cli_golden_input.jsonl").read_text().splitlines()]
+    models = [build_model(parse_measurement(d), mode="seed") for d in [*docs, *inputs(200)]]
+    grid = make_grid(
+        ["1MB/s", "100Mbps", "1Gbps", "2.5Gbps", "10Gbps", "40Gbps"], ["0", "5ms", "125ms", "1s", "unlim"]
+    )
+    s = PredictorSettings(mode="seed", deadline_seconds=deadline)
+    batch = ModelBatch.of(models, first_pass=False)
+    nv, nb, nd = len(models), len(grid.bandwidths), len(grid.downtimes)
+    vm = np.repeat(np.arange(nv), nb * nd)
+    bw = np.tile(np.repeat(np.array(grid.bandwidths), nd), nv)
+    dt = np.tile(np.array(grid.downtimes), nv * nb)
+    want = simulate(batch, vm, bw, dt, s)
+    got = _simulate_seed_grid(batch, np.array(grid.bandwidths), np.array(grid.downtimes), s)
+    for field in ("seconds", "passes", "bytes_sent", "downtime_seconds"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    assert got.passes.dtype == want.passes.dtype
+    # the cases cover converging, never converging and creeping cells
+    assert 0 < np.count_nonzero(got.converges) < got.seconds.size

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,7 +85,10 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
     # curve stays monotone (a no-op for consistent input, so seed mode is unaffected).
     # A longer window sees at least the pages a shorter one saw: a noisy measurement that dips is read
     # as its running maximum (pessimistic, and a no-op for monotone input, so seed mode is unaffected).
-    ys = list(itertools.accumulate(map(min, counts, itertools.repeat(ceiling)), max))
+    if all(map(operator.le, counts, counts[1:])) and counts[-1] <= ceiling and 0.0 not in counts[1:]:
+        ys = list(counts)  # the common case, where both are no-ops (a later zero may be a -0.0: not here)
+    else:
+        ys = list(itertools.accumulate(map(min, counts, itertools.repeat(ceiling)), max))
     if len(xs) == 1 or mode == "qemu":
         # The rate the shortest window saw, from a clean start (a line through the origin).
         xs.insert(0, 0.0)
@@ -114,19 +118,16 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
                 del xs[i], ys[i]
             else:
                 i += 1
-    slopes = [0.0]
-    offsets = [ys[0]]
-    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:], strict=False):
-        slope = (y1 - y0) / (x1 - x0)  # _line's operations, inline: this loop runs per segment
-        slopes.append(slope)
-        offsets.append(y0 - slope * x0)
+    # _line's operations per segment, in C loops: (y1 - y0) / (x1 - x0), then y0 - slope * x0.
+    slopes = list(map(operator.truediv, map(operator.sub, ys[1:], ys), map(operator.sub, xs[1:], xs)))
+    offsets = list(map(operator.sub, ys, map(operator.mul, slopes, xs)))
     return MemoryModel(
         page_size_bytes=m.page_size_bytes,
         total_pages=m.total_pages,
         zero_pages=zero,
         period_ms=tuple(xs),
         dirty_pages=tuple(ys),
-        slopes=tuple(slopes),
-        offsets=tuple(offsets),
+        slopes=(0.0, *slopes),
+        offsets=(ys[0], *offsets),
         zero_profile=m.zero_profile,  # Measurement only allows one next to zero_pages
     )

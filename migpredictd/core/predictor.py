@@ -403,6 +403,88 @@ def _simulate_seed(
     )
 
 
+def _simulate_seed_grid(
+    batch: ModelBatch, bandwidths: FloatArray, downtimes_s: FloatArray, settings: PredictorSettings
+) -> CellResults:
+    """:func:`_simulate_seed` of every (VM, bandwidth, downtime) of a grid, cells in that order, with
+    each (VM, bandwidth) simulated once: a cell's passes do not depend on its downtime, which only
+    decides when it stops (converged, or creeping towards a limit above it). The same float operations
+    per cell, so the same results bit for bit."""
+    nv, nb, nd = len(batch), len(bandwidths), len(downtimes_s)
+    n = nv * nb
+    out_ms = np.full((n, nd), np.nan)
+    out_passes = np.zeros((n, nd), dtype=np.int64)
+    out_bytes = np.zeros((n, nd))
+    out_down = np.full((n, nd), np.nan)
+    deadline_ms = settings.deadline_seconds * 1000.0
+    dt_ms = downtimes_s * 1000.0
+    creep_floor = dt_ms * (1 + 1e-9)
+    header = float(PAGE_HEADER_BYTES)
+
+    lane_vm = np.repeat(np.arange(nv), nb)
+    lane_bw = np.tile(bandwidths, nv)
+    live = np.arange(n)  # lanes with a cell still going
+    waiting = np.ones((n, nd), dtype=bool)  # of those lanes' cells, the ones still going
+    normal = batch.total_pages[lane_vm] - batch.zero_pages[lane_vm]
+    zero = batch.zero_pages[lane_vm].copy()
+    total_ms = np.zeros(n)
+    sent = np.zeros(n)
+    last_iter = np.full(n, np.inf)
+    passes = np.zeros(n, dtype=np.int64)
+    while live.size:
+        v, b = lane_vm[live], lane_bw[live]
+        iter_bytes = normal * (batch.page_size[v] + header) + zero * header
+        iter_ms = iter_bytes * 1000.0 / b
+        total_ms = total_ms + iter_ms
+        sent = sent + iter_bytes
+        passes = passes + 1
+        done = waiting & (iter_ms[:, None] <= dt_ms)
+        # From the second pass on every pass is f(previous pass) with f monotone: no shrink, no end.
+        lane_stuck = (total_ms > deadline_ms) | ((passes > 2) & (iter_ms >= last_iter))
+        finished = done | (waiting & lane_stuck[:, None])
+        rows, cols = np.nonzero(done)
+        out_ms[live[rows], cols] = np.ceil(total_ms[rows])
+        out_down[live[rows], cols] = iter_ms[rows] / 1000.0
+        rows, cols = np.nonzero(finished)
+        out_passes[live[rows], cols] = passes[rows]
+        out_bytes[live[rows], cols] = sent[rows]
+        waiting &= ~finished
+        keep = waiting.any(axis=1)
+        live, total_ms, sent, passes, waiting = (
+            live[keep],
+            total_ms[keep],
+            sent[keep],
+            passes[keep],
+            waiting[keep],
+        )
+        last_iter = iter_ms[keep]
+        v, b = lane_vm[live], lane_bw[live]
+        normal, seg = batch.dirty_segment(v, last_iter)
+        zero = np.zeros(live.size)
+        # Within one linear segment the next pass time is a * this one + b: see _simulate_seed.
+        per_page_ms = (batch.page_size[v] + header) * 1000.0 / b
+        a = batch.slope[v, seg] * per_page_ms
+        with np.errstate(divide="ignore", invalid="ignore"):
+            limit = batch.offset[v, seg] * per_page_ms / (1.0 - a)
+        lower = batch.x[v, np.maximum(seg - 1, 0)]
+        creeping = (a > 0) & (a < 1) & (limit < last_iter) & (limit >= lower) & (passes >= 2)
+        gone = waiting & creeping[:, None] & (limit[:, None] > creep_floor)
+        if gone.any():
+            rows, cols = np.nonzero(gone)
+            out_passes[live[rows], cols] = passes[rows]
+            out_bytes[live[rows], cols] = sent[rows]
+            waiting &= ~gone
+            stay = waiting.any(axis=1)
+            live, total_ms, sent, passes = live[stay], total_ms[stay], sent[stay], passes[stay]
+            waiting, last_iter, normal, zero = waiting[stay], last_iter[stay], normal[stay], zero[stay]
+    return CellResults(
+        seconds=(out_ms / 1000.0).ravel(),
+        passes=out_passes.ravel(),
+        bytes_sent=out_bytes.ravel(),
+        downtime_seconds=out_down.ravel(),
+    )
+
+
 def _segment(xs: FloatArray, x: FloatArray) -> IntArray:
     """Per row, the index ``j`` of the knot that ends the segment holding ``x`` (``xs[j-1] < x <= xs[j]``),
     clipped to ``1 .. columns - 1``."""
@@ -1054,7 +1136,10 @@ def predict_grid(
     vm = np.repeat(np.arange(nv), nb * nd)
     bw = np.tile(np.repeat(np.array(grid.bandwidths), nd), nv)
     dt = np.tile(np.array(grid.downtimes), nv * nb)
-    res = simulate(batch, vm, bw, dt, settings)
+    if settings.mode == "seed":  # each (VM, bandwidth) once for all downtimes: the same cells
+        res = _simulate_seed_grid(batch, np.array(grid.bandwidths), np.array(grid.downtimes), settings)
+    else:
+        res = simulate(batch, vm, bw, dt, settings)
     shape = (nv, nb, nd)
     if derived:
         min_bw, min_dt = _derived(batch, grid, settings, grid_converges=res.converges.reshape(shape))

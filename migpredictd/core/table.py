@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,24 @@ def render_table(prediction: VMPrediction, grid: Grid) -> str:
         cells = [list(map(_cell, row)) for row in totals.tolist()]
     rows = [label + "".join(row) for label, row in zip(labels, cells, strict=True)]
     return head + "\n".join(rows) + "\n"
+
+
+def render_tables(predictions: Sequence[VMPrediction], grid: Grid) -> list[str]:
+    """:func:`render_table` of each prediction, the same text, with the cells' whole seconds computed
+    for all of them at once (the CLI renders thousands)."""
+    if not predictions:
+        return []
+    seconds = np.array([p.seconds for p in predictions], dtype=float)
+    finite = np.isfinite(seconds)
+    if (seconds[finite] >= _EXACT_INTS).any():  # beyond int64 somewhere: each VM on its own
+        return [render_table(p, grid) for p in predictions]
+    head, labels = _frame(grid)
+    totals = np.where(finite, np.ceil(np.where(finite, seconds, 0.0)), -1.0).astype(np.int64).tolist()
+    join, cell = "".join, _cell
+    return [
+        head + "\n".join([label + join(map(cell, row)) for label, row in zip(labels, vm, strict=True)]) + "\n"
+        for vm in totals
+    ]
 
 
 def _num(value: float) -> float | None:

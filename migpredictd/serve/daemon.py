@@ -61,10 +61,12 @@ DEFAULT_LISTEN = ":9842"
 TARGETS_DIR_POLL_SECONDS = 5.0
 PREDICTION_BATCH_DELAY = 0.2  # seconds to gather measurements that finish together into one batch
 MAX_PREDICTION_BATCH = 500
-# Derived answers wait this long for more measurements to share their batch, up to this many VMs: a
-# batch of a few VMs costs several times more per VM than one of a thousand (benchmarks/predict.py),
-# and nothing waits for them (the grids are published already).
+# Derived answers wait this long for more measurements to share their batch, and again while more keep
+# coming (a round under way), up to DERIVE_BATCH_MAX_WAIT or this many VMs: a batch's bisection has a
+# fixed cost on top of its VMs' share (one vectorised simulation per step, whatever its size), so small
+# batches cost more per VM (docs/performance.md); nothing waits for them (the grids are published).
 DERIVE_BATCH_DELAY = 2.0
+DERIVE_BATCH_MAX_WAIT = 10.0
 MAX_DERIVE_BATCH = 1000
 LOOP_LAG_PROBE_SECONDS = 0.25
 LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
@@ -173,9 +175,10 @@ class Daemon:
         # superseded: only the newest measurement's answers are ever published).
         self._underived: dict[str, tuple[Measurement, MemoryModel, RateLimiter]] = {}
         self._derive_task: asyncio.Task[None] | None = None
-        # CPU seconds of the prediction workers and the targets they predicted, per stage.
-        self.prediction_cpu = {"grid": 0.0, "derived": 0.0}
-        self.predicted = {"grid": 0, "derived": 0}
+        # CPU seconds of the prediction workers and the targets they predicted, per stage (policies:
+        # the configured orchestrator policies' outcomes, computed with the derived answers).
+        self.prediction_cpu = {"grid": 0.0, "derived": 0.0, "policies": 0.0}
+        self.predicted = {"grid": 0, "derived": 0, "policies": 0}
         self.loop_lag = 0.0  # seconds the event loop answered late at the last check, and the worst
         self.loop_lag_max = 0.0
         self.loop_lag_counts = [0] * len(LOOP_LAG_BUCKETS)  # per bucket (not cumulative), +Inf last
@@ -489,8 +492,13 @@ class Daemon:
         batches, until none waits."""
         loop = asyncio.get_running_loop()
         while self._underived and not self._stop.is_set() and self.config is not None:
-            if len(self._underived) < MAX_DERIVE_BATCH:
+            waited = 0.0
+            while len(self._underived) < MAX_DERIVE_BATCH and waited < DERIVE_BATCH_MAX_WAIT:
+                waiting = len(self._underived)
                 await asyncio.sleep(DERIVE_BATCH_DELAY)
+                waited += DERIVE_BATCH_DELAY
+                if len(self._underived) == waiting or self._stop.is_set():
+                    break  # no more came meanwhile (or re-measured targets replaced their own)
             config = self.config
             if not self._underived or config is None:
                 break
@@ -516,12 +524,15 @@ class Daemon:
                 batch = functools.partial(
                     _derive_batch, models, limiters, measurements, config, grids, policies=policies
                 )
-                min_bw, min_dt, outcomes, cpu = await loop.run_in_executor(self._deriver, batch)
+                min_bw, min_dt, outcomes, cpu, policy_cpu = await loop.run_in_executor(self._deriver, batch)
             except Exception:
                 log.exception("derived answers failed", extra={"targets": len(work)})
                 continue
             self.prediction_cpu["derived"] += cpu
             self.predicted["derived"] += len(work)
+            if config.policies:
+                self.prediction_cpu["policies"] += policy_cpu
+                self.predicted["policies"] += len(work)
             for i, (name, m, _, _) in enumerate(work):
                 self.state.record_derived(name, m, config.grid, min_bw[i], min_dt[i], policies=outcomes[i])
             await loop.run_in_executor(self._worker, self._render)
@@ -634,14 +645,16 @@ def _derive_batch(
     grids: list[FloatArray] | None,
     *,
     policies: list[tuple[Policy, ...]] | None = None,
-) -> tuple[FloatArray, FloatArray, list[dict[str, tuple[PolicyOutcome, ...]]], float]:
+) -> tuple[FloatArray, FloatArray, list[dict[str, tuple[PolicyOutcome, ...]]], float, float]:
     """The derived answers and the configured policies' outcomes of one batch (on the derive worker),
-    and the CPU seconds they took; then the heap trimmed. ``policies``: each model's own (a target's
+    and the CPU seconds each took; then the heap trimmed. ``policies``: each model's own (a target's
     list or global.policies; default global.policies for all)."""
     cpu = time.thread_time()
     min_bw, min_dt = predict_derived(
         models, config.grid, config.prediction, limiters=limiters, grid_seconds=grids
     )
+    policy_cpu = time.thread_time()
+    cpu = policy_cpu - cpu
     outcomes = [
         {
             policy.name: tuple(
@@ -657,9 +670,9 @@ def _derive_batch(
             models, measurements, policies or [config.policies] * len(models), strict=True
         )
     ]  # fmt: skip
-    cpu = time.thread_time() - cpu
+    policy_cpu = time.thread_time() - policy_cpu
     _trim_heap()
-    return min_bw, min_dt, outcomes, cpu
+    return min_bw, min_dt, outcomes, cpu, policy_cpu
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -761,15 +774,15 @@ class _RuntimeCollector(Collector):
         yield delay
         cpu = CounterMetricFamily(
             "migpredictd_prediction_cpu_seconds",
-            "CPU seconds the prediction workers spent: grids, or derived answers.",
+            "CPU seconds the prediction workers spent: grids, derived answers, or the configured policies.",
             labels=["stage"],
         )
         done = CounterMetricFamily(
             "migpredictd_predicted_targets",
-            "Target predictions made: grids, or derived answers.",
+            "Target predictions made: grids, derived answers, or the configured policies' outcomes.",
             labels=["stage"],
         )
-        for stage in ("grid", "derived"):
+        for stage in ("grid", "derived", "policies"):
             cpu.add_metric([stage], d.prediction_cpu[stage])
             done.add_metric([stage], float(d.predicted[stage]))
         yield cpu

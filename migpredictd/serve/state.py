@@ -17,6 +17,12 @@ from migpredictd.core.measurement import Measurement
 from migpredictd.core.policies import PolicyOutcome
 from migpredictd.core.predictor import FloatArray, Grid, VMPrediction
 
+# Shared, read-only empty mappings instead of an empty dict per target and field (10,000 targets x 3
+# fields): TargetState is immutable, every change builds a new mapping.
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
+_NO_FAILURES: Mapping[str, int] = MappingProxyType({})
+_NO_POLICIES: Mapping[str, tuple[PolicyOutcome, ...]] = MappingProxyType({})
+
 
 @dataclass(frozen=True, slots=True)
 class TargetState:
@@ -24,7 +30,7 @@ class TargetState:
 
     name: str
     qmp: str
-    labels: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=lambda: _NO_LABELS)
     up: bool = False
     measurement: Measurement | None = None
     prediction: VMPrediction | None = None
@@ -33,11 +39,11 @@ class TargetState:
     last_attempt: float | None = None
     last_duration: float | None = None
     last_error: str | None = None
-    failures: Mapping[str, int] = field(default_factory=dict)
+    failures: Mapping[str, int] = field(default_factory=lambda: _NO_FAILURES)
     version: int = 0
     # What each configured orchestrator policy does with the migration, per grid bandwidth (with the
     # derived answers, from the same measurement).
-    policies: Mapping[str, tuple[PolicyOutcome, ...]] = field(default_factory=dict)
+    policies: Mapping[str, tuple[PolicyOutcome, ...]] = field(default_factory=lambda: _NO_POLICIES)
 
 
 class State:
@@ -66,9 +72,13 @@ class State:
             for name, (qmp, labels) in targets.items():
                 old = self._targets.get(name)
                 if old is None:
-                    kept[name] = TargetState(name=name, qmp=qmp, labels=dict(labels))
+                    kept[name] = TargetState(
+                        name=name, qmp=qmp, labels=dict(labels) if labels else _NO_LABELS
+                    )
                 elif old.qmp != qmp or dict(old.labels) != dict(labels):
-                    kept[name] = replace(old, qmp=qmp, labels=dict(labels), version=old.version + 1)
+                    kept[name] = replace(
+                        old, qmp=qmp, labels=dict(labels) if labels else _NO_LABELS, version=old.version + 1
+                    )
                 else:
                     kept[name] = old
             self._targets = kept
@@ -125,7 +135,10 @@ class State:
                 return
             prediction = replace(old.prediction, min_bandwidth=min_bandwidth, min_downtime=min_downtime)
             self._targets[name] = replace(
-                old, prediction=prediction, policies=dict(policies or {}), version=old.version + 1
+                old,
+                prediction=prediction,
+                policies=dict(policies) if policies else _NO_POLICIES,
+                version=old.version + 1,
             )
             self._version += 1
 
