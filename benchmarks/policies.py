@@ -24,12 +24,12 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.accuracy import MBIT, MIB, true_measurement
+from benchmarks.accuracy import MBIT, MIB, read_rows, true_measurement
 from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.core.measurement import Measurement, parse_measurement
 from migpredictd.core.model import build_model
@@ -354,14 +354,6 @@ def repredict(row: Row) -> Row:
     case = case_of(row)
     m = parse_measurement(row["measurement"])
     return {**row, "prediction": predict_case(case, m), "boundary": boundary(case, m)}
-
-
-def read_rows(paths: Iterable[Path]) -> list[Row]:
-    """All rows of the given JSON Lines files."""
-    rows = []
-    for path in paths:
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -622,6 +622,21 @@ def _labels(y: Node, key: str, p: Problems) -> Labels | None:
     return Labels(out) if ok else None
 
 
+def _interval(entries: dict[str, Node], key: str, defaults: _Defaults, p: Problems) -> float | None:
+    """The entry's ``interval`` (default: global.interval); None, with a problem, when it is not usable."""
+    if "interval" not in entries:
+        return defaults.interval
+    interval = _duration(entries["interval"], join(key, "interval"), p, minimum=MIN_INTERVAL_SECONDS)
+    if interval is not None and defaults.jitter >= interval:
+        p.add(
+            entries["interval"].line,
+            join(key, "interval"),
+            f"must be longer than global.jitter ({defaults.jitter:g}s)",
+        )
+        return None
+    return interval
+
+
 def _target(
     y: Node, key: str, defaults: _Defaults, p: Problems
 ) -> tuple[TargetConfig | None, dict[str, Node]]:
@@ -639,16 +654,7 @@ def _target(
     labels: Labels | None = Labels()
     if "labels" in entries:
         labels = _labels(entries["labels"], join(key, "labels"), p)
-    interval: float | None = defaults.interval
-    if "interval" in entries:
-        interval = _duration(entries["interval"], join(key, "interval"), p, minimum=MIN_INTERVAL_SECONDS)
-        if interval is not None and defaults.jitter >= interval:
-            p.add(
-                entries["interval"].line,
-                join(key, "interval"),
-                f"must be longer than global.jitter ({defaults.jitter:g}s)",
-            )
-            interval = None
+    interval = _interval(entries, key, defaults, p)
     before = len(p.items)
     measurement = defaults.measurement
     if "measurement" in entries:
@@ -1038,15 +1044,7 @@ def _libvirt_sources(y: Node, defaults: _Defaults, p: Problems) -> tuple[Libvirt
                 p.add(
                     entries["labels"].line, join(key, f"labels.{name}"), f"{name!r} is also a metadata label"
                 )
-        interval: float | None = defaults.interval
-        if "interval" in entries:
-            interval = _duration(entries["interval"], join(key, "interval"), p, minimum=MIN_INTERVAL_SECONDS)
-            if interval is not None and defaults.jitter >= interval:
-                p.add(
-                    entries["interval"].line,
-                    join(key, "interval"),
-                    f"must be longer than global.jitter ({defaults.jitter:g}s)",
-                )
+        interval = _interval(entries, key, defaults, p)
         base = dataclasses.replace(defaults.measurement, strategy="auto", sample_pages=None)
         measurement = base
         mline = entries["measurement"].line if "measurement" in entries else item.line
