@@ -352,3 +352,10 @@ def test_a_libvirt_entrys_policies_apply_to_its_domains(tmp_path: Path) -> None:
     assert [p.name for p in target.policies] == ["nova"]
     with pytest.raises(ConfigError, match=r"libvirt\[0\]\.policies\[0\]"):
         load_config(_config(tmp_path, 'libvirt: [{uri: "qemu:///system", policies: [novaa]}]\n'))
+
+
+def test_a_closed_connection_fails_its_calls_as_the_targets_libvirt_error() -> None:
+    conn = Connection("test:///closed")
+    conn.close()
+    with pytest.raises(LibvirtError, match="virDomainGetState: the connection was closed"):
+        asyncio.run(conn.state("u-1", target="vm1"))

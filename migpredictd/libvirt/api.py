@@ -206,7 +206,11 @@ class Connection:
     async def _run(self, fn: Callable[[], _T], *, what: str) -> _T:
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._pool, fn), self.timeout)
+            future = loop.run_in_executor(self._pool, fn)
+        except RuntimeError:  # closed (its libvirt entry was removed by a reload) while a call was due
+            raise ConnectionError(self.uri, "the connection was closed") from None
+        try:
+            return await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
             with self._lock:
                 self._drop()  # the next call opens a new connection rather than queue behind a hung one
