@@ -16,7 +16,7 @@
 #
 # The socket directory is mounted at the same path as on the host, so socket paths in config.yaml are the
 # host's paths. On a libvirt host, config.yaml lists `libvirt: [{uri: "qemu:///system"}]` and the container
-# mounts libvirt's socket instead (docs/deploy.md, "libvirt"):
+# mounts libvirt's socket instead (docs/deploy.md, "libvirt hosts"):
 #
 #   docker run -d --name migpredictd --restart unless-stopped -p 9842:9842 \
 #     --group-add "$(getent group libvirt | cut -d: -f3)" \
@@ -35,7 +35,8 @@
 #     -v /run/qemu-server:/run/qemu-server:ro -v migpredictd-run:/run/migpredictd --read-only \
 #     --entrypoint migpredictd-zeropaged migpredictd:0.1.0 --socket-group 9842
 #
-# and the daemon's `docker run` above adds `-v migpredictd-run:/run/migpredictd:ro`.
+# and the daemon's `docker run` above adds `-v migpredictd-run:/run/migpredictd:ro`. On a libvirt host the
+# helper mounts `-v /run/libvirt:/run/libvirt:ro` instead of /run/qemu-server (it follows libvirt's PID files).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

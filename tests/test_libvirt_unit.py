@@ -7,8 +7,8 @@ The real-libvirtd proof is tests/test_libvirt.py; these pin the decisions one ca
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from migpredictd.libvirt.api import (
 from migpredictd.libvirt.discovery import metadata_values, selected, targets_for
 from migpredictd.libvirt.measure import LIBVIRT_SAMPLE_PAGES, measure_domain, pid_file_for
 from migpredictd.qemu.settings import MeasureSettings
+from migpredictd.qemu.zeropages import guest_name_matches
 from migpredictd.serve.daemon import Daemon
 
 MIB = 1 << 20
@@ -295,6 +296,7 @@ def test_pid_files_are_only_for_this_hosts_system_instance() -> None:
     assert pid_file_for("qemu+ssh://host/system", "vm1") is None
     assert pid_file_for("qemu:///session", "vm1") is None
     assert pid_file_for("qemu:///system", "../etc") is None
+    assert pid_file_for("qemu+unix:///system?socket=/pods/x/libvirt-sock", "vm1") is None  # KubeVirt's
 
 
 def test_a_domain_that_is_also_a_static_target_is_measured_once(tmp_path: Path) -> None:
@@ -318,21 +320,30 @@ def test_a_domain_that_is_also_a_static_target_is_measured_once(tmp_path: Path) 
 
 def test_a_domain_whose_qemu_listens_on_a_static_targets_socket_is_measured_once(tmp_path: Path) -> None:
     """The second-socket alternative and a libvirt entry on one host: the static target's QMP socket
-    leads to the domain's QEMU (here: this process listens, and the PID file names this process)."""
+    leads to the domain's QEMU (a stand-in process with QEMU's ``-name guest=instance-1`` listens on it,
+    and the domain's PID file names it)."""
     sock_path = tmp_path / "vm.qmp"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(sock_path))
-    listener.listen(1)
-    pid_dir = tmp_path / "run"
-    pid_dir.mkdir()
-    (pid_dir / "instance-1.pid").write_text(f"{os.getpid()}\n")
-    (pid_dir / "instance-2.pid").write_text("1\n")
-    path = _config(
-        tmp_path,
-        f'targets: [{{name: web, qmp: "unix:{sock_path}"}}]\n'
-        f'libvirt: [{{uri: "qemu:///system", pid_dir: "{pid_dir}"}}]\n',
+    listen = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", listen, str(sock_path), "-name", "guest=instance-1,debug-threads=on"],
+        stdout=subprocess.PIPE,
     )
     try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"
+        pid_dir = tmp_path / "run"
+        pid_dir.mkdir()
+        (pid_dir / "instance-1.pid").write_text(f"{child.pid}\n")
+        (pid_dir / "instance-2.pid").write_text(f"{child.pid}\n")  # not instance-2's QEMU: not believed
+        path = _config(
+            tmp_path,
+            f'targets: [{{name: web, qmp: "unix:{sock_path}"}}]\n'
+            f'libvirt: [{{uri: "qemu:///system", pid_dir: "{pid_dir}"}}]\n',
+        )
         daemon = Daemon(str(path))
         daemon.apply(load_config(path))
         watch = next(iter(daemon._libvirt.values()))
@@ -341,8 +352,16 @@ def test_a_domain_whose_qemu_listens_on_a_static_targets_socket_is_measured_once
         daemon._refresh_static_pids()
         daemon._publish_targets()
     finally:
-        listener.close()
+        child.kill()
+        child.wait()
     assert sorted(daemon._targets) == ["instance-2", "web"]
+
+
+def test_qemus_name_argument_is_read_as_libvirt_writes_it() -> None:
+    argv = [b"/usr/bin/qemu-system-x86_64", b"-name", b"guest=a,,b,debug-threads=on"]
+    assert guest_name_matches(argv, b"a,b")
+    assert not guest_name_matches(argv, b"a")
+    assert not guest_name_matches([b"qemu", b"-name", b"guest=ab"], b"a")
 
 
 def test_a_libvirt_entrys_policies_apply_to_its_domains(tmp_path: Path) -> None:
@@ -359,3 +378,30 @@ def test_a_closed_connection_fails_its_calls_as_the_targets_libvirt_error() -> N
     conn.close()
     with pytest.raises(LibvirtError, match="virDomainGetState: the connection was closed"):
         asyncio.run(conn.state("u-1", target="vm1"))
+
+
+def test_libvirt_entries_keep_the_limits_static_targets_have(tmp_path: Path) -> None:
+    labels = ", ".join(f"l{i}: v" for i in range(10))
+    meta = ", ".join(f"m{i}: p{i}" for i in range(7))
+    path = _config(
+        tmp_path,
+        "global: {interval: 30s, measurement: {periods: [250ms]}}\n"
+        "libvirt:\n"
+        '  - {uri: "qemu:///system", exclude: [], measurement: {periods: [8s]}}\n'
+        '  - {uri: "qemu:///session"}\n'
+        f'  - {{uri: "qemu+ssh://h/system", measurement: {{periods: [1s]}}, labels: {{{labels}}},'
+        f' metadata: {{namespace: "urn:x", labels: {{{meta}}}}}}}\n',
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "libvirt[0].exclude" not in text  # an empty exclude list is the default, spelt out
+    assert (
+        f"{path}:3: libvirt[0].measurement: 4 sweeps of the periods take up to 32s, not shorter than the "
+        "interval (30s)" in text
+    )
+    assert (
+        f"{path}:4: libvirt[1].measurement.periods[0]: libvirt measures whole seconds of 1..60 s, not 250 ms "
+        "(from global.measurement: give the entry its own measurement.periods)" in text
+    )
+    assert f"{path}:5: libvirt[2]: 10 labels and 7 metadata labels; at most 16 together" in text

@@ -918,7 +918,9 @@ _METADATA_PATH = re.compile(
 MAX_LIBVIRT_WINDOW_SECONDS: Final = 60
 
 
-def _globs(y: Node, key: str, p: Problems) -> tuple[str, ...] | None:
+def _globs(y: Node, key: str, p: Problems, *, empty_ok: bool = False) -> tuple[str, ...] | None:
+    if empty_ok and y.value == []:
+        return ()
     items = _list(y, key, p, high=MAX_GLOBS, what="name pattern")
     if items is None:
         return None
@@ -998,14 +1000,17 @@ def _libvirt_measurement(y: Node, key: str, base: MeasureSettings, p: Problems) 
     return out
 
 
-def _check_libvirt_periods(m: MeasureSettings, line: int, key: str, p: Problems) -> None:
+def _check_libvirt_periods(m: MeasureSettings, line: int, key: str, p: Problems, *, inherited: bool) -> None:
     periods = m.periods_ms or DEFAULT_PERIODS_MS["sweep-s"]
     for i, ms in enumerate(periods):
         if ms % 1000 or not 1000 <= ms <= MAX_LIBVIRT_WINDOW_SECONDS * 1000:
+            hint = (
+                " (from global.measurement: give the entry its own measurement.periods)" if inherited else ""
+            )
             p.add(
                 line,
                 join(key, f"periods[{i}]"),
-                f"libvirt measures whole seconds of 1..{MAX_LIBVIRT_WINDOW_SECONDS} s, not {ms:g} ms",
+                f"libvirt measures whole seconds of 1..{MAX_LIBVIRT_WINDOW_SECONDS} s, not {ms:g} ms{hint}",
             )
             return
 
@@ -1034,7 +1039,9 @@ def _libvirt_sources(y: Node, defaults: _Defaults, p: Problems) -> tuple[Libvirt
             )
             uri = None
         names = _globs(entries["names"], join(key, "names"), p) if "names" in entries else ("*",)
-        exclude = _globs(entries["exclude"], join(key, "exclude"), p) if "exclude" in entries else ()
+        exclude = (
+            _globs(entries["exclude"], join(key, "exclude"), p, empty_ok=True) if "exclude" in entries else ()
+        )
         metadata = _metadata(entries["metadata"], join(key, "metadata"), p) if "metadata" in entries else None
         labels: Labels | None = Labels()
         if "labels" in entries:
@@ -1044,13 +1051,36 @@ def _libvirt_sources(y: Node, defaults: _Defaults, p: Problems) -> tuple[Libvirt
                 p.add(
                     entries["labels"].line, join(key, f"labels.{name}"), f"{name!r} is also a metadata label"
                 )
+            if len(labels) + len(metadata.labels) > MAX_LABELS:
+                p.add(
+                    item.line,
+                    key,
+                    f"{len(labels)} labels and {len(metadata.labels)} metadata labels; at most {MAX_LABELS} "
+                    "together (each is on every series of the domain, beside uuid and libvirt_uri)",
+                )
         interval = _interval(entries, key, defaults, p)
         base = dataclasses.replace(defaults.measurement, strategy="auto", sample_pages=None)
         measurement = base
         mline = entries["measurement"].line if "measurement" in entries else item.line
         if "measurement" in entries:
             measurement = _libvirt_measurement(entries["measurement"], join(key, "measurement"), base, p)
-        _check_libvirt_periods(measurement, mline, join(key, "measurement"), p)
+        own_periods = (
+            "measurement" in entries
+            and isinstance(entries["measurement"].value, dict)
+            and ("periods" in entries["measurement"].value)
+        )
+        _check_libvirt_periods(measurement, mline, join(key, "measurement"), p, inherited=not own_periods)
+        if interval is not None:
+            sweeps = (
+                sum(measurement.periods_ms or DEFAULT_PERIODS_MS["sweep-s"]) / 1000.0 * measurement.max_sweeps
+            )
+            if sweeps >= interval:
+                p.add(
+                    mline,
+                    join(key, "measurement"),
+                    f"{measurement.max_sweeps} sweeps of the periods take up to {sweeps:g}s, not shorter "
+                    f"than the interval ({interval:g}s): measurements would never stop",
+                )
         poll = DEFAULT_LIBVIRT_POLL_SECONDS
         if "poll_interval" in entries:
             v = _duration(

@@ -47,7 +47,12 @@ from migpredictd.qemu.zerohelper import (
     encode_error,
     parse_request,
 )
-from migpredictd.qemu.zeropages import ZeroPageEstimate, guest_sample_estimate, smaps_estimate
+from migpredictd.qemu.zeropages import (
+    ZeroPageEstimate,
+    guest_name_matches,
+    guest_sample_estimate,
+    smaps_estimate,
+)
 
 logger = logging.getLogger("migpredictd.zeropaged")
 
@@ -160,8 +165,7 @@ def pid_from_file(path: str, allow: Sequence[str], proc: Path) -> int:
         argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
     except OSError as exc:
         raise Refused(f"cannot inspect PID {pid}: {exc.strerror or exc.__class__.__name__}") from exc
-    names = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == b"-name"]
-    if not any(n.split(b",")[0] == b"guest=" + name.encode() for n in names):
+    if not guest_name_matches(argv, name.encode()):
         raise Refused(f"PID {pid} from {path} is not QEMU for domain {name!r}")
     return pid
 

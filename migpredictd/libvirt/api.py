@@ -57,7 +57,6 @@ _DIRTYRATE_MODE_PAGE_SAMPLING: Final = 0
 _STATS_DIRTYRATE: Final = 1 << 9
 _LIST_ACTIVE: Final = 1
 _METADATA_ELEMENT: Final = 2
-_ERR_NO_DOMAIN_METADATA: Final = 80
 # virDomainJobOperation: what an active job is doing (virDomainGetJobStats' "operation").
 JOB_OPERATIONS: Final[Mapping[int, str]] = {
     0: "unknown",
@@ -198,10 +197,21 @@ class Connection:
             return conn
 
     def _drop(self) -> None:
+        """Forget the connection and close it (blocking; with ``_lock`` held, never on the event loop)."""
         conn, self._conn = self._conn, None
         if conn is not None and libvirt is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
+
+    def _drop_later(self) -> None:
+        """:meth:`_drop` on a thread of its own: the lock may be held by a worker blocked in
+        ``virConnectOpen`` for minutes, and closing talks to libvirtd; the event loop waits for neither."""
+
+        def drop() -> None:
+            with self._lock:
+                self._drop()
+
+        threading.Thread(target=drop, name="migpredictd-libvirt-close", daemon=True).start()
 
     async def _run(self, fn: Callable[[], _T], *, what: str) -> _T:
         loop = asyncio.get_running_loop()
@@ -212,8 +222,7 @@ class Connection:
         try:
             return await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
-            with self._lock:
-                self._drop()  # the next call opens a new connection rather than queue behind a hung one
+            self._drop_later()  # the next call opens a new connection rather than queue behind a hung one
             raise TimeoutError(f"{what} did not answer within {self.timeout:g} s") from None
 
     async def _domain_call(self, uuid: str, target: str, command: str, call: Callable[[Any], _T]) -> _T:
@@ -239,9 +248,9 @@ class Connection:
             raise LibvirtError(str(exc), target=target, command=command) from exc
 
     def close(self) -> None:
-        """Close the connection and let its threads end (a hung call's thread ends when libvirt gives up)."""
-        with self._lock:
-            self._drop()
+        """Close the connection (on a thread of its own) and let its threads end (a hung call's thread ends
+        when libvirt gives up); never blocks."""
+        self._drop_later()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # --- the connection -------------------------------------------------------------------------------
@@ -262,6 +271,7 @@ class Connection:
                     self._drop()
                 raise ConnectionError(self.uri, f"virConnectListAllDomains: {_message(exc)}") from exc
             out = []
+            failed = False
             for dom in doms:
                 try:
                     info = dom.info()  # [state, maxMem KiB, memory KiB, nrVirtCpu, cpuTime]
@@ -271,10 +281,8 @@ class Connection:
                     for ns in namespaces:
                         try:
                             xml = dom.metadata(_METADATA_ELEMENT, ns, 0)
-                        except libvirt.libvirtError as exc:
-                            if exc.get_error_code() == _ERR_NO_DOMAIN_METADATA:
-                                continue
-                            raise
+                        except libvirt.libvirtError:
+                            continue  # none in that namespace (or unreadable): the domain has no such labels
                         if isinstance(xml, str) and len(xml) <= MAX_METADATA_BYTES:
                             meta[ns] = xml
                     out.append(
@@ -287,7 +295,12 @@ class Connection:
                         )
                     )
                 except libvirt.libvirtError:
-                    continue  # stopped between the list and the call: it is not running
+                    failed = True  # stopped between the list and the call, or the connection broke
+            if failed and conn.isAlive() != 1:
+                # libvirtd went away mid-list: an empty or partial list must not look like stopped domains.
+                with self._lock:
+                    self._drop()
+                raise ConnectionError(self.uri, "the connection broke while listing domains")
             return out
 
         try:

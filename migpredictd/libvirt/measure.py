@@ -36,6 +36,7 @@ from migpredictd.libvirt.api import (
 from migpredictd.libvirt.api import ConnectionError as LibvirtConnectionError
 from migpredictd.qemu.measure import PAGE_SIZE, zero_pages
 from migpredictd.qemu.settings import DEFAULT_PERIODS_MS, MeasureSettings
+from migpredictd.qemu.zeropages import guest_name_matches
 
 __all__ = ["LIBVIRT_SAMPLE_PAGES", "DomainRef", "measure_domain", "plan_seconds"]
 
@@ -66,16 +67,23 @@ def plan_seconds(periods_ms: Sequence[float] | None) -> list[int]:
 
 
 def read_pid(pid_file: str | None) -> int | None:
-    """The PID in libvirt's PID file, or None when there is none or it is unreadable here."""
+    """The PID in libvirt's PID file if that process, as this process sees it, is QEMU for the domain the
+    file is named after (``-name guest=NAME``); else None: no file, unreadable, or another PID namespace
+    (a container without the host's), where the number names some other process."""
     if pid_file is None:
         return None
     try:
         with open(pid_file, "rb") as f:
             text = f.read(33)
         pid = int(text.decode("ascii").strip())
+        if not 0 < pid < 1 << 22:
+            return None
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read(1 << 20).split(b"\0")
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return pid if 0 < pid < 1 << 22 else None
+    name = os.path.basename(pid_file).removesuffix(".pid").encode()
+    return pid if guest_name_matches(argv, name) else None
 
 
 async def _guards(conn: Connection, ref: DomainRef, target: str) -> None:
@@ -265,7 +273,8 @@ def _utilization(
 def pid_file_for(uri: str, name: str, pid_dir: str = DEFAULT_PID_DIR) -> str | None:
     """libvirt's PID file of domain ``name`` on ``uri`` when that is this host's system instance, else None
     (a remote or session URI: its PID is not ours to read)."""
-    local = uri.split("?", maxsplit=1)[0].rstrip("/") in (
+    # A query (?socket=...) points at another libvirtd (KubeVirt's, in a pod): not this host's PID files.
+    local = "?" not in uri and uri.rstrip("/") in (
         "qemu:",
         "qemu://",
         "qemu:///system",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -284,12 +285,23 @@ def status_estimate(
     )
 
 
+def guest_name_matches(argv: Sequence[bytes], name: bytes) -> bool:
+    """Whether QEMU's ``argv`` has ``-name guest=NAME,...`` for ``name`` (libvirt doubles a comma in it)."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg == b"-name":
+            value = argv[i + 1].replace(b",,", b"\0").split(b",")[0].replace(b"\0", b",")
+            if value == b"guest=" + name:
+                return True
+    return False
+
+
 __all__ = [
     "DEFAULT_GUEST_SAMPLE_PAGES",
     "Mapping",
     "ZeroPageEstimate",
     "ZeroPagesUnavailableError",
     "find_guest_ram",
+    "guest_name_matches",
     "guest_sample_estimate",
     "read_smaps",
     "smaps_estimate",

@@ -284,8 +284,11 @@ class Daemon:
                     log.info("libvirt connected", extra={"uri": source.uri, "domains": len(domains)})
                 watch.up, watch.error, watch.domains = True, None, domains
                 found = {t.name: t for t in targets_for(source, domains)}
+                pids_before = self._static_pids
                 if self._static:
                     await asyncio.to_thread(self._refresh_static_pids)
+                if self._static_pids != pids_before and found == watch.targets:
+                    self._publish_targets()  # a static target (new since a reload) may be one of them
                 if found != watch.targets:
                     added = sorted(found.keys() - watch.targets.keys())
                     gone = sorted(watch.targets.keys() - found.keys())
