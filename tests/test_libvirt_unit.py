@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -405,3 +406,48 @@ def test_libvirt_entries_keep_the_limits_static_targets_have(tmp_path: Path) -> 
         "(from global.measurement: give the entry its own measurement.periods)" in text
     )
     assert f"{path}:5: libvirt[2]: 10 labels and 7 metadata labels; at most 16 together" in text
+
+
+class _HungLibvirt:
+    """A libvirt-python stand-in whose virConnectOpen hangs for two seconds, as a blackholed URI does."""
+
+    class libvirtError(Exception):  # noqa: N801 (libvirt-python's own name)
+        pass
+
+    @staticmethod
+    def open(uri: str) -> object:
+        time.sleep(2.0)
+        raise _HungLibvirt.libvirtError("unreachable")
+
+
+def test_a_hung_libvirtd_never_stalls_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from migpredictd.libvirt import api
+
+    monkeypatch.setattr(api, "libvirt", _HungLibvirt)
+    monkeypatch.setattr(api, "_EVENT_LOOP_STARTED", True)
+
+    async def run() -> tuple[float, float]:
+        conn = Connection("qemu+tcp://192.0.2.1/system", timeout=0.3)
+        gaps = [0.0]
+
+        async def tick() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.create_task(tick())
+        t0 = time.monotonic()
+        for _ in range(3):  # the second and third calls queue behind the first's open, and time out too
+            with pytest.raises(LibvirtError, match=r"virDomainGetState: .*did not answer within 0\.3 s"):
+                await conn.state("u-1", target="vm1")
+        took = time.monotonic() - t0
+        ticker.cancel()
+        conn.close()
+        return took, max(gaps)
+
+    took, worst_gap = asyncio.run(run())
+    assert took < 1.5
+    assert worst_gap < 0.2
