@@ -29,6 +29,7 @@ from migpredictd.libvirt.api import (
 )
 from migpredictd.libvirt.discovery import metadata_values, selected, targets_for
 from migpredictd.libvirt.measure import LIBVIRT_SAMPLE_PAGES, measure_domain, pid_file_for
+from migpredictd.qemu.measure import same_run
 from migpredictd.qemu.settings import MeasureSettings
 from migpredictd.qemu.zeropages import guest_name_matches
 from migpredictd.serve.daemon import Daemon
@@ -81,7 +82,7 @@ class ScriptedConnection(Connection):
             started = self.start_time
             self.measuring = False
             if self.steal_after_start:
-                self.start_time += 1  # another client starts its own run meanwhile
+                self.start_time += 5  # another client's run, started seconds after ours ended
             if self.job_after_window is not None:
                 self.job_value = self.job_after_window
             return DirtyRate(DIRTYRATE_MEASURING, started, self.period, "page-sampling", None)
@@ -451,3 +452,13 @@ def test_a_hung_libvirtd_never_stalls_the_event_loop(monkeypatch: pytest.MonkeyP
     took, worst_gap = asyncio.run(run())
     assert took < 1.5
     assert worst_gap < 0.2
+
+
+def test_a_start_time_one_second_late_is_our_own_run_only_while_no_other_could_have_run() -> None:
+    """QEMU sets start-time again when its sampling thread starts; late across a second boundary, it
+    reads one more. A foreign run of our length needs twice our window after our start."""
+    assert same_run(100, 100, elapsed=5.0, calc_seconds=1.0)
+    assert same_run(100, 101, elapsed=1.1, calc_seconds=1.0)
+    assert not same_run(100, 101, elapsed=2.5, calc_seconds=1.0)
+    assert not same_run(100, 102, elapsed=1.1, calc_seconds=1.0)
+    assert not same_run(None, 101, elapsed=1.1, calc_seconds=1.0)

@@ -34,7 +34,7 @@ from migpredictd.libvirt.api import (
     Connection,
 )
 from migpredictd.libvirt.api import ConnectionError as LibvirtConnectionError
-from migpredictd.qemu.measure import PAGE_SIZE, zero_pages
+from migpredictd.qemu.measure import PAGE_SIZE, same_run, zero_pages
 from migpredictd.qemu.settings import DEFAULT_PERIODS_MS, MeasureSettings
 from migpredictd.qemu.zeropages import guest_name_matches
 
@@ -135,6 +135,7 @@ async def _one_window(
             ) from exc
         raise
     started = await conn.dirty_rate(ref.uuid, target=target)
+    started_at = time.monotonic()
     await sleep(seconds)
     deadline = time.monotonic() + settings.settle_timeout
     while True:
@@ -153,7 +154,15 @@ async def _one_window(
     if (
         stats.period != seconds
         or stats.mode not in (None, "page-sampling")
-        or (started.start_time is not None and stats.start_time != started.start_time)
+        or (
+            started.start_time is not None
+            and not same_run(
+                started.start_time,
+                stats.start_time,
+                elapsed=time.monotonic() - started_at,
+                calc_seconds=float(seconds),
+            )
+        )
     ):
         raise TargetSkipped(
             "another client's dirty-rate calculation replaced ours",

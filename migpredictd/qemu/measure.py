@@ -454,6 +454,7 @@ async def _one_run(
         # Remember which run is ours: another client may start its own while we are away.
         started = await s.execute_dict("query-dirty-rate", query_args, timeout=settings.command_timeout)
         start_time = started.get("start-time")
+        started_at = time.monotonic()
     # Monitor released: QEMU samples on its own thread while other clients may use the socket.
     await sleep(calc_ms / 1000.0)
     async with _session(addr, target, settings) as s:
@@ -483,8 +484,30 @@ async def _one_run(
         start_time=start_time,
         expect_calc_time=expect_calc_time,
         sample_pages=sample_pages,
+        elapsed=time.monotonic() - started_at,
+        calc_seconds=calc_ms / 1000.0,
     )
     return reply
+
+
+def same_run(started: object, measured: object, *, elapsed: float, calc_seconds: float) -> bool:
+    """Whether a measured run whose ``start-time`` is ``measured`` is the one that read ``started`` right
+    after it was started, ``elapsed`` seconds ago.
+
+    QEMU sets ``start-time`` (whole seconds) when the command arrives and again when its sampling thread
+    takes its first hash (``DirtyStat.start_time = initial_time / 1000``), so a thread that starts late
+    across a second boundary moves it by one. Another client cannot start a run while ours measures (QEMU
+    refuses it), so a run of at least our length that replaced ours needs ``2 x calc_seconds`` after our
+    start; one second later within that is our own run. (A shorter foreign run shows as a shorter
+    ``calc-time``, checked by the caller.)"""
+    if measured == started:
+        return True
+    return (
+        isinstance(started, int)
+        and isinstance(measured, int)
+        and measured == started + 1
+        and elapsed < 2.0 * calc_seconds
+    )
 
 
 # QEMU 8.2+ reports the window it really measured, which a sleep's overshoot makes a millisecond or two
@@ -537,7 +560,14 @@ def as_requested(reply: dict[str, Any], calc_ms: float) -> dict[str, Any]:
 
 
 def _check_run(
-    reply: Mapping[str, Any], *, target: str, start_time: object, expect_calc_time: int, sample_pages: int
+    reply: Mapping[str, Any],
+    *,
+    target: str,
+    start_time: object,
+    expect_calc_time: int,
+    sample_pages: int,
+    elapsed: float = 0.0,
+    calc_seconds: float = 0.0,
 ) -> None:
     """Validate a measured reply, and that it is *our* run (another client may have started its own)."""
     rate = reply.get("dirty-rate")
@@ -563,7 +593,7 @@ def _check_run(
     # start time or other sample-pages mean the run is someone else's.
     if (
         calc_time < expect_calc_time
-        or reply.get("start-time") != start_time
+        or not same_run(start_time, reply.get("start-time"), elapsed=elapsed, calc_seconds=calc_seconds)
         or reply.get("sample-pages", sample_pages) != sample_pages
     ):
         raise TargetSkipped(
@@ -728,6 +758,7 @@ __all__ = [
     "measure",
     "measure_command",
     "plan_runs",
+    "same_run",
     "settings_from_args",
     "zero_pages",
 ]
