@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pwd
 import socket
 import subprocess
 import time
@@ -91,8 +92,9 @@ def deployed_venv_with_libvirt() -> Path:
 
 
 def ensure_user() -> None:
-    """The ``migpredictd`` user and group with uid/gid 9842, as the packaging creates them: libvirtd looks
-    the uid of each client up and refuses one it cannot find."""
+    """The ``migpredictd`` user and group with uid/gid 9842, as the packaging creates them (libvirtd looks
+    the uid of each client up and refuses one it cannot find), and a member of group ``libvirt`` in the
+    user database where that group exists, as docs/deploy.md has it for polkit's rule."""
     if subprocess.run(["getent", "group", str(UID)], capture_output=True, check=False).returncode != 0:
         subprocess.run(["groupadd", "--system", "--gid", str(UID), "migpredictd"], check=True)
     if subprocess.run(["getent", "passwd", str(UID)], capture_output=True, check=False).returncode != 0:
@@ -101,6 +103,9 @@ def ensure_user() -> None:
              "--shell", "/usr/sbin/nologin", "migpredictd"],
             check=True, capture_output=True,
         )  # fmt: skip
+    if subprocess.run(["getent", "group", "libvirt"], capture_output=True, check=False).returncode == 0:
+        name = pwd.getpwuid(UID).pw_name
+        subprocess.run(["usermod", "-aG", "libvirt", name], check=True, capture_output=True)
 
 
 def share_qmp(guest: Guest) -> str:
