@@ -47,6 +47,7 @@ from migpredictd.qemu.settings import (
     STRATEGIES,
     ZERO_PAGE_METHODS,
     MeasureSettings,
+    libvirt_windows,
 )
 
 __all__ = [
@@ -914,8 +915,6 @@ DEFAULT_LIBVIRT_PID_DIR: Final = "/run/libvirt/qemu"
 _METADATA_PATH = re.compile(
     r"^[A-Za-z_][\w.-]*(/[A-Za-z_][\w.-]*)*(/@[A-Za-z_][\w.-]*)?$|^@[A-Za-z_][\w.-]*$"
 )
-# libvirt's whole-second windows: virDomainStartDirtyRateCalc takes 1..60 s.
-MAX_LIBVIRT_WINDOW_SECONDS: Final = 60
 
 
 def _globs(y: Node, key: str, p: Problems, *, empty_ok: bool = False) -> tuple[str, ...] | None:
@@ -1001,18 +1000,12 @@ def _libvirt_measurement(y: Node, key: str, base: MeasureSettings, p: Problems) 
 
 
 def _check_libvirt_periods(m: MeasureSettings, line: int, key: str, p: Problems, *, inherited: bool) -> None:
-    periods = m.periods_ms or DEFAULT_PERIODS_MS["sweep-s"]
-    for i, ms in enumerate(periods):
-        if ms % 1000 or not 1000 <= ms <= MAX_LIBVIRT_WINDOW_SECONDS * 1000:
-            hint = (
-                " (from global.measurement: give the entry its own measurement.periods)" if inherited else ""
-            )
-            p.add(
-                line,
-                join(key, f"periods[{i}]"),
-                f"libvirt measures whole seconds of 1..{MAX_LIBVIRT_WINDOW_SECONDS} s, not {ms:g} ms{hint}",
-            )
-            return
+    try:
+        libvirt_windows(m.periods_ms)
+    except InputError as e:
+        hint = " (from global.measurement: give the entry its own measurement.periods)" if inherited else ""
+        index = (e.field or "").removeprefix("periods_ms")
+        p.add(line, join(key, f"periods{index}"), f"{e.message}{hint}")
 
 
 def _libvirt_sources(y: Node, defaults: _Defaults, p: Problems) -> tuple[LibvirtSource, ...]:

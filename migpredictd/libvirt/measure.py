@@ -16,10 +16,9 @@ pages at its shortest period have at most ``settings.target_sampling_error`` rel
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Final
 
@@ -34,36 +33,17 @@ from migpredictd.libvirt.api import (
     Connection,
 )
 from migpredictd.libvirt.api import ConnectionError as LibvirtConnectionError
-from migpredictd.qemu.measure import PAGE_SIZE, same_run, zero_pages
-from migpredictd.qemu.settings import DEFAULT_PERIODS_MS, MeasureSettings
+from migpredictd.qemu.measure import PAGE_SIZE, same_run, vcpu_share, zero_pages
+from migpredictd.qemu.settings import MeasureSettings, libvirt_windows
 from migpredictd.qemu.zeropages import guest_name_matches
 
-__all__ = ["LIBVIRT_SAMPLE_PAGES", "DomainRef", "measure_domain", "plan_seconds"]
+__all__ = ["LIBVIRT_SAMPLE_PAGES", "DomainRef", "measure_domain"]
 
 # QEMU's default sample-pages per GiB (DIRTYRATE_DEFAULT_SAMPLE_PAGES), which libvirt leaves in place.
 LIBVIRT_SAMPLE_PAGES: Final = 512
-MAX_LIBVIRT_SECONDS: Final = 60  # virDomainStartDirtyRateCalc's range is 1..60 s
 DEFAULT_PID_DIR: Final = "/run/libvirt/qemu"
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-def plan_seconds(periods_ms: Sequence[float] | None) -> list[int]:
-    """The whole-second windows of one sweep (libvirt takes 1..60 s).
-
-    :raises InputError: a period that is not a whole number of seconds in that range.
-    """
-    periods = list(periods_ms) if periods_ms is not None else list(DEFAULT_PERIODS_MS["sweep-s"])
-    seconds = []
-    for i, p in enumerate(periods):
-        s = p / 1000.0
-        if s != int(s) or not 1 <= s <= MAX_LIBVIRT_SECONDS:
-            raise InputError(
-                f"libvirt measures whole seconds of 1..{MAX_LIBVIRT_SECONDS}, not {p:g} ms",
-                field=f"periods_ms[{i}]",
-            )
-        seconds.append(int(s))
-    return seconds
 
 
 def read_pid(pid_file: str | None) -> int | None:
@@ -201,7 +181,7 @@ async def measure_domain(
     """
     settings = settings or MeasureSettings()
     started_wall, started = time.time(), time.monotonic()
-    windows = plan_seconds(settings.periods_ms)
+    windows = libvirt_windows(settings.periods_ms)
     version = await _version(conn, target)
     await _guards(conn, ref, target)
     memory_bytes = await conn.memory_bytes(ref.uuid, target=target)
@@ -218,7 +198,11 @@ async def measure_domain(
             break
         if error is None and sweeps >= 2:
             break  # two sweeps and not one sampled page changed at the shortest window: the rate is ~0
-    vcpu = _utilization(vcpu_start, (time.monotonic(), await conn.vcpu_seconds(ref.uuid, target=target)))
+    (t0, before), t1 = vcpu_start, time.monotonic()
+    after = await conn.vcpu_seconds(ref.uuid, target=target)
+    vcpu = None
+    if before is not None and after is not None and len(before) == len(after):
+        vcpu = vcpu_share((t0, sum(before)), (t1, sum(after)), len(before))
     notes = [
         f"libvirt: {sweeps} sweep(s) of {'+'.join(map(str, windows))} s at {LIBVIRT_SAMPLE_PAGES} "
         "sample-pages per GiB (QEMU's default; libvirt passes no other)"
@@ -265,18 +249,6 @@ async def _version(conn: Connection, target: str) -> str:
         return await conn.version()
     except LibvirtConnectionError as exc:
         raise LibvirtError(exc.detail, target=target, command="virConnectGetVersion") from exc
-
-
-def _utilization(
-    start: tuple[float, Sequence[float] | None], end: tuple[float, Sequence[float] | None]
-) -> float | None:
-    """The share of their time the vCPUs ran between ``start`` and ``end`` (monotonic, per-vCPU seconds)."""
-    (t0, c0), (t1, c1) = start, end
-    if c0 is None or c1 is None or len(c0) != len(c1) or not c0 or t1 - t0 < 1.0:
-        return None
-    used = sum(b - a for a, b in zip(c0, c1, strict=True))
-    share = used / ((t1 - t0) * len(c0))
-    return round(min(max(share, 0.0), 1.0), 4) if math.isfinite(share) else None
 
 
 def pid_file_for(uri: str, name: str, pid_dir: str = DEFAULT_PID_DIR) -> str | None:

@@ -242,8 +242,8 @@ async def measure(
         "target": target,
         "measured_at": started_wall,
     }
-    vcpu = _utilization(
-        vcpu_start, (time.monotonic(), _threads_cpu_seconds(peer_pid, vcpu_threads)), vcpu_threads
+    vcpu = vcpu_share(
+        vcpu_start, (time.monotonic(), _threads_cpu_seconds(peer_pid, vcpu_threads)), len(vcpu_threads)
     )
     notes: list[str] = list(notes_runs)
     try:
@@ -315,14 +315,15 @@ def _threads_cpu_seconds(pid: int | None, tids: Sequence[int]) -> float | None:
     return total / ticks
 
 
-def _utilization(
-    start: tuple[float, float | None], end: tuple[float, float | None], tids: Sequence[int]
+def vcpu_share(
+    start: tuple[float, float | None], end: tuple[float, float | None], vcpus: int
 ) -> float | None:
-    """The share of their time the vCPU threads ran between ``start`` and ``end`` (monotonic, CPU)."""
+    """The share of their time ``vcpus`` vCPUs ran between ``start`` and ``end``, each (monotonic seconds,
+    the vCPUs' CPU seconds together); None when either is unknown or less than a second apart."""
     (t0, c0), (t1, c1) = start, end
-    if c0 is None or c1 is None or t1 - t0 < 1.0 or not tids:
+    if c0 is None or c1 is None or t1 - t0 < 1.0 or vcpus <= 0:
         return None
-    return round(min(max((c1 - c0) / ((t1 - t0) * len(tids)), 0.0), 1.0), 4)
+    return round(min(max((c1 - c0) / ((t1 - t0) * vcpus), 0.0), 1.0), 4)
 
 
 def _session(
@@ -760,5 +761,6 @@ __all__ = [
     "plan_runs",
     "same_run",
     "settings_from_args",
+    "vcpu_share",
     "zero_pages",
 ]

@@ -8,7 +8,7 @@ the measurements behind each default.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_TARGET_SAMPLING_ERROR",
     "MAX_CALC_MS",
     "MAX_GUEST_SAMPLE_PAGES",
+    "MAX_LIBVIRT_WINDOW_SECONDS",
     "MAX_SAMPLE_PAGES",
     "MAX_SWEEPS",
     "MIN_CALC_MS",
@@ -33,6 +34,7 @@ __all__ = [
     "ZERO_PAGE_METHODS",
     "MeasureSettings",
     "auto_sample_pages",
+    "libvirt_windows",
 ]
 
 STRATEGIES: Final = ("auto", "extended", "sweep-ms", "sweep-s")
@@ -73,6 +75,25 @@ MAX_CALC_MS: Final = 60000.0
 # fix, and the cost stays tens of milliseconds (docs/measuring.md, "Zero pages").
 DEFAULT_GUEST_SAMPLE_PAGES: Final = 16384
 MAX_GUEST_SAMPLE_PAGES: Final = 1 << 20
+# virDomainStartDirtyRateCalc takes whole seconds of 1..60.
+MAX_LIBVIRT_WINDOW_SECONDS: Final = 60
+
+
+def libvirt_windows(periods_ms: Sequence[float] | None) -> list[int]:
+    """The whole-second windows of one libvirt sweep for ``periods_ms`` (None: the ``sweep-s`` defaults).
+
+    :raises InputError: a period that is not a whole number of seconds in 1..60 (names its index).
+    """
+    periods = list(periods_ms) if periods_ms is not None else list(DEFAULT_PERIODS_MS["sweep-s"])
+    for i, ms in enumerate(periods):
+        if ms % 1000 or not 1000 <= ms <= MAX_LIBVIRT_WINDOW_SECONDS * 1000:
+            raise InputError(
+                f"libvirt measures whole seconds of 1..{MAX_LIBVIRT_WINDOW_SECONDS} s, not {ms:g} ms",
+                field=f"periods_ms[{i}]",
+            )
+    return [int(ms // 1000) for ms in periods]
+
+
 # libvirt's sweep: see MeasureSettings.target_sampling_error.
 DEFAULT_TARGET_SAMPLING_ERROR: Final = 0.1
 DEFAULT_MAX_SWEEPS: Final = 4
