@@ -78,6 +78,13 @@ class Measurement:
     # Relative standard error, from sampling alone, of the dirty pages at the shortest period (the one
     # with the fewest dirty samples): :func:`sampling_error`. None = unknown, or no sampled page changed.
     sampling_error: float | None = None
+    # How many of zero_pages are allocated memory (written and zeroed again, or swapped), the rest being
+    # never written (the shared zero page); from the same sample. None = unknown (taken as none).
+    zero_allocated_pages: float | None = None
+    # Seconds this host took to read one zero page of each kind (qemu/hostscan.py), measured with the
+    # rest; what QEMU's migration thread's pace through zero pages is scaled by. None = not measured.
+    host_shared_zero_read_seconds: float | None = None
+    host_allocated_read_seconds: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("page_size_bytes", self.page_size_bytes, minimum=1)
@@ -112,6 +119,18 @@ class Measurement:
                 _check_number(f"zero_profile[{i}]", share)
                 if share > 1.0:
                     raise InputError("is a share, at most 1", field=f"zero_profile[{i}]")
+        if self.zero_allocated_pages is not None:
+            if self.zero_pages is None:
+                raise InputError("needs zero_pages", field="zero_allocated_pages")
+            _check_number("zero_allocated_pages", self.zero_allocated_pages)
+            if self.zero_allocated_pages > self.zero_pages:
+                raise InputError(f"exceeds zero_pages {self.zero_pages}", field="zero_allocated_pages")
+        for name in ("host_shared_zero_read_seconds", "host_allocated_read_seconds"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value)
+                if not 0.0 < value <= 1e-3:
+                    raise InputError("must be above 0 and at most 1e-3 s per page", field=name)
         if self.zero_pages_method not in ZERO_PAGE_METHODS:
             raise InputError(f"must be one of {', '.join(ZERO_PAGE_METHODS)}", field="zero_pages_method")
         if self.vcpu_utilization is not None:
@@ -169,6 +188,9 @@ class Measurement:
             "duration_seconds": self.duration_seconds,
             "vcpu_utilization": self.vcpu_utilization,
             "sampling_error": self.sampling_error,
+            "zero_allocated_pages": self.zero_allocated_pages,
+            "host_shared_zero_read_seconds": self.host_shared_zero_read_seconds,
+            "host_allocated_read_seconds": self.host_allocated_read_seconds,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.zero_profile is not None:
@@ -233,6 +255,9 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         "zero_profile",
         "vcpu_utilization",
         "sampling_error",
+        "zero_allocated_pages",
+        "host_shared_zero_read_seconds",
+        "host_allocated_read_seconds",
     }
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -273,6 +298,9 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         zero_profile=None if profile is None else tuple(profile),  # each share checked by Measurement
         vcpu_utilization=_optional_number(data, "vcpu_utilization"),
         sampling_error=_optional_number(data, "sampling_error"),
+        zero_allocated_pages=_optional_number(data, "zero_allocated_pages"),
+        host_shared_zero_read_seconds=_optional_number(data, "host_shared_zero_read_seconds"),
+        host_allocated_read_seconds=_optional_number(data, "host_allocated_read_seconds"),
     )
 
 

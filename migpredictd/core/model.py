@@ -35,6 +35,9 @@ class MemoryModel:
     offsets: tuple[float, ...]
     # Zero share of equal slices of RAM in scan order (Measurement.zero_profile); None = even spread.
     zero_profile: tuple[float, ...] | None = None
+    # Of zero_pages, those that are allocated memory (Measurement.zero_allocated_pages; 0 = unknown or
+    # none): QEMU's migration thread reads them slower than never-written ones.
+    zero_allocated_pages: float = 0.0
 
     @property
     def normal_pages(self) -> float:
@@ -130,4 +133,5 @@ def build_model(m: Measurement, *, mode: Literal["seed", "qemu"] = "seed") -> Me
         slopes=(0.0, *slopes),
         offsets=(ys[0], *offsets),
         zero_profile=m.zero_profile,  # Measurement only allows one next to zero_pages
+        zero_allocated_pages=m.zero_allocated_pages or 0.0,  # at most zero_pages, as Measurement checks
     )

@@ -225,7 +225,12 @@ def estimate(request: HelperRequest, config: HelperConfig) -> HelperReply:
     if after != before:
         raise Refused(f"PID {pid} changed while it was read (another process now has that PID)")
     return HelperReply(
-        zero_pages=est.zero_pages, method=est.method, pid=pid, profile=est.profile, detail=est.detail
+        zero_pages=est.zero_pages,
+        method=est.method,
+        pid=pid,
+        profile=est.profile,
+        detail=est.detail,
+        allocated_zero_pages=est.allocated_zero_pages,
     )
 
 

@@ -215,7 +215,7 @@ async def measure_domain(
             f"(target {settings.target_sampling_error:.0%}; max_sweeps {settings.max_sweeps})"
         )
     pid = read_pid(ref.pid_file)
-    zero, method, profile = await asyncio.to_thread(
+    zeros = await asyncio.to_thread(
         zero_pages, settings, pid, None, memory_bytes, notes, target, pid_file=ref.pid_file
     )
     try:
@@ -223,15 +223,16 @@ async def measure_domain(
             runs,
             memory_bytes=memory_bytes,
             page_size_bytes=PAGE_SIZE,
-            zero_pages=zero,
-            zero_pages_method=method,
+            zero_pages=zeros.count,
+            zero_pages_method=zeros.method,
             strategy="libvirt",
             sample_pages_per_gib=LIBVIRT_SAMPLE_PAGES,
-            zero_profile=profile,
+            zero_profile=zeros.profile,
             qemu_version=version,
             target=target,
             measured_at=started_wall,
         )
+        result = await asyncio.to_thread(zeros.into, result)  # the first call probes the host
     except InputError as exc:
         raise QMPProtocolError(
             f"unusable dirty-rate results: {exc}", target=target, command="virConnectGetAllDomainStats"

@@ -42,6 +42,7 @@ from migpredictd.core.errors import (
     TargetSkipped,
 )
 from migpredictd.core.measurement import Measurement, measurement_from_extended, measurement_from_sweep
+from migpredictd.qemu.hostscan import host_scan
 from migpredictd.qemu.qmp import READ_ONLY_COMMANDS, SAFE_DIRTY_RATE_MODE, QMPSession
 from migpredictd.qemu.settings import (
     DEFAULT_HELPER_SOCKET,
@@ -257,7 +258,7 @@ async def measure(
                 )
         else:
             # Reading sampled guest pages takes tens of ms: off the event loop, so scrapes never wait.
-            zero, method, profile = await asyncio.to_thread(
+            zeros = await asyncio.to_thread(
                 zero_pages,
                 settings,
                 peer_pid,
@@ -270,13 +271,14 @@ async def measure(
                 runs,
                 memory_bytes=memory_bytes,
                 page_size_bytes=PAGE_SIZE,
-                zero_pages=zero,
-                zero_pages_method=method,
+                zero_pages=zeros.count,
+                zero_pages_method=zeros.method,
                 strategy=strategy,
                 sample_pages_per_gib=settings.sample_pages,
-                zero_profile=profile,
+                zero_profile=zeros.profile,
                 **meta,
             )
+            result = await asyncio.to_thread(zeros.into, result)  # the first call probes the host
     except InputError as exc:
         raise QMPProtocolError(f"unusable calc-dirty-rate results: {exc}", target=target) from exc
     duration = time.monotonic() - started
@@ -614,9 +616,10 @@ def zero_pages(  # noqa: PLR0917
     target: str,
     *,
     pid_file: str | None = None,
-) -> tuple[float | None, str, tuple[float, ...] | None]:
-    """Zero pages by the configured method, and where they lie (guest-sample only); when impossible,
-    None ("unknown": assume none) plus a note. Every method tried and why it failed goes into ``notes``.
+) -> ZeroPages:
+    """Zero pages by the configured method, where they lie and how many are allocated memory
+    (guest-sample only); when impossible, None ("unknown": assume none) plus a note. Every method tried
+    and why it failed goes into ``notes``.
 
     ``auto`` tries, best first: guest-sample here (the daemon can read ``/proc/PID/mem``: root or QEMU's
     uid); the zero-page helper (the hardened deployments: the same guest-sample, done by a privileged
@@ -628,7 +631,7 @@ def zero_pages(  # noqa: PLR0917
     """
     method = settings.zero_pages
     if method == "none":
-        return None, "none", None
+        return ZeroPages(None, "none")
     methods = ("guest-sample", "helper", "host-smaps", "host-status") if method == "auto" else (method,)
     for m in methods:
         try:
@@ -653,7 +656,7 @@ def zero_pages(  # noqa: PLR0917
                     f"zero pages: {reply.method} by the zero-page helper at {settings.zero_pages_helper}"
                 )
                 logger.debug("%s: zero pages %s (helper): %s", target, reply.method, reply.detail)
-                return reply.zero_pages, reply.method, reply.profile
+                return ZeroPages(reply.zero_pages, reply.method, reply.profile, reply.allocated_zero_pages)
             if pid is None:
                 raise ZeroPagesUnavailableError("the QEMU PID is only known over a local unix socket")
             if m == "guest-sample":
@@ -668,9 +671,32 @@ def zero_pages(  # noqa: PLR0917
             notes.append(f"zero pages: {m} unavailable: {exc}")
             continue
         logger.debug("%s: zero pages %s: %s", target, est.method, est.detail)
-        return est.zero_pages, est.method, est.profile
+        return ZeroPages(est.zero_pages, est.method, est.profile, est.allocated_zero_pages)
     notes.append("zero pages unknown: prediction assumes no zero pages, so it errs long")
-    return None, "none", None
+    return ZeroPages(None, "none")
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroPages:
+    """What :func:`zero_pages` found (see there), and the host's zero-page read speed beside it."""
+
+    count: float | None
+    method: str
+    profile: tuple[float, ...] | None = None
+    allocated: float | None = None
+
+    def into(self, m: Measurement) -> Measurement:
+        """``m`` with the allocated zero pages and this host's zero-page read speed (probed once per
+        process: :func:`migpredictd.qemu.hostscan.host_scan`) when zero pages are known."""
+        if self.count is None:
+            return m
+        host = host_scan()
+        return dataclasses.replace(
+            m,
+            zero_allocated_pages=None if self.allocated is None else min(self.allocated, self.count),
+            host_shared_zero_read_seconds=host.shared_zero_seconds,
+            host_allocated_read_seconds=host.allocated_seconds,
+        )
 
 
 # --- CLI --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ One request and one reply per connection, each one line of JSON (UTF-8, at most
     {"version": 1, "qmp_socket": "/run/qemu-server/100.qmp", "memory_bytes": 4294967296,
      "page_size": 4096, "samples": 16384}
     {"version": 1, "ok": true, "zero_pages": 1003520.0, "method": "guest-sample", "pid": 4242,
-     "profile": [0.98, ...], "detail": "..."}
+     "profile": [0.98, ...], "detail": "...", "allocated_zero_pages": 1024.0}
     {"version": 1, "ok": false, "error": "... is not a configured QMP socket"}
 
 A request names exactly one of ``qmp_socket`` and ``pid_file`` (libvirt's ``/run/libvirt/qemu/NAME.pid``,
@@ -87,6 +87,7 @@ class HelperReply:
     pid: int
     profile: tuple[float, ...] | None
     detail: str
+    allocated_zero_pages: float | None = None  # of zero_pages, those that are allocated memory
 
     def encode(self) -> bytes:
         return _line(
@@ -98,6 +99,7 @@ class HelperReply:
                 "pid": self.pid,
                 "profile": None if self.profile is None else list(self.profile),
                 "detail": self.detail,
+                "allocated_zero_pages": self.allocated_zero_pages,
             }
         )
 
@@ -224,7 +226,22 @@ def parse_reply(data: bytes, request: HelperRequest) -> HelperReply:
         ):
             raise ZeroPagesUnavailableError("zero-page helper: bad reply: profile must be shares in 0..1")
         shares = tuple(float(x) for x in profile)
-    return HelperReply(zero_pages=float(zero), method=method, pid=pid, profile=shares, detail=detail[:500])
+    allocated = obj.get("allocated_zero_pages")
+    if allocated is not None and not (
+        isinstance(allocated, int | float)
+        and not isinstance(allocated, bool)
+        and math.isfinite(allocated)
+        and 0.0 <= allocated <= zero
+    ):
+        raise ZeroPagesUnavailableError("zero-page helper: bad reply: allocated_zero_pages out of range")
+    return HelperReply(
+        zero_pages=float(zero),
+        method=method,
+        pid=pid,
+        profile=shares,
+        detail=detail[:500],
+        allocated_zero_pages=None if allocated is None else float(allocated),
+    )
 
 
 def ask_helper(helper_socket: str, request: HelperRequest, *, timeout: float = 10.0) -> HelperReply:
