@@ -2,6 +2,7 @@
 
     python benchmarks/largeguest.py cost            # sizes x QEMU generations: QEMU CPU, wall, windows
     python benchmarks/largeguest.py scan            # real loopback migrations of mostly-zero guests
+    python -m benchmarks.largeguest trace           # the same, polled: migration thread CPU per zero page
 
 ``cost``: an idle guest of each size (untouched RAM maps the host's shared zero page; the guest kernel's
 page structures, 1/64 of RAM, are real pages) measured by ``migpredictd measure``'s code path with the
@@ -20,9 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from benchmarks.soak import cpu_seconds
@@ -105,6 +108,84 @@ def scan(cases: Sequence[tuple[str, int, int, int]]) -> list[dict[str, Any]]:
     return rows
 
 
+def trace(cases: Sequence[tuple[str, int, int, int]], *, poll_s: float = 0.1) -> list[dict[str, Any]]:
+    """(qemu, GiB, zeroed MiB, bandwidth MB/s) -> one real migration each, with ``query-migrate`` and the
+    migration thread's CPU time polled every ``poll_s``: per 0.5 s, the zero and normal pages QEMU sent
+    and the thread's CPU per zero page. In stretches of zero pages alone that CPU is what reading one
+    zero page costs the thread (its CPU time, so another process on the host does not change it); the
+    host's own scan speed (:func:`migpredictd.qemu.hostscan.probe`) is printed beside it."""
+    from migpredictd.qemu.hostscan import probe
+
+    rows = []
+    for qemu, gib, zeroed, mbs in cases:
+        host = probe()
+        spec = GuestSpec(
+            qemu=qemu,  # type: ignore[arg-type]
+            memory_mib=gib * GIB, touch_mib=256, wss_mib=0, rate_mib=0, zeroed_mib=zeroed,
+        )  # fmt: skip
+        port = free_tcp_port()
+        samples: list[tuple[float, int, int, float]] = []
+        final: Any = {}
+        with (
+            Guest(spec) as source,
+            Guest(spec, incoming=f"tcp:127.0.0.1:{port}") as dest,
+            source.qmp(timeout=10.0) as qmp,
+        ):
+            qmp.execute("migrate-set-parameters", {"max-bandwidth": mbs * 1_000_000, "downtime-limit": 300})
+            before = set(_thread_cpu(source.pid))
+            t0 = time.monotonic()
+            qmp.execute("migrate", {"uri": dest.incoming})
+            while True:
+                final = qmp.execute("query-migrate")
+                # The threads QEMU started for the migration (its migration thread), and their CPU.
+                cpu = sum(v for tid, v in _thread_cpu(source.pid).items() if tid not in before)
+                if isinstance(final, dict) and "ram" in final:
+                    ram = final["ram"]
+                    samples.append((time.monotonic() - t0, int(ram["duplicate"]), int(ram["normal"]), cpu))
+                if not isinstance(final, dict) or final.get("status") in ("completed", "failed", "cancelled"):
+                    break
+                time.sleep(poll_s)
+        stretches: list[dict[str, Any]] = []
+        last = samples[0]
+        for sample in samples[1:]:
+            if sample[0] - last[0] >= 0.5:
+                dt = sample[0] - last[0]
+                zeros, normals, cpu = sample[1] - last[1], sample[2] - last[2], sample[3] - last[3]
+                stretches.append({
+                    "t": round(sample[0], 2), "zero_per_s": round(zeros / dt),
+                    "normal_per_s": round(normals / dt), "thread_cpu_share": round(cpu / dt, 3),
+                    "cpu_us_per_zero_page": round(1e6 * cpu / zeros, 4) if zeros else None,
+                })  # fmt: skip
+                last = sample
+        zero_only = [
+            x["cpu_us_per_zero_page"]
+            for x in stretches
+            if x["zero_per_s"] > 300_000 and x["normal_per_s"] < 0.002 * x["zero_per_s"]
+        ]
+        row = {
+            "qemu": qemu, "gib": gib, "zeroed_mib": zeroed, "mb_per_s": mbs,
+            "status": final.get("status") if isinstance(final, dict) else None,
+            "total_s": (final.get("total-time") or 0) / 1000 if isinstance(final, dict) else None,
+            "host_scan_s_per_page": [host.shared_zero_seconds, host.allocated_seconds],
+            "zero_only_cpu_us_per_zero_page": zero_only, "stretches": stretches,
+        }  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of process ``pid``."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -115,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("scan")
     s.add_argument("--cases", default="10.0:16:0:125,10.0:16:8192:125,7.2:16:0:125,7.2:16:8192:125",
                    help="qemu:GiB:zeroed MiB:MB/s, comma-separated")  # fmt: skip
+    t = sub.add_parser("trace")
+    t.add_argument("--cases", default="10.0:64:0:125,10.0:16:8192:125,7.2:64:0:125,7.2:16:8192:125",
+                   help="qemu:GiB:zeroed MiB:MB/s, comma-separated")  # fmt: skip
     args = ap.parse_args(argv)
     if args.what == "cost":
         cost([int(x) for x in args.sizes.split(",")], args.qemu.split(","), args.fixed)
@@ -123,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for item in args.cases.split(","):
             q, g, z, b = item.split(":")
             cases.append((q, int(g), int(z), int(b)))
-        scan(cases)
+        (scan if args.what == "scan" else trace)(cases)
     return 0
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from migpredictd import __version__
-from migpredictd.core.calibration import rate_limiter_for
+from migpredictd.core.calibration import limiter_for
 from migpredictd.core.errors import InputError, MigpredictdError
 from migpredictd.core.measurement import Measurement, parse_measurement
 from migpredictd.core.model import build_model
@@ -139,7 +139,7 @@ def _predict_grid(
         grid,
         settings,
         derived=derived,
-        limiters=[rate_limiter_for(m.qemu_version) for m in measurements],
+        limiters=[limiter_for(m) for m in measurements],
     )
 
 

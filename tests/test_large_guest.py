@@ -14,10 +14,11 @@ import pytest
 
 from benchmarks.accuracy import predict_cell
 from benchmarks.largeguest import measured_with_cost
-from migpredictd.core.calibration import rate_limiter_for
+from migpredictd.core.calibration import limiter_for
 from migpredictd.lab.loopback import loopback_predictor
 from migpredictd.lab.rig.guest import Guest, GuestSpec, free_tcp_port
 from migpredictd.lab.rig.migration import migrate
+from migpredictd.qemu.hostscan import probe
 from migpredictd.qemu.settings import DEFAULT_PERIODS_MS, MeasureSettings
 from migpredictd.qemu.zeropages import guest_sample_estimate
 
@@ -45,8 +46,16 @@ def test_a_64_gib_guest_is_measured_cheaply_and_predicted_against_a_real_migrati
         assert wall <= MAX_WALL_S, wall
         assert [p.period_ms for p in m.points] == list(DEFAULT_PERIODS_MS["sweep-ms"])  # no stretched window
         zero = guest_sample_estimate(source.pid, memory_bytes=m.memory_bytes)
-        limiter = rate_limiter_for(m.qemu_version)
-        measured = dataclasses.replace(m, zero_pages=zero.zero_pages, zero_profile=zero.profile)
+        host = probe()
+        measured = dataclasses.replace(
+            m,
+            zero_pages=zero.zero_pages,
+            zero_profile=zero.profile,
+            zero_allocated_pages=zero.allocated_zero_pages,
+            host_shared_zero_read_seconds=host.shared_zero_seconds,
+            host_allocated_read_seconds=host.allocated_seconds,
+        )
+        limiter = limiter_for(measured)
         predicted = predict_cell(measured, BANDWIDTH, 0.3, loopback_predictor(BANDWIDTH, limiter), limiter)
         result = migrate(
             source,

@@ -565,32 +565,65 @@ def test_constant_rate_guest_near_its_boundary_takes_levels_at_once(downtime: fl
         assert fast.passes[0] == syncs
 
 
-def test_zero_page_scan_cost_adds_its_time_to_the_first_pass() -> None:
-    """An idle guest's migration takes its bytes at the limit plus the time to find its zero pages; the
-    bytes sent do not change (qemu mode, RateLimiter.zero_scan_seconds)."""
-    total, zero = 1 << 24, float((1 << 24) - (1 << 18))  # 64 GiB, all but 1 GiB zero
-    m = model_of([(1000.0, 0.0)], total=total, zero=zero)
-    bw = 125e6
-    free, scanning = (
-        simulate(ModelBatch.of([m], [RateLimiter(zero_scan_seconds=s)]), np.zeros(1, dtype=np.int64),
-                 np.array([bw]), np.array([0.3]), QEMU)
-        for s in (0.0, 0.25e-6)
-    )  # fmt: skip
-    assert scanning.bytes_sent[0] == free.bytes_sent[0]
-    assert scanning.seconds[0] - free.seconds[0] == pytest.approx(zero * 0.25e-6, rel=1e-9)
-    # the profile decides when the zero pages are found, not whether: all of them, in the first pass
-    profiled = build_model(
+def _idle(total: int, zero: float, profile: tuple[float, ...] | None, allocated: float = 0.0) -> MemoryModel:
+    return build_model(
         Measurement(page_size_bytes=4096, total_pages=total, points=(DirtyPoint(1000.0, 0.0),),
-                    zero_pages=zero, zero_profile=(0.2,) + (1.0,) * 63)
+                    zero_pages=zero, zero_profile=profile, zero_allocated_pages=allocated)
     )  # fmt: skip
-    scan = [RateLimiter(zero_scan_seconds=0.25e-6)]
-    res = simulate(
-        ModelBatch.of([profiled], scan), np.zeros(1, dtype=np.int64), np.array([bw]), np.array([0.3]), QEMU
-    )
-    base = simulate(
-        ModelBatch.of([profiled]), np.zeros(1, dtype=np.int64), np.array([bw]), np.array([0.3]), QEMU
-    )
-    assert res.seconds[0] - base.seconds[0] == pytest.approx(zero * 0.25e-6, rel=1e-6)
+
+
+def _seconds(m: MemoryModel, limiter: RateLimiter, bw: float) -> tuple[float, float]:
+    res = simulate(ModelBatch.of([m], [limiter]), np.zeros(1, dtype=np.int64), np.array([bw]),
+                   np.array([0.3]), QEMU)  # fmt: skip
+    return float(res.seconds[0]), float(res.bytes_sent[0])
+
+
+def test_zero_pages_set_the_pace_only_where_reading_them_outlasts_their_bytes() -> None:
+    """A stretch of RAM takes the longer of its bytes at the limit and the migration thread's reading of
+    its zero pages (qemu mode, RateLimiter.zero_scan_seconds): the bytes sent never change."""
+    total, zero = 1 << 24, float((1 << 24) - (1 << 18))  # 64 GiB, all but 1 GiB zero
+    bw, per_page = 125e6, 0.25e-6  # reading a zero page outlasts its 9 bytes at 125 MB/s (0.072 us)
+    scan = RateLimiter(zero_scan_seconds=per_page)
+    # Zero pages in slices of their own (the last 1/64 holds the 1 GiB of data): each zero slice takes
+    # its reading, beyond its bytes by (0.25 us - 9 B / bw) per zero page.
+    clustered = _idle(total, zero, (1.0,) * 63 + (0.0,))
+    (free, sent_free), (slow, sent_slow) = (_seconds(clustered, r, bw) for r in (RateLimiter(), scan))
+    assert sent_slow == sent_free
+    # (less one window's worth: the last window of zero pages shares its time with the first data)
+    window = 0.1
+    assert zero * (per_page - ZERO_PAGE_BYTES / bw) - window <= slow - free
+    assert slow - free <= zero * (per_page - ZERO_PAGE_BYTES / bw)
+    # Spread evenly among the data, the same zero pages are read while the thread waits for the limiter.
+    even = _idle(total, zero, None)
+    assert _seconds(even, scan, bw)[0] == pytest.approx(_seconds(even, RateLimiter(), bw)[0], rel=1e-12)
+    # At a bandwidth where 9 bytes take longer than the reading, zero pages never set the pace.
+    assert _seconds(clustered, scan, 20e6)[0] == pytest.approx(_seconds(clustered, RateLimiter(), 20e6)[0])
+
+
+def test_zero_pages_between_data_are_read_in_the_windows_the_data_waits_in() -> None:
+    """A rate-limiter window pools its bytes and its reading: 64 MiB of zero pages (4 ms of reading)
+    between slices of data several windows long cost nothing, where a slice-by-slice maximum would
+    charge each its reading beyond its 9-byte markers."""
+    total = 1 << 20  # 4 GiB in 64 slices of 64 MiB, zero and data alternating
+    m = _idle(total, float(total // 2), (1.0, 0.0) * 32)
+    bw, per_page = 125e6, 0.25e-6
+    free = _seconds(m, RateLimiter(), bw)[0]
+    scanning = _seconds(m, RateLimiter(zero_scan_seconds=per_page), bw)[0]
+    slice_by_slice = total / 2 * (per_page - ZERO_PAGE_BYTES / bw)  # 0.093 s
+    assert scanning - free < 0.05 * slice_by_slice
+
+
+def test_allocated_zero_pages_are_read_at_their_own_cost() -> None:
+    """The allocated share of the zero pages (Measurement.zero_allocated_pages) is read at
+    RateLimiter.allocated_zero_scan_seconds, the rest at zero_scan_seconds."""
+    total, zero = 1 << 24, float((1 << 24) - (1 << 18))
+    bw = 125e6
+    scan = RateLimiter(zero_scan_seconds=0.13e-6, allocated_zero_scan_seconds=0.31e-6)
+    profile = (1.0,) * 63 + (0.0,)
+    base = _seconds(_idle(total, zero, profile), RateLimiter(), bw)[0]
+    quarter = _seconds(_idle(total, zero, profile, allocated=zero / 4), scan, bw)[0]
+    per_zero = 0.75 * 0.13e-6 + 0.25 * 0.31e-6
+    assert quarter - base == pytest.approx(zero * (per_zero - ZERO_PAGE_BYTES / bw), abs=0.1)  # one window
 
 
 @pytest.mark.parametrize("mode", ["seed", "qemu"])

@@ -54,6 +54,7 @@ from migpredictd.core.units import format_bandwidth, format_downtime, parse_band
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 Mode = Literal["seed", "qemu"]
 
 # migration/ram.c: save_page_header() writes an 8-byte offset+flags word before every page.
@@ -110,13 +111,20 @@ class RateLimiter:
 
     excess_fraction: float = 0.0
     excess_cap_bytes_per_second: float = 0.0
-    # Seconds the migration thread spends finding one zero page in the first pass (reading it to see that
-    # it is zero), during which it sends nothing: what makes a large, mostly-zero guest slower than its
-    # bytes at the limit (qemu mode; 0 = free, the seed's assumption).
+    # Seconds of the migration thread's CPU per zero page of the first pass (reading it to find it zero),
+    # for a never-written page (the shared zero page) and for an allocated one. The thread reads while
+    # it would otherwise wait for the limiter, so a stretch of RAM takes the longer of its bytes at the
+    # stream's rate and its zero pages' reading (qemu mode; 0 = free, the seed's assumption).
     zero_scan_seconds: float = 0.0
+    allocated_zero_scan_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("excess_fraction", "excess_cap_bytes_per_second", "zero_scan_seconds"):
+        for name in (
+            "excess_fraction",
+            "excess_cap_bytes_per_second",
+            "zero_scan_seconds",
+            "allocated_zero_scan_seconds",
+        ):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be non-negative and finite, not {value!r}")
@@ -130,28 +138,34 @@ class RateLimiter:
 EXACT_RATE_LIMITER: Final = RateLimiter()
 
 
-def _first_pass_cost(m: MemoryModel) -> tuple[list[float], list[float], list[float], list[float]]:
+_FirstPass = tuple[list[float], list[float], list[float], list[float]]
+
+
+def _first_pass_cost(m: MemoryModel, limiter: RateLimiter = EXACT_RATE_LIMITER) -> _FirstPass:
     """Knots of the first pass's cost counted from the end of RAM: (pages, wire bytes, wire bytes per
-    page of the segment ending there, zero pages). Zero pages cost ZERO_PAGE_BYTES, others page +
-    header; the profile's slices are scaled so that they hold ``zero_pages`` in total. Without a profile
-    it is one segment at the average cost, i.e. zero pages spread evenly."""
+    page of the segment ending there, the migration thread's seconds reading zero pages). Zero pages
+    cost ZERO_PAGE_BYTES, others page + header; the profile's slices are scaled so that they hold
+    ``zero_pages`` in total, allocated ones in the same share in every slice. Without a profile it is
+    one segment at the average cost, i.e. zero pages spread evenly."""
     normal_wire = m.page_size_bytes + PAGE_HEADER_BYTES
     total, zero = float(m.total_pages), m.zero_pages
     shares = m.zero_profile or (1.0,)
     weight = sum(shares)
     # Each slice's zero pages in proportion to its sampled share (evenly if no slice had any).
     zeros = [zero * sh / weight for sh in shares] if weight > 0 else [zero / len(shares)] * len(shares)
+    allocated = min(m.zero_allocated_pages / zero, 1.0) if zero > 0 else 0.0
+    per_zero = (1.0 - allocated) * limiter.zero_scan_seconds + allocated * limiter.allocated_zero_scan_seconds
     size = total / len(shares)
-    pages, wire, per_page, zero_count = [0.0], [0.0], [1.0], [0.0]
+    pages, wire, per_page, scan = [0.0], [0.0], [1.0], [0.0]
     for z in reversed(zeros):
         zero_in_slice = min(z, size)
         cost = (size - zero_in_slice) * normal_wire + zero_in_slice * ZERO_PAGE_BYTES
         pages.append(pages[-1] + size)
         wire.append(wire[-1] + cost)
         per_page.append(cost / size)
-        zero_count.append(zero_count[-1] + zero_in_slice)
+        scan.append(scan[-1] + zero_in_slice * per_zero)
     pages[-1] = total  # exact end, whatever the rounding of the slices
-    return pages, wire, per_page, zero_count
+    return pages, wire, per_page, scan
 
 
 def _along(xs: FloatArray, ys: FloatArray, slopes: FloatArray, x: FloatArray) -> FloatArray:
@@ -160,6 +174,28 @@ def _along(xs: FloatArray, ys: FloatArray, slopes: FloatArray, x: FloatArray) ->
     rows = np.arange(len(x))
     j = np.clip(np.count_nonzero(xs < x[:, None], axis=1), 1, xs.shape[1] - 1)
     y: FloatArray = ys[rows, j - 1] + (x - xs[rows, j - 1]) * slopes[rows, j]
+    return y
+
+
+def _segment_slopes(xs: FloatArray, ys: FloatArray) -> FloatArray:
+    """Slopes of each row's segments, for :func:`_along` (column j: the segment ending at knot j)."""
+    dx, dy = np.diff(xs, axis=1), np.diff(ys, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inner = np.where(dx > 0.0, dy / dx, 0.0)
+    slopes: FloatArray = np.concatenate([np.zeros((xs.shape[0], 1)), inner], axis=1)
+    return slopes
+
+
+def _interp_rows(xs: FloatArray, ys: FloatArray, x: FloatArray) -> FloatArray:
+    """Row ``i`` of piece-wise linear functions (knots ``xs[i]``, non-decreasing, -> ``ys[i]``) at each
+    of ``x[i]``'s points, clamped to the knots' range."""
+    n, m = xs.shape
+    rows = np.arange(n)[:, None]
+    j = np.clip(np.sum(xs[:, None, :] <= x[:, :, None], axis=2), 1, m - 1)
+    x0, x1, y0, y1 = xs[rows, j - 1], xs[rows, j], ys[rows, j - 1], ys[rows, j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(x1 > x0, np.clip((x - x0) / (x1 - x0), 0.0, 1.0), 1.0)
+    y: FloatArray = y0 + t * (y1 - y0)
     return y
 
 
@@ -176,14 +212,14 @@ class ModelBatch:
     zero_pages: FloatArray
     excess_fraction: FloatArray  # RateLimiter per VM
     excess_cap: FloatArray
-    zero_scan: FloatArray
+    scans: BoolArray  # whether the VM's migration thread spends any time reading zero pages
     # The first pass's cost along RAM, counted from the end of RAM (the cold pages left unsent are the
     # highest ones: QEMU scans in ascending offset): knots of pages and wire bytes, and the wire bytes
     # per page of the segment that ends at each knot. Padded with repeats of the last knot.
     cold_pages: FloatArray
     cold_bytes: FloatArray
     cold_slope: FloatArray
-    cold_zeros: FloatArray  # zero pages among them, at the same knots
+    cold_scan: FloatArray  # seconds of reading their zero pages, at the same knots
 
     @classmethod
     def of(
@@ -209,7 +245,7 @@ class ModelBatch:
         slope = np.array([m.slopes + (0.0,) * (k - len(m.slopes)) for m in models])
         offset = np.array([m.offsets + m.dirty_pages[-1:] * (k - len(m.offsets)) for m in models])
         profiles = (
-            [_first_pass_cost(m) for m in models]
+            [_first_pass_cost(m, r) for m, r in zip(models, limiters, strict=True)]
             if first_pass
             else [([0.0], [0.0], [1.0], [0.0])] * len(models)
         )
@@ -217,7 +253,7 @@ class ModelBatch:
         cold_pages = np.array([pages + pages[-1:] * (kp - len(pages)) for pages, _, _, _ in profiles])
         cold_bytes = np.array([wire + wire[-1:] * (kp - len(wire)) for _, wire, _, _ in profiles])
         cold_slope = np.array([per + [1.0] * (kp - len(per)) for _, _, per, _ in profiles])
-        cold_zeros = np.array([z + z[-1:] * (kp - len(z)) for _, _, _, z in profiles])
+        cold_scan = np.array([z + z[-1:] * (kp - len(z)) for _, _, _, z in profiles])
         return cls(
             x=x,
             y=y,
@@ -228,11 +264,11 @@ class ModelBatch:
             zero_pages=np.array([m.zero_pages for m in models]),
             excess_fraction=np.array([r.excess_fraction for r in limiters]),
             excess_cap=np.array([r.excess_cap_bytes_per_second for r in limiters]),
-            zero_scan=np.array([r.zero_scan_seconds for r in limiters]),
+            scans=cold_scan[:, -1] > 0.0,
             cold_pages=cold_pages,
             cold_bytes=cold_bytes,
             cold_slope=cold_slope,
-            cold_zeros=cold_zeros,
+            cold_scan=cold_scan,
         )
 
     def __len__(self) -> int:
@@ -242,16 +278,38 @@ class ModelBatch:
         """Wire bytes of the first pass's last ``cold`` pages (what is left of it, unsent)."""
         return _along(self.cold_pages[vm], self.cold_bytes[vm], self.cold_slope[vm], cold)
 
-    def cold_zero_pages(self, vm: IntArray, cold: FloatArray) -> FloatArray:
-        """Zero pages among the first pass's last ``cold`` pages (linear within each profile slice)."""
-        cp, cz = self.cold_pages[vm], self.cold_zeros[vm]
-        rows = np.arange(len(vm))
-        j = np.clip(np.count_nonzero(cp < cold[:, None], axis=1), 1, cp.shape[1] - 1)
-        x0, x1 = cp[rows, j - 1], cp[rows, j]
+    def scan_excess(
+        self, vm: IntArray, lo: FloatArray, hi: FloatArray, rate: FloatArray, window_bytes: FloatArray
+    ) -> FloatArray:
+        """Seconds beyond its bytes at ``rate`` that sending the first pass's pages between the last
+        ``hi`` and the last ``lo`` takes, in rate-limiter windows of ``window_bytes``: a window lasts the
+        longer of its share of time and the migration thread's reading of the zero pages in it. A window
+        pools its bytes and its reading, so zero pages among data are read while the thread would wait;
+        only where they are dense (their bytes fill no window in the time their reading takes) do they
+        set the pace."""
+        n = len(vm)
+        cp, cw, cs = self.cold_pages[vm], self.cold_bytes[vm], self.cold_scan[vm]
+        w_lo, w_hi = self.cold_wire(vm, lo), self.cold_wire(vm, hi)
+        s_lo, s_hi = _along(cp, cs, _segment_slopes(cp, cs), lo), _along(cp, cs, _segment_slopes(cp, cs), hi)
+        # Knots along the way, in sending order (highest RAM first): bytes u from the start, reading s.
+        u = (w_hi[:, None] - np.clip(cw, w_lo[:, None], w_hi[:, None]))[:, ::-1]
+        r = (s_hi[:, None] - np.clip(cs, s_lo[:, None], s_hi[:, None]))[:, ::-1]
+        # F = reading time beyond the bytes' time at the rate: a window's excess is its rise of F.
+        f = r - u / rate[:, None]
+        b = window_bytes[:, None]
+        k = np.floor(u / b)  # the window each knot falls in
+        du, df = np.diff(u, axis=1), np.diff(f, axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            frac = np.where(x1 > x0, (cold - x0) / (x1 - x0), 0.0)
-        z: FloatArray = cz[rows, j - 1] + np.clip(frac, 0.0, 1.0) * (cz[rows, j] - cz[rows, j - 1])
-        return z
+            per_window = np.where(du > 0.0, df / du, 0.0) * b  # F's rise over a whole window, per segment
+        inner = np.maximum(np.diff(k, axis=1) - 1.0, 0.0)  # whole windows with no knot inside
+        excess: FloatArray = np.sum(inner * np.maximum(per_window, 0.0), axis=1)
+        # Each window holding a knot, once (consecutive knots may share one).
+        first = np.concatenate([np.ones((n, 1), dtype=bool), np.diff(k, axis=1) > 0.0], axis=1)
+        end = u[:, -1:]
+        start_u, stop_u = np.minimum(k * b, end), np.minimum((k + 1.0) * b, end)
+        rise = _interp_rows(u, f, stop_u) - _interp_rows(u, f, start_u)
+        excess += np.sum(np.where(first, np.maximum(rise, 0.0), 0.0), axis=1)
+        return excess
 
     def cold_left(self, vm: IntArray, wire: FloatArray) -> FloatArray:
         """The inverse of :meth:`cold_wire`: how many last pages of the first pass cost ``wire`` bytes."""
@@ -882,11 +940,13 @@ def _simulate_qemu(
             i = live[done]
             wire_done = cold_wire[done] + hot[done] * normal_wire[i]
             stop_s = wire_done / stop_rate[i] + settings.switchover_seconds
-            # The stop-and-copy finds the first pass's remaining zero pages too.
-            scanning = np.flatnonzero((cold[done] > 0.0) & (batch.zero_scan[vm[i]] > 0.0))
+            # The stop-and-copy reads the first pass's remaining zero pages too.
+            scanning = np.flatnonzero((cold[done] > 0.0) & batch.scans[vm[i]])
             if scanning.size:
-                vs = vm[i[scanning]]
-                stop_s[scanning] += batch.cold_zero_pages(vs, cold[done][scanning]) * batch.zero_scan[vs]
+                c, left = i[scanning], cold[done][scanning]
+                stop_s[scanning] += batch.scan_excess(
+                    vm[c], np.zeros(c.size), left, stop_rate[c], stop_rate[c] * settings.iteration_seconds
+                )
             out_s[i] = elapsed[done] + stop_s
             out_down[i] = stop_s
             out_passes[i] = passes[done] + 1  # the stop-and-copy is the last pass
@@ -920,12 +980,15 @@ def _simulate_qemu(
             cold_after = np.where(left <= 0.0, 0.0, batch.cold_left(vw, np.maximum(left, 0.0)))
             cold_after = np.clip(cold_after, 0.0, cold[w])
             cold_sent_bytes[w] = cold_wire[w] - batch.cold_wire(vw, cold_after)
-            scan = batch.zero_scan[vw]
-            if np.any(scan > 0.0):
-                # The migration thread reads each zero page it finds, and sends nothing meanwhile.
-                found = batch.cold_zero_pages(vw, cold[w]) - batch.cold_zero_pages(vw, cold_after)
+            scanning = np.flatnonzero(batch.scans[vw])
+            if scanning.size:
+                # Where reading zero pages takes longer than their slice's bytes at the rate, it sets
+                # the pace.
+                sw = w[scanning]
                 pass_s = pass_s.copy()
-                pass_s[w] += np.maximum(found, 0.0) * scan
+                pass_s[sw] += batch.scan_excess(
+                    v[sw], cold_after[scanning], cold[sw], rate[live[sw]], step_bytes[live[sw]]
+                )
             cold = cold.copy()
             cold[w] = cold_after
         hot_sent = np.clip((pass_bytes - cold_sent_bytes) / nw, 0.0, hot)
@@ -993,10 +1056,7 @@ def _simulate_qemu(
         if shortcut and np.any(passes >= 3):
             # (not with a zero-page scan cost: its closed form prices passes by bytes alone)
             e = np.flatnonzero(
-                (cold > 0.0)
-                & (cold + hot > threshold[live])
-                & (passes >= 3)
-                & (batch.zero_scan[vm[live]] == 0.0)
+                (cold > 0.0) & (cold + hot > threshold[live]) & (passes >= 3) & ~batch.scans[vm[live]]
             )
             if e.size:
                 c = live[e]

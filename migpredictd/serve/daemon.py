@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from migpredictd import __version__
 from migpredictd.config.schema import Config, LibvirtSource, TargetConfig, load_full_config
-from migpredictd.core.calibration import rate_limiter_for
+from migpredictd.core.calibration import limiter_for
 from migpredictd.core.errors import ConfigError, InputError, TargetError, WebListenError
 from migpredictd.core.measurement import Measurement
 from migpredictd.core.model import MemoryModel, build_model
@@ -451,7 +451,7 @@ class Daemon:
         def predict() -> tuple[list[MemoryModel], list[RateLimiter], list[VMPrediction]]:
             cpu = time.thread_time()
             models = [build_model(m, mode=config.prediction.mode) for _, m, _, _ in batch]
-            limiters = [rate_limiter_for(m.qemu_version) for _, m, _, _ in batch]
+            limiters = [limiter_for(m) for _, m, _, _ in batch]
             grids = predict_grid(models, config.grid, config.prediction, derived=False, limiters=limiters)
             self.prediction_cpu["grid"] += time.thread_time() - cpu
             self.predicted["grid"] += len(batch)
