@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from migpredictd.core.calibration import rate_limiter_for
+from migpredictd.core.calibration import limiter_for, rate_limiter_for
 from migpredictd.core.errors import ZeroPagesUnavailableError
 from migpredictd.core.measurement import DirtyPoint, Measurement, fit_dirty_curve, parse_measurement
 from migpredictd.core.model import build_model
@@ -287,6 +287,21 @@ QUICK: Final[tuple[Case, ...]] = (
     Case("q04", _g("7.2", 256), 200 * MBIT, 300, cutoff_s=20.0),
 )
 
+# Large guests, second round (issue 13: the zero-page reading model of docs/measuring.md, "Zero pages
+# at size"), defined before they ran and after its constants were measured (benchmarks/largeguest.py
+# trace, other guests): 64-256 GiB, both QEMU generations, never-written RAM and allocated zero pages
+# (2-8 GiB re-zeroed), idle and with working sets, at 125-250 MB/s.
+HOLDOUT_LARGE2: Final[tuple[Case, ...]] = (
+    Case("r01", _g("10.0", 128 * GIB, touch=384), 1200 * MBIT, 300, cutoff_s=150.0),
+    Case("r02", _g("7.2", 128 * GIB, touch=384), 1200 * MBIT, 300, cutoff_s=150.0),
+    Case("r03", _g("10.0", 192 * GIB, touch=256, zeroed=4096), 2000 * MBIT, 500, cutoff_s=180.0),
+    Case("r04", _g("7.2", 192 * GIB, touch=256, zeroed=4096), 2000 * MBIT, 500, cutoff_s=180.0),
+    Case("r05", _g("10.0", 64 * GIB, 30, 128, touch=256, zeroed=8192), 1000 * MBIT, 300, cutoff_s=120.0),
+    Case("r06", _g("7.2", 64 * GIB, 30, 128, touch=256, zeroed=8192), 1000 * MBIT, 300, cutoff_s=120.0),
+    Case("r07", _g("10.0", 256 * GIB, touch=512, zeroed=2048), 1600 * MBIT, 400, cutoff_s=180.0),
+    Case("r08", _g("7.2", 96 * GIB, 20, 96, "random", 0, 1024, 6144), 1400 * MBIT, 300, cutoff_s=150),
+)  # fmt: skip
+
 SETS: Final = {
     "calibration": CALIBRATION,
     "holdout": HOLDOUT,
@@ -297,6 +312,7 @@ SETS: Final = {
     "holdout6": HOLDOUT6,
     "holdout7": HOLDOUT7,
     "large": HOLDOUT_LARGE,
+    "large2": HOLDOUT_LARGE2,
     "quick": QUICK,
 }
 
@@ -333,7 +349,9 @@ def predict_modes(
     zero_gs: float | None,
     case: Case,
     profile_gs: Sequence[float] | None = None,
+    *,
     zero_status: float | None = None,
+    allocated_gs: float | None = None,
 ) -> Row:
     """Every mode for the case's exact cell. ``seed``: the seed's algorithm, max-bandwidth as its
     bandwidth, the measurement as the daemon records it. ``qemu``: what the daemon predicts by default
@@ -351,10 +369,11 @@ def predict_modes(
             zero_pages=zero_gs,
             zero_pages_method="guest-sample",
             zero_profile=None if profile_gs is None else tuple(profile_gs),
+            zero_allocated_pages=None if allocated_gs is None else min(allocated_gs, zero_gs),
         )
     )
-    # As the daemon does: the rate limiter of the QEMU version the measurement reported.
-    limiter = rate_limiter_for(m.qemu_version)
+    # As the daemon does: the rate limiter of the QEMU version and host the measurement reported.
+    limiter = limiter_for(m)
     settings = loopback_predictor(case.bandwidth, limiter)
     bw = float(case.bandwidth)
     out = {
@@ -498,9 +517,14 @@ def run_case(case: Case, set_name: str, say: Callable[[str], None], *, deployed:
                     f"{case.case_id}: deployed zero pages by {measured.zero_pages_method}: {notes}"
                 )
             gs, profile = measured.zero_pages, measured.zero_profile
+            allocated = measured.zero_allocated_pages
             smaps = smaps_estimate(source.pid, memory_bytes=measured.memory_bytes, page_size=PAGE)
             m = dataclasses.replace(
-                measured, zero_pages=smaps.zero_pages, zero_pages_method="host-smaps", zero_profile=None
+                measured,
+                zero_pages=smaps.zero_pages,
+                zero_pages_method="host-smaps",
+                zero_profile=None,
+                zero_allocated_pages=smaps.allocated_zero_pages,
             )
         else:
             # The daemon's code path with host-smaps zero pages (the opt-out method), recorded as measured;
@@ -509,12 +533,12 @@ def run_case(case: Case, set_name: str, say: Callable[[str], None], *, deployed:
             m = asyncio.run(measure(source.qmp_address, target=case.case_id, settings=settings))
             try:
                 est = guest_sample_estimate(source.pid, memory_bytes=m.memory_bytes, page_size=PAGE)
-                gs, profile = est.zero_pages, est.profile
+                gs, profile, allocated = est.zero_pages, est.profile, est.allocated_zero_pages
             except ZeroPagesUnavailableError:
-                gs, profile = None, None
+                gs, profile, allocated = None, None, None
         # What an unprivileged daemon without the helper reads (/proc/PID/status is world-readable).
         status = status_estimate(source.pid, memory_bytes=m.memory_bytes, page_size=PAGE).zero_pages
-        predictions = predict_modes(m, gs, case, profile, zero_status=status)
+        predictions = predict_modes(m, gs, case, profile, zero_status=status, allocated_gs=allocated)
         load_mid = os.getloadavg()
         result = migrate(
             source,
@@ -541,6 +565,7 @@ def run_case(case: Case, set_name: str, say: Callable[[str], None], *, deployed:
         "zero_pages_guest_sample": gs,
         "zero_pages_host_status": status,
         "zero_profile_guest_sample": None if profile is None else list(profile),
+        "zero_allocated_guest_sample": allocated,
         "predictions": predictions,
         "boundary": boundary(case, gs),
         "outcome": outcome(result),
@@ -753,7 +778,9 @@ def repredict(row: Row) -> Row:
     m = parse_measurement(row["measurement"])
     gs = row["zero_pages_guest_sample"]
     profile = row.get("zero_profile_guest_sample")
-    return {**row, "predictions": predict_modes(m, gs, case, profile), "boundary": boundary(case, gs)}
+    allocated = row.get("zero_allocated_guest_sample")
+    predictions = predict_modes(m, gs, case, profile, allocated_gs=allocated)
+    return {**row, "predictions": predictions, "boundary": boundary(case, gs)}
 
 
 def read_rows(paths: Iterable[Path]) -> list[Row]:
