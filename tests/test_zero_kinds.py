@@ -92,7 +92,7 @@ def test_the_limiter_scales_each_kind_by_the_hosts_probe() -> None:
     assert slow.allocated_zero_scan_seconds == pytest.approx(old_allocated * 3 * LAB_HOST_SCAN[1])
     # A probe far off the lab host's is clamped (a preempted probe is noise, not the host's speed).
     clamped = rate_limiter_for("7.2", 1000 * LAB_HOST_SCAN[0], None)
-    assert clamped.zero_scan_seconds == pytest.approx(old_shared * 4 * LAB_HOST_SCAN[0])
+    assert clamped.zero_scan_seconds == pytest.approx(old_shared * 20 * LAB_HOST_SCAN[0])
     assert clamped.allocated_zero_scan_seconds == pytest.approx(old_allocated * LAB_HOST_SCAN[1])
     # An unknown version errs long: the larger per-generation factor of each kind.
     unknown = rate_limiter_for(None)
