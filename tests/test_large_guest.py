@@ -28,12 +28,10 @@ BANDWIDTH = 125_000_000  # bytes/s
 # The issue's targets at 256 GiB, held here at 64 GiB: QEMU CPU and wall time of one measurement.
 MAX_QEMU_CPU_S = 2.0
 MAX_WALL_S = 25.0
-# The model is known to predict large, mostly-zero guests short (issue 13, docs/measuring.md "Large
-# guests": the migration thread's time per zero page is not modelled): 9.0% short on the held-out 64 GiB
-# 10.0 guest, -10.2% in one CI run, -15.5% in a run beside two other real-QEMU workloads on the same two
-# cores (the migration thread competes for CPU). The bound catches a regression beyond that, not the
-# known bias.
-MAX_ERROR = 0.20
+# The migration thread's reading of zero pages is modelled (docs/measuring.md, "Zero pages at size"):
+# this guest read -5.0% alone on the machine; the bound leaves room for CI's other real-QEMU work on
+# the same two cores, which slows the thread (before the model: -9.0% alone, -15.5% beside two others).
+MAX_ERROR = 0.12
 
 
 @pytest.mark.timeout(420)
@@ -69,6 +67,7 @@ def test_a_64_gib_guest_is_measured_cheaply_and_predicted_against_a_real_migrati
     assert predicted["converges"]
     real_s = result.total_time_ms / 1000.0
     error = (predicted["seconds"] - real_s) / real_s
+    print(f"64 GiB: predicted {predicted['seconds']:.2f} s, real {real_s:.2f} s ({error:+.1%})")
     assert abs(error) <= MAX_ERROR, (
         f"predicted {predicted['seconds']:.2f} s, real {real_s:.2f} s ({error:+.1%})"
     )

@@ -59,9 +59,10 @@ async def test_the_recorder_sees_large_guests_hashed_at_once_when_nothing_weighs
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_the_daemon_never_hashes_a_known_large_guest_beside_more_than_the_limit_allows() -> None:
+def test_the_daemon_never_hashes_a_large_guest_beside_more_than_the_limit_allows() -> None:
     """The real daemon, 12 s: a 256 GiB guest pinned at 4096 per GiB costs 8 units, all of max_concurrent
-    8, so once the daemon has measured it no other window may be open beside its own."""
+    8, so no other window may be open beside its own; its first measurement too, when its size is not
+    known yet (a pinned target is charged the whole limit until then)."""
     args = soak.parse_args(
         ["--minutes", "0.2", "--healthy", "4", "--no-hostile", "--large", "2", "--max-concurrent", "8",
          "--sample-seconds", "1", "--reload-seconds", "4"]
@@ -70,11 +71,11 @@ def test_the_daemon_never_hashes_a_known_large_guest_beside_more_than_the_limit_
     assert s.rc == 0
     assert [(g.gib, g.sample_pages) for g in s.big] == [(64, None), (256, 4096)]
     pinned = s.big[1].name
-    mine = [r for r in s.runs if r.vm == pinned and r.attempt > 1]
-    assert mine, "the pinned guest was measured only once"
+    mine = [r for r in s.runs if r.vm == pinned]
+    assert len({r.attempt for r in mine}) >= 2, "the pinned guest was measured only once"
     assert {run_cost(r.pages, 8) for r in mine} == {8}
     beside = [o for r in mine for o in s.runs if o.vm != pinned and o.start < r.end and r.start < o.end]
     assert beside == []
-    cost = peak_in_flight((r for r in s.runs if r.attempt > 1), lambda r: run_cost(r.pages, 8))
+    cost = peak_in_flight(s.runs, lambda r: run_cost(r.pages, 8))
     assert cost.total <= 8
     assert len(s.attempts[s.big[0].name]) >= 3  # the default-sampled one, 1 unit, keeps its rounds

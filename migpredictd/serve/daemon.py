@@ -564,10 +564,18 @@ class Daemon:
 
     def measurement_cost(self, name: str) -> int:
         """What the target's next measurement is worth in ``max_concurrent`` units: the pages QEMU
-        hashed per run in its last measurement, over the default budget per run (1 before the first)."""
+        hashed per run in its last measurement, over the default budget per run. Before its first, 1 with
+        the default sample-pages (chosen per guest to fit that budget); with a fixed ``sample_pages``
+        the guest's size is not known yet, so the whole limit: it measures alone once."""
         t = self.state.snapshot().get(name)
         m = None if t is None else t.measurement
-        if m is None or m.sample_pages_per_gib is None:
+        if m is None:
+            target = self._targets.get(name)
+            pinned = (
+                target is not None and target.domain is None and target.measurement.sample_pages is not None
+            )
+            return max(1, self.config.max_concurrent) if pinned and self.config is not None else 1
+        if m.sample_pages_per_gib is None:
             return 1
         per_run = (m.memory_bytes * m.sample_pages_per_gib) >> 30
         return max(1, -(-per_run // SAMPLES_PER_RUN))
