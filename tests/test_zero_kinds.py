@@ -9,13 +9,14 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from migpredictd.core.calibration import LAB_HOST_SCAN, ZERO_SCAN_PER_PROBE, limiter_for, rate_limiter_for
 from migpredictd.core.errors import InputError, ZeroPagesUnavailableError
 from migpredictd.core.measurement import DirtyPoint, Measurement, parse_measurement
-from migpredictd.qemu.hostscan import probe
+from migpredictd.qemu.hostscan import probe, probe_size
 from migpredictd.qemu.zerohelper import HelperReply, HelperRequest, parse_reply
 from migpredictd.qemu.zeropages import guest_sample_estimate, smaps_estimate
 
@@ -77,6 +78,20 @@ def test_the_probe_times_both_kinds_of_zero_page() -> None:
         assert 1e-10 < seconds < 1e-5
     with pytest.raises(ValueError, match="multiple of 1 MiB"):
         probe(4096)
+
+
+def test_the_probe_outgrows_a_larger_last_level_cache(tmp_path: Path) -> None:
+    l3 = tmp_path / "size"
+    for text, size in (
+        ("32768K", 64 * MIB),
+        ("96M", 128 * MIB),
+        ("40M", 80 * MIB),
+        ("1G", 128 * MIB),
+        ("?", 64 * MIB),
+    ):
+        l3.write_text(text + "\n")
+        assert probe_size(l3) == size, text
+    assert probe_size(tmp_path / "absent") == 64 * MIB
 
 
 def test_the_limiter_scales_each_kind_by_the_hosts_probe() -> None:

@@ -11,7 +11,8 @@ kind of zero page:
 
 :func:`probe` times both kinds on an anonymous mapping of this process, which is what the model scales its
 calibrated per-generation costs by (:func:`migpredictd.core.calibration.rate_limiter_for`). It allocates
-:data:`PROBE_BYTES` for a fraction of a second and unmaps it; it reads no other process's memory.
+:func:`probe_size` bytes (64-128 MiB) for a fraction of a second and unmaps it; it reads no other process's
+memory.
 """
 
 from __future__ import annotations
@@ -22,11 +23,31 @@ import mmap
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
-# Twice the last-level cache of the hosts we measured (32 MiB), so that allocated pages come from DRAM.
+# At least twice the last-level cache, so that allocated pages come from DRAM: 64 MiB (twice this
+# host's 32 MiB), more on a host whose L3 is larger, never more than PROBE_MAX_BYTES.
 PROBE_BYTES: Final = 64 << 20
+PROBE_MAX_BYTES: Final = 128 << 20
+_L3_SIZE: Final = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
 _PAGE: Final = 4096
+_CHUNK: Final = 1 << 20
+
+
+def probe_size(l3: Path = _L3_SIZE) -> int:
+    """Bytes the probe maps: :data:`PROBE_BYTES`, or twice the L3 cache ``l3`` reports when that is more
+    (capped at :data:`PROBE_MAX_BYTES`, a multiple of 1 MiB)."""
+    try:
+        text = l3.read_text().strip()
+    except OSError:
+        return PROBE_BYTES
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "")
+    if not number.isdigit():
+        return PROBE_BYTES
+    twice = 2 * int(number) * units.get(unit, 1)
+    return min(max(PROBE_BYTES, -(-twice // _CHUNK) * _CHUNK), PROBE_MAX_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +56,6 @@ class HostScan:
 
     shared_zero_seconds: float
     allocated_seconds: float
-
-
-_CHUNK: Final = 1 << 20
 
 
 def _scan_seconds(region: mmap.mmap) -> list[float]:
@@ -55,10 +73,12 @@ def _scan_seconds(region: mmap.mmap) -> list[float]:
     return times
 
 
-def probe(size: int = PROBE_BYTES, *, repeats: int = 2) -> HostScan:
+def probe(size: int | None = None, *, repeats: int = 2) -> HostScan:
     """Time reading never-written and written-then-zeroed anonymous memory, ``size`` bytes of each kind
     ``repeats`` times (a fresh mapping each time): the median 1 MiB chunk, per 4 KiB page. Takes about
-    0.1 s here."""
+    0.1 s here. ``size`` defaults to :func:`probe_size`."""
+    if size is None:
+        size = probe_size()
     if size < _CHUNK or size % _CHUNK:
         raise ValueError("size must be a positive multiple of 1 MiB")
     shared: list[float] = []
@@ -92,4 +112,4 @@ def host_scan() -> HostScan:
     return probe()
 
 
-__all__ = ["PROBE_BYTES", "HostScan", "host_scan", "probe"]
+__all__ = ["PROBE_BYTES", "PROBE_MAX_BYTES", "HostScan", "host_scan", "probe", "probe_size"]
