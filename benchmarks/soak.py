@@ -553,7 +553,7 @@ def report(args: argparse.Namespace, s: Soak) -> tuple[str, list[str]]:
         f"- cost in flight, from the fleet's side (calc-dirty-rate windows open at the same instant, each at "
         f"its run's cost): max **{peak.total}** units against `max_concurrent` {limit}, first at "
         f"{peak.at - t0:.0f} s with {peak.runs} windows open; {peak_known.total} outside each target's first "
-        f"measurement (weighed 1 until the daemon knows the guest's size); uncapped {peak_uncapped.total}; "
+        f"measurement (a pinned target's is weighed at the whole limit); uncapped {peak_uncapped.total}; "
         f"windows open at once: max {most_open.total}",
         f"- small guests: measurements begun per guest median {statistics.median(small_counts or [0]):g} "
         f"(min {min(small_counts or [0])}, max {max(small_counts or [0])}); the longest any went without one "
