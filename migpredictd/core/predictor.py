@@ -113,8 +113,8 @@ class RateLimiter:
     excess_cap_bytes_per_second: float = 0.0
     # Seconds of the migration thread's CPU per zero page of the first pass (reading it to find it zero),
     # for a never-written page (the shared zero page) and for an allocated one. The thread reads while
-    # it would otherwise wait for the limiter, so a stretch of RAM takes the longer of its bytes at the
-    # stream's rate and its zero pages' reading (qemu mode; 0 = free, the seed's assumption).
+    # it would otherwise wait for the limiter, so a rate-limiter window lasts the longer of its 100 ms
+    # and the reading of the zero pages it carries (qemu mode; 0 = free, the seed's assumption).
     zero_scan_seconds: float = 0.0
     allocated_zero_scan_seconds: float = 0.0
 
@@ -184,19 +184,6 @@ def _segment_slopes(xs: FloatArray, ys: FloatArray) -> FloatArray:
         inner = np.where(dx > 0.0, dy / dx, 0.0)
     slopes: FloatArray = np.concatenate([np.zeros((xs.shape[0], 1)), inner], axis=1)
     return slopes
-
-
-def _interp_rows(xs: FloatArray, ys: FloatArray, x: FloatArray) -> FloatArray:
-    """Row ``i`` of piece-wise linear functions (knots ``xs[i]``, non-decreasing, -> ``ys[i]``) at each
-    of ``x[i]``'s points, clamped to the knots' range."""
-    n, m = xs.shape
-    rows = np.arange(n)[:, None]
-    j = np.clip(np.sum(xs[:, None, :] <= x[:, :, None], axis=2), 1, m - 1)
-    x0, x1, y0, y1 = xs[rows, j - 1], xs[rows, j], ys[rows, j - 1], ys[rows, j]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(x1 > x0, np.clip((x - x0) / (x1 - x0), 0.0, 1.0), 1.0)
-    y: FloatArray = y0 + t * (y1 - y0)
-    return y
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,28 +274,35 @@ class ModelBatch:
         pools its bytes and its reading, so zero pages among data are read while the thread would wait;
         only where they are dense (their bytes fill no window in the time their reading takes) do they
         set the pace."""
-        n = len(vm)
         cp, cw, cs = self.cold_pages[vm], self.cold_bytes[vm], self.cold_scan[vm]
         w_lo, w_hi = self.cold_wire(vm, lo), self.cold_wire(vm, hi)
-        s_lo, s_hi = _along(cp, cs, _segment_slopes(cp, cs), lo), _along(cp, cs, _segment_slopes(cp, cs), hi)
-        # Knots along the way, in sending order (highest RAM first): bytes u from the start, reading s.
+        slopes = _segment_slopes(cp, cs)
+        s_lo, s_hi = _along(cp, cs, slopes, lo), _along(cp, cs, slopes, hi)
+        # The knots along the way, in sending order (highest RAM first): bytes sent since the start, and
+        # F = the reading's seconds beyond those bytes' seconds at the rate. A window's excess is its
+        # rise of F; windows start every window_bytes from the pass's start.
         u = (w_hi[:, None] - np.clip(cw, w_lo[:, None], w_hi[:, None]))[:, ::-1]
-        r = (s_hi[:, None] - np.clip(cs, s_lo[:, None], s_hi[:, None]))[:, ::-1]
-        # F = reading time beyond the bytes' time at the rate: a window's excess is its rise of F.
-        f = r - u / rate[:, None]
-        b = window_bytes[:, None]
-        k = np.floor(u / b)  # the window each knot falls in
+        f = (s_hi[:, None] - np.clip(cs, s_lo[:, None], s_hi[:, None]))[:, ::-1] - u / rate[:, None]
         du, df = np.diff(u, axis=1), np.diff(f, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            per_window = np.where(du > 0.0, df / du, 0.0) * b  # F's rise over a whole window, per segment
-        inner = np.maximum(np.diff(k, axis=1) - 1.0, 0.0)  # whole windows with no knot inside
-        excess: FloatArray = np.sum(inner * np.maximum(per_window, 0.0), axis=1)
-        # Each window holding a knot, once (consecutive knots may share one).
-        first = np.concatenate([np.ones((n, 1), dtype=bool), np.diff(k, axis=1) > 0.0], axis=1)
-        end = u[:, -1:]
-        start_u, stop_u = np.minimum(k * b, end), np.minimum((k + 1.0) * b, end)
-        rise = _interp_rows(u, f, stop_u) - _interp_rows(u, f, start_u)
-        excess += np.sum(np.where(first, np.maximum(rise, 0.0), 0.0), axis=1)
+        b = window_bytes
+        excess = np.zeros(len(vm))
+        filled = np.zeros(len(vm))  # bytes of the current window so far
+        rise = np.zeros(len(vm))  # its rise of F so far
+        for j in range(du.shape[1]):  # segment by segment, every row at once
+            d, g = du[:, j], df[:, j]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per_byte = np.where(d > 0.0, g / d, 0.0)
+            inside = filled + d < b
+            # A segment that ends the current window: the window's rest, whole windows, a new window.
+            part = np.where(inside, d, b - filled)
+            closed = rise + per_byte * part
+            after = np.maximum(d - part, 0.0)
+            whole = np.floor(after / b)
+            excess += np.where(inside, 0.0, np.maximum(closed, 0.0) + whole * np.maximum(per_byte * b, 0.0))
+            rest = after - whole * b
+            rise = np.where(inside, rise + g, per_byte * rest)
+            filled = np.where(inside, filled + d, rest)
+        excess += np.maximum(rise, 0.0)  # the last window, partly filled
         return excess
 
     def cold_left(self, vm: IntArray, wire: FloatArray) -> FloatArray:
