@@ -159,7 +159,17 @@ SMOKE: Final[tuple[PolicyCase, ...]] = (
     PolicyCase("s04", _g("7.2", 256, UNPACED, 32), "auto-converge", {}, cutoff_s=20),
 )
 
-SETS: Final = {"policy-holdout": POLICY_HOLDOUT, "policy-holdout2": POLICY_HOLDOUT2, "smoke": SMOKE}
+# Trace runs (not evidence): round 2's wrong or far-off cases again, with their per-poll query-migrate
+# trace, to see the mechanism (the throttle's bursts, pass timing, XBZRLE).
+_R2: Final = {c.case_id: c for c in POLICY_HOLDOUT2}
+TRACES: Final[tuple[PolicyCase, ...]] = (
+    dataclasses.replace(_R2["w10"], case_id="tr10", cutoff_s=40.0),
+    dataclasses.replace(_R2["w09"], case_id="tr09", cutoff_s=40.0),
+    dataclasses.replace(_R2["w11"], case_id="tr11", cutoff_s=40.0),
+)
+
+SETS: Final = {"policy-holdout": POLICY_HOLDOUT, "policy-holdout2": POLICY_HOLDOUT2, "smoke": SMOKE,
+               "trace": TRACES}  # fmt: skip
 
 
 # --- prediction ----------------------------------------------------------------------------------------
@@ -180,6 +190,8 @@ def predict_case(case: PolicyCase, m: Measurement, *, dirty_scale: float = 1.0, 
         max_downtime=case.downtime_ms / 1000.0 if fixed else None,
         vcpu_utilization=m.vcpu_utilization,
         deadline_seconds=case.cutoff_s,
+        # every lab guest runs under TCG (rows recorded before the measurement said so included)
+        tcg=m.accelerator != "kvm",
         # the loopback link, as the accuracy lab describes it (lab/loopback.py)
         stop_copy_speedup=loopback_predictor(
             case.bandwidth * bw_scale, rate_limiter_for(m.qemu_version)
