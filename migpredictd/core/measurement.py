@@ -75,6 +75,9 @@ class Measurement:
     # Share of its vCPUs' time the guest used during the measurement (0..1, from the vCPU threads' CPU
     # time); what auto-converge's throttle acts on (core/policies.py). None = unknown.
     vcpu_utilization: float | None = None
+    # "kvm" or "tcg" (query-kvm's enabled); None = unknown. Under TCG a bitmap sync waits for every vCPU,
+    # so a throttled vCPU's sleep holds the migration up (core/policies.py). None = unknown (as KVM).
+    accelerator: str | None = None
     # Relative standard error, from sampling alone, of the dirty pages at the shortest period (the one
     # with the fewest dirty samples): :func:`sampling_error`. None = unknown, or no sampled page changed.
     sampling_error: float | None = None
@@ -114,6 +117,8 @@ class Measurement:
                     raise InputError("is a share, at most 1", field=f"zero_profile[{i}]")
         if self.zero_pages_method not in ZERO_PAGE_METHODS:
             raise InputError(f"must be one of {', '.join(ZERO_PAGE_METHODS)}", field="zero_pages_method")
+        if self.accelerator not in (None, "kvm", "tcg"):
+            raise InputError("must be kvm or tcg", field="accelerator")
         if self.vcpu_utilization is not None:
             _check_number("vcpu_utilization", self.vcpu_utilization)
             if self.vcpu_utilization > 1.0:
@@ -168,6 +173,7 @@ class Measurement:
             "measured_at": self.measured_at,
             "duration_seconds": self.duration_seconds,
             "vcpu_utilization": self.vcpu_utilization,
+            "accelerator": self.accelerator,
             "sampling_error": self.sampling_error,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
@@ -232,6 +238,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         "notes",
         "zero_profile",
         "vcpu_utilization",
+        "accelerator",
         "sampling_error",
     }
     unknown = sorted(set(data) - allowed)
@@ -272,6 +279,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         notes=tuple(notes),
         zero_profile=None if profile is None else tuple(profile),  # each share checked by Measurement
         vcpu_utilization=_optional_number(data, "vcpu_utilization"),
+        accelerator=_optional_string(data, "accelerator"),
         sampling_error=_optional_number(data, "sampling_error"),
     )
 
