@@ -21,9 +21,9 @@ follows its product's control loop (polls included: an action comes half a poll 
   0: the link) caps the bandwidth. The downtime is QEMU's 300 ms.
 - ``proxmox`` (QemuMigrate.pm, set_migration_caps): ``migrate_downtime`` seconds (0.1); every poll
   (0.1 s once little remains) that sees ``remaining`` above the previous poll's counts, and the sixth
-  doubles the downtime; ``migrate_speed`` in MiB/s (0: no limit) caps the bandwidth; auto-converge is
-  on. Proxmox also turns on XBZRLE, which this model does not know: re-sent pages that changed little
-  cost far less than a page (docs/policies.md, measured). No timeout.
+  doubles the downtime; ``migrate_speed`` in MiB/s (0: no limit) caps the bandwidth; auto-converge and
+  XBZRLE are on: from the third pass a re-sent page found in the cache costs a few bytes
+  (:func:`_xbzrle_page_bytes`). No timeout.
 - ``auto-converge`` (QEMU, migration/ram.c and cpu-throttle.c): at a bitmap sync more than a second
   after the last evaluation, if the bytes dirtied since then exceed ``throttle-trigger-threshold`` % of
   the bytes sent meanwhile, at every
@@ -35,8 +35,10 @@ follows its product's control loop (polls included: an action comes half a poll 
   (whichever comes first); the pages still dirty are then pulled once by the destination.
 
 A throttle of p % slows a guest only once (1 - p/100) is below the share ``u`` of its vCPU time the
-guest uses (measured on real QEMU, QEMU_FACTS.md): the dirtying rate is scaled by
-min(1, (1 - p/100) / u). ``u`` is the measured vCPU utilisation (1 = CPU-bound, the default when unknown).
+guest uses (measured on real QEMU, issue 15); then it dirties in bursts of the vCPU's 10 ms slices
+(:func:`_throttled_dirty`), and under TCG every throttled pass waits for the vCPU's sleep to end
+(:func:`_tcg_pass_seconds`). ``u`` is the measured vCPU utilisation (1 = CPU-bound, the default when
+unknown).
 
 The simulation is per pass: the first pass sends every page (zero pages as 9 bytes), each later one what
 the previous pass dirtied; after each pass comes a bitmap sync, where the throttle and the limit are
