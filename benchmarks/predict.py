@@ -6,8 +6,9 @@
 2. The grid through the CLI (``predict --mode seed --format table``, parse + predict + render): the
    marginal per-VM cost from two batch sizes against the plain seed algorithm's per-VM time
    (target >= 100x); also the vectorised ``seed`` mode alone, every cell checked against the seed.
-3. Each orchestrator policy (defaults) over the grid's bandwidths, per VM, beside the VM's grid
-   (``predict_grid``, qemu mode) on the same VMs.
+3. Each orchestrator policy (defaults) over the grid's bandwidths, per VM, for KVM and for TCG guests
+   (whose throttled passes wait for the vCPU), beside the VM's grid (``predict_grid``, qemu mode) on
+   the same VMs.
 
     python benchmarks/predict.py [--vms 200] [--baseline-vms 50] [--before TREE] [--write]
 """
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -211,11 +213,17 @@ def main() -> None:
         downtimes: tuple[float | None, ...] = grid.downtimes if per_downtime else (None,)
         policy_cells = [(b, d) for b in grid.bandwidths for d in downtimes]
 
-        def new(policy: Policy = policy) -> list[list[PolicyOutcome]]:
-            return [predict_policy(m, policy, grid.bandwidths, downtimes=grid.downtimes) for m in pvms]
+        def new(policy: Policy = policy, tcg: bool = False) -> list[list[PolicyOutcome]]:
+            return [
+                predict_policy(m, policy, grid.bandwidths, downtimes=grid.downtimes, tcg=tcg) for m in pvms
+            ]
 
         t_new = best_of(3, new) * 1000.0 / len(pvms)
-        say(f"   {name:<13} ({len(policy_cells):2d} cells): {t_new:6.3f} ms, the grid {t_grid:6.3f} ms")
+        t_tcg = best_of(3, functools.partial(new, policy, True)) * 1000.0 / len(pvms)
+        say(
+            f"   {name:<13} ({len(policy_cells):2d} cells): {t_new:6.3f} ms (TCG guests {t_tcg:6.3f} ms), "
+            f"the grid {t_grid:6.3f} ms"
+        )
     if args.write:
         RESULTS.write_text(
             "# Prediction speed\n\n`python benchmarks/predict.py --write`, one run, 2-core shared host, "

@@ -106,6 +106,7 @@ def _predict(args: argparse.Namespace) -> int:
                 vcpu_utilization=m.vcpu_utilization,
                 deadline_seconds=settings.deadline_seconds,
                 stop_copy_speedup=settings.stop_copy_speedup,
+                tcg=m.accelerator == "tcg",
             )
         )
         if args.format == "table":

@@ -79,6 +79,18 @@ def test_canonical_round_trip() -> None:
     assert parse_measurement(json.loads(json.dumps(m.to_json_dict()))) == m
 
 
+def test_accelerator_round_trips_and_only_kvm_or_tcg_is_accepted() -> None:
+    """The policy model's throttle depends on it (TCG's sync waits for a sleeping vCPU)."""
+    doc = {**canonical(), "accelerator": "tcg"}
+    m = parse_measurement(doc)
+    assert m.accelerator == "tcg"
+    assert m.to_json_dict() == doc
+    assert parse_measurement(canonical()).accelerator is None
+    with pytest.raises(InputError) as err:
+        parse_measurement({**canonical(), "accelerator": "hvf"})
+    assert err.value.field == "accelerator"
+
+
 def test_canonical_minimal_defaults() -> None:
     m = parse_measurement(
         {

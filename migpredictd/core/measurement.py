@@ -75,6 +75,9 @@ class Measurement:
     # Share of its vCPUs' time the guest used during the measurement (0..1, from the vCPU threads' CPU
     # time); what auto-converge's throttle acts on (core/policies.py). None = unknown.
     vcpu_utilization: float | None = None
+    # "kvm" or "tcg" (query-kvm's enabled); None = unknown. Under TCG a bitmap sync waits for every vCPU,
+    # so a throttled vCPU's sleep holds the migration up (core/policies.py). None = unknown (as KVM).
+    accelerator: str | None = None
     # Relative standard error, from sampling alone, of the dirty pages at the shortest period (the one
     # with the fewest dirty samples): :func:`sampling_error`. None = unknown, or no sampled page changed.
     sampling_error: float | None = None
@@ -133,6 +136,8 @@ class Measurement:
                     raise InputError("must be above 0 and at most 1e-3 s per page", field=name)
         if self.zero_pages_method not in ZERO_PAGE_METHODS:
             raise InputError(f"must be one of {', '.join(ZERO_PAGE_METHODS)}", field="zero_pages_method")
+        if self.accelerator not in (None, "kvm", "tcg"):
+            raise InputError("must be kvm or tcg", field="accelerator")
         if self.vcpu_utilization is not None:
             _check_number("vcpu_utilization", self.vcpu_utilization)
             if self.vcpu_utilization > 1.0:
@@ -187,6 +192,7 @@ class Measurement:
             "measured_at": self.measured_at,
             "duration_seconds": self.duration_seconds,
             "vcpu_utilization": self.vcpu_utilization,
+            "accelerator": self.accelerator,
             "sampling_error": self.sampling_error,
             "zero_allocated_pages": self.zero_allocated_pages,
             "host_shared_zero_read_seconds": self.host_shared_zero_read_seconds,
@@ -254,6 +260,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         "notes",
         "zero_profile",
         "vcpu_utilization",
+        "accelerator",
         "sampling_error",
         "zero_allocated_pages",
         "host_shared_zero_read_seconds",
@@ -297,6 +304,7 @@ def _from_canonical(data: Mapping[str, Any]) -> Measurement:
         notes=tuple(notes),
         zero_profile=None if profile is None else tuple(profile),  # each share checked by Measurement
         vcpu_utilization=_optional_number(data, "vcpu_utilization"),
+        accelerator=_optional_string(data, "accelerator"),
         sampling_error=_optional_number(data, "sampling_error"),
         zero_allocated_pages=_optional_number(data, "zero_allocated_pages"),
         host_shared_zero_read_seconds=_optional_number(data, "host_shared_zero_read_seconds"),

@@ -21,9 +21,9 @@ follows its product's control loop (polls included: an action comes half a poll 
   0: the link) caps the bandwidth. The downtime is QEMU's 300 ms.
 - ``proxmox`` (QemuMigrate.pm, set_migration_caps): ``migrate_downtime`` seconds (0.1); every poll
   (0.1 s once little remains) that sees ``remaining`` above the previous poll's counts, and the sixth
-  doubles the downtime; ``migrate_speed`` in MiB/s (0: no limit) caps the bandwidth; auto-converge is
-  on. Proxmox also turns on XBZRLE, which this model does not know: re-sent pages that changed little
-  cost far less than a page (docs/policies.md, measured). No timeout.
+  doubles the downtime; ``migrate_speed`` in MiB/s (0: no limit) caps the bandwidth; auto-converge and
+  XBZRLE are on: from the third pass a re-sent page found in the cache costs a few bytes
+  (:func:`_xbzrle_page_bytes`). No timeout.
 - ``auto-converge`` (QEMU, migration/ram.c and cpu-throttle.c): at a bitmap sync more than a second
   after the last evaluation, if the bytes dirtied since then exceed ``throttle-trigger-threshold`` % of
   the bytes sent meanwhile, at every
@@ -35,8 +35,10 @@ follows its product's control loop (polls included: an action comes half a poll 
   (whichever comes first); the pages still dirty are then pulled once by the destination.
 
 A throttle of p % slows a guest only once (1 - p/100) is below the share ``u`` of its vCPU time the
-guest uses (measured on real QEMU, QEMU_FACTS.md): the dirtying rate is scaled by
-min(1, (1 - p/100) / u). ``u`` is the measured vCPU utilisation (1 = CPU-bound, the default when unknown).
+guest uses (measured on real QEMU, issue 15); then it dirties in bursts of the vCPU's 10 ms slices
+(:func:`_throttled_dirty`), and under TCG every throttled pass waits for the vCPU's sleep to end
+(:func:`_tcg_pass_seconds`). ``u`` is the measured vCPU utilisation (1 = CPU-bound, the default when
+unknown).
 
 The simulation is per pass: the first pass sends every page (zero pages as 9 bytes), each later one what
 the previous pass dirtied; after each pass comes a bitmap sync, where the throttle and the limit are
@@ -71,6 +73,9 @@ PROXMOX_GROWN_POLLS: Final = 5  # more polls than this with a grown `remaining` 
 MAX_PASSES: Final = 100_000
 THROTTLE_PERIOD_S: Final = 1.0  # migration_bitmap_sync(): "more than 1 second = 1000 millisecons"
 THROTTLE_TIMESLICE_S: Final = 0.010  # cpu-throttle.c CPU_THROTTLE_TIMESLICE_NS
+XBZRLE_FROM_PASS: Final = 3  # the cache fills in the second pass (XBZRLE starts once the first round ends)
+XBZRLE_HEADER_BYTES: Final = 3  # ENCODING_FLAG_XBZRLE and the be16 encoded length (save_xbzrle_page)
+XBZRLE_DELTA_BYTES: Final = 10  # one rewritten 8-byte word: zero-run and non-zero-run lengths, 8 bytes
 SATURATED: Final = 1.1  # a curve whose second window reads at most this times its first is flat
 
 _BOOL = {
@@ -234,6 +239,7 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
     deadline_seconds: float = 3600.0,
     stop_copy_speedup: float = 1.0,
     fast_forward: bool = True,
+    tcg: bool = False,
 ) -> PolicyOutcome:
     """One migration of ``m`` at ``bandwidth`` bytes/s under ``policy`` (``max_downtime`` seconds is the
     limit where the policy has none of its own: auto-converge and postcopy; default QEMU's 300 ms).
@@ -244,7 +250,11 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
 
     ``fast_forward`` takes the passes of a steady state (each pass sends exactly what the one before
     dirtied, nothing scheduled changes) up to the orchestrator's next event at once; ``False`` runs them
-    one by one (the reference the tests compare with)."""
+    one by one (the reference the tests compare with).
+
+    ``tcg``: the guest runs under TCG (the measurement's ``accelerator``). There a bitmap sync ends with
+    ``run_on_cpu()`` on every vCPU (``tcg_log_global_after_sync``), which waits until a throttled vCPU's
+    sleep is over: throttled, a pass lasts whole throttle periods and holds a burst of each."""
     o = policy.options
     name = policy.name
     util = 1.0 if vcpu_utilization is None else min(max(vcpu_utilization, 1e-3), 1.0)
@@ -317,11 +327,15 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         return downtime_fixed
 
     run = _Run()
-    pass_dirty, dirty_at = _throttled_dirty(m, 0.0, util), 0.0
+    pass_dirty, dirty_at = _throttled_dirty(m, 0.0, util, tcg=tcg), 0.0
     proxmox_downtime = downtime_fixed
     grown = 0.0  # Proxmox's count of polls that saw `remaining` grow
     doubled = False
     pending_bytes = _first_pass_bytes(m)  # the first pass: every page
+    pending_send = pending_bytes  # what the next pass sends (less than pending_bytes with XBZRLE hits)
+    # Proxmox turns XBZRLE on: from the third pass, re-sent pages found in its cache cost a few bytes
+    xbzrle_page = float(page_wire)
+    xbzrle_cache = _round_powerof2(int(ram_bytes / 10)) / m.page_size_bytes if name == "proxmox" else 0.0
     normal = float(m.total_pages) - m.zero_pages
 
     def finish(outcome: Outcome, *, left: float = 0.0, limit: float = 0.0) -> PolicyOutcome:
@@ -347,10 +361,12 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
 
     while True:
         # One pass: send what is pending at the rate, while the guest dirties (slowed by the throttle).
-        sent = pending_bytes
+        sent = pending_send
         dt = sent / rate
         if run.throttle != dirty_at:
-            pass_dirty, dirty_at = _throttled_dirty(m, run.throttle, util), run.throttle
+            pass_dirty, dirty_at = _throttled_dirty(m, run.throttle, util, tcg=tcg), run.throttle
+        if tcg and run.throttle > 0.0:
+            dt = _tcg_pass_seconds(dt, run.throttle)
         act_at = min(timeout_at, switch_at, nova_switch_at, deadline_seconds)
         if act_at < run.t + dt:
             # The orchestrator acts within this pass: what is left of it plus what the guest dirtied
@@ -371,10 +387,13 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         run.passes += 1
         dirty_pages = min(pass_dirty(dt), normal)
         pending_bytes = dirty_pages * page_wire
+        if xbzrle_cache and run.passes == 1:  # the second pass sends these and the cache takes them
+            xbzrle_page = _xbzrle_page_bytes(xbzrle_cache, dirty_pages, page_wire)
+        pending_send = dirty_pages * (xbzrle_page if run.passes >= XBZRLE_FROM_PASS - 1 else page_wire)
         # The bitmap sync: QEMU checks the limit, the orchestrator looks at its next poll.
         limit = proxmox_downtime if name == "proxmox" else downtime_now(run.t)
         if pending_bytes <= rate * limit:
-            return finish("completed", left=pending_bytes, limit=limit)
+            return finish("completed", left=pending_send, limit=limit)
         if switch_passes and run.passes >= switch_passes:
             return finish("postcopy", left=pending_bytes)
         if (
@@ -390,13 +409,13 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         if name == "proxmox":
             # Each 0.1 s poll (Proxmox polls that often once remaining is below what a 1 s poll moved)
             # that sees remaining above its previous value counts; the sixth doubles the downtime.
-            grown += _proxmox_growths(pending_bytes, rate)
+            grown += _proxmox_growths(pending_send, rate)
             if grown > PROXMOX_GROWN_POLLS:
                 grown = 0.0
                 proxmox_downtime *= 2.0
                 doubled = True
         # (not right after the downtime doubled: the next pass is checked against the new limit)
-        steady = pending_bytes == sent and not doubled
+        steady = pending_send == sent and not doubled
         doubled = False
         throttle_before = run.throttle
         if auto_converge:
@@ -420,7 +439,7 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
             if switch_passes:  # postcopy after a number of passes: that pass is an event too
                 skip = min(skip, switch_passes - run.passes - 1)
             if name == "proxmox":
-                per_pass = _proxmox_growths(pending_bytes, rate)
+                per_pass = _proxmox_growths(pending_send, rate)
                 if per_pass > 0:  # stop before the pass whose count doubles the downtime
                     skip = min(skip, math.ceil((PROXMOX_GROWN_POLLS - grown) / per_pass) - 1)
             if skip > 0:
@@ -431,6 +450,28 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
                     grown += skip * per_pass
 
 
+def _xbzrle_page_bytes(cache_pages: float, working_set: float, page_wire: float) -> float:
+    """What a re-sent page costs on average with Proxmox's XBZRLE (migration/ram.c, page_cache.c).
+
+    Proxmox sizes the cache to a tenth of the memory rounded up to a power of two (QemuMigrate.pm):
+    ``cache_pages``. XBZRLE starts once the first round ends, so the second pass sends whole pages and
+    the cache takes them: the ``working_set`` the first pass left dirty. The cache is direct-mapped by
+    page number and keeps a page it holds for two syncs: a contiguous working set of W pages holds
+    min(W, C) of its slots, and a re-dirtied page is found with the share min(1, C / W) (a working set
+    scattered over guest memory aliases more). A page found costs its header, XBZRLE's 3 bytes and the
+    delta, taken as one rewritten word (``XBZRLE_DELTA_BYTES``): the model assumes sparse writes, as
+    the rig's dirtier and most in-place updates make them; a guest that rewrites whole pages overflows
+    the encoder and costs full pages. A page not found goes whole."""
+    hit = min(1.0, cache_pages / working_set) if working_set > 0 else 1.0
+    encoded = PAGE_HEADER_BYTES + XBZRLE_HEADER_BYTES + XBZRLE_DELTA_BYTES
+    return hit * encoded + (1.0 - hit) * page_wire
+
+
+def _round_powerof2(x: int) -> int:
+    """QemuMigrate.pm's round_powerof2: the next power of two at or above ``x``."""
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
 def _proxmox_growths(pending_bytes: float, rate: float) -> float:
     """Proxmox polls that see `remaining` grow in one pass: the first poll after its sync does when the
     pass lasts a poll or more; in shorter ones about every second poll does."""
@@ -438,16 +479,27 @@ def _proxmox_growths(pending_bytes: float, rate: float) -> float:
     return 1.0 if polls >= 1.0 else polls / 2.0
 
 
-def _throttled_dirty(m: MemoryModel, throttle: float, util: float) -> Callable[[float], float]:
+def _tcg_pass_seconds(send_s: float, throttle: float) -> float:
+    """A pass under TCG at ``throttle`` %: its sync waits for the vCPU's sleep to end (``run_on_cpu()`` in
+    ``tcg_log_global_after_sync``) and the vCPU then runs its slice, so passes start at a wake-up and
+    last whole throttle periods (10 ms / (1 - throttle))."""
+    period_s = THROTTLE_TIMESLICE_S / (1.0 - throttle / 100.0)
+    return max(1, math.ceil(send_s / period_s - 1e-9)) * period_s
+
+
+def _throttled_dirty(
+    m: MemoryModel, throttle: float, util: float, *, tcg: bool = False
+) -> Callable[[float], float]:
     """Pages the guest dirties in a pass of ``s`` seconds at ``throttle`` %.
 
     Unthrottled, or throttled less than the share ``util`` of its vCPU it uses: the curve. Otherwise the
     vCPU runs in bursts (cpu-throttle.c): 10 ms of running every 10 ms / (1 - throttle), each burst
-    worth 10 ms / ``util`` of the guest's unthrottled time; a pass shorter than that period sees a
-    burst with the probability of its share of the period (the expected pages are taken). A curve already
-    flat at its first window (the working set filled faster than the measurement resolves) cannot tell
-    what a burst shorter than that window dirties: the burst is taken to fill it, as a CPU-bound guest
-    does (measured: docs/policies.md)."""
+    worth 10 ms / ``util`` of the guest's unthrottled time (a guest paced by the clock catches up on
+    what it owes). Under KVM a pass shorter than that period sees a burst with the probability of its
+    share of the period (the expected pages are taken); under TCG (``tcg``) every pass holds one burst per
+    period it lasts (:func:`_tcg_pass_seconds`). A curve already flat at its first window (the working
+    set filled faster than the measurement resolves) cannot tell what a burst shorter than that window
+    dirties: the burst is taken to fill it, as a CPU-bound guest does (measured: docs/policies.md)."""
     share = 1.0 - throttle / 100.0
     if throttle <= 0.0 or share >= util:
         return lambda s: m.dirty(s * 1000.0)
@@ -461,6 +513,8 @@ def _throttled_dirty(m: MemoryModel, throttle: float, util: float) -> Callable[[
         return m.dirty(max(ms, floor_ms))
 
     def dirty(s: float) -> float:
+        if tcg:
+            return burst(max(1, round(s / period_s)) * burst_ms)
         if s >= period_s:
             return burst(s / period_s * burst_ms)
         return s / period_s * burst(burst_ms)
@@ -507,6 +561,7 @@ def predict_policy(
     vcpu_utilization: float | None = None,
     deadline_seconds: float = 3600.0,
     stop_copy_speedup: float = 1.0,
+    tcg: bool = False,
 ) -> list[PolicyOutcome]:
     """Every bandwidth under ``policy``; for auto-converge (and postcopy) every (bandwidth, downtime) of
     ``downtimes`` when given."""
@@ -523,6 +578,7 @@ def predict_policy(
             vcpu_utilization=vcpu_utilization,
             deadline_seconds=deadline_seconds,
             stop_copy_speedup=stop_copy_speedup,
+            tcg=tcg,
         )
         for b, d in cells
     ]

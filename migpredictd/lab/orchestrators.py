@@ -63,6 +63,18 @@ THROTTLE_PARAMETERS: Final = (
     "cpu-throttle-tailslow",
 )
 STUCK_GRACE_S: Final = 30.0  # past the cutoff plus this, a migration that never ends is a lab failure
+# One row per poll of an active migration: seconds since `migrate`, then query-migrate's values.
+TRACE_FIELDS: Final = (
+    "t",
+    "dirty-sync-count",
+    "cpu-throttle-percentage",
+    "dirty-pages-rate",
+    "remaining",
+    "transferred",
+    "xbzrle-cache-miss",
+    "xbzrle-pages",
+    "xbzrle-bytes",
+)
 ACTIVE: Final = frozenset({"setup", "active", "postcopy-active", "device", "pre-switchover", "cancelling"})
 
 
@@ -100,6 +112,8 @@ class ControlledMigration:
     max_bandwidth_bytes_per_second: int
     events: tuple[Event, ...] = ()
     last_sample: JSONObject = field(default_factory=dict, compare=False)
+    # every query-migrate the loop made while active: TRACE_FIELDS per poll
+    trace: tuple[tuple[float, ...], ...] = field(default=(), compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (events as [t, action, value])."""
@@ -118,6 +132,9 @@ class ControlledMigration:
             "max_bandwidth_bytes_per_second": self.max_bandwidth_bytes_per_second,
             "events": [[round(e.t, 3), e.action, e.value] for e in self.events],
             "ram": self.last_sample.get("ram"),
+            "xbzrle": self.last_sample.get("xbzrle-cache"),
+            "trace_fields": list(TRACE_FIELDS),
+            "trace": [list(p) for p in self.trace],
         }
 
 
@@ -177,6 +194,7 @@ class _Run:
         self.postcopy_at: float | None = None
         self.cancelled_by: str | None = None  # "orchestrator" or "cutoff"
         self.paused = False
+        self.trace: list[tuple[float, ...]] = []
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -212,6 +230,7 @@ class _Run:
             raise RigError(f"query-migrate returned {s!r}")
         if "ram" in s:
             self.last_active = s
+            self.trace.append(_trace_row(self.elapsed(), s))
         throttle = s.get("cpu-throttle-percentage")
         if isinstance(throttle, int):
             self.max_throttle = max(self.max_throttle, throttle)
@@ -256,7 +275,27 @@ class _Run:
             max_bandwidth_bytes_per_second=self.bandwidth,
             events=tuple(self.events),
             last_sample=stats,
+            trace=tuple(self.trace),
         )
+
+
+def _trace_row(t: float, s: JSONObject) -> tuple[float, ...]:
+    def get(d: object, key: str) -> float:
+        v = d.get(key, 0) if isinstance(d, dict) else 0
+        return float(v) if isinstance(v, int | float) else 0.0
+
+    ram, xb = s.get("ram"), s.get("xbzrle-cache")
+    return (
+        round(t, 3),
+        get(ram, "dirty-sync-count"),
+        get(s, "cpu-throttle-percentage"),
+        get(ram, "dirty-pages-rate"),
+        get(ram, "remaining"),
+        get(ram, "transferred"),
+        get(xb, "cache-miss"),
+        get(xb, "pages"),
+        get(xb, "bytes"),
+    )
 
 
 def _terminal(s: JSONObject) -> bool:

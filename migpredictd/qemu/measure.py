@@ -284,7 +284,11 @@ async def measure(
     duration = time.monotonic() - started
     say(f"{target}: done in {duration:.1f} s")
     return dataclasses.replace(
-        result, duration_seconds=round(duration, 3), notes=tuple(notes) + result.notes, vcpu_utilization=vcpu
+        result,
+        duration_seconds=round(duration, 3),
+        notes=tuple(notes) + result.notes,
+        vcpu_utilization=vcpu,
+        accelerator="kvm" if kvm.get("enabled") is True else "tcg",
     )
 
 

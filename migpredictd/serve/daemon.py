@@ -673,6 +673,7 @@ def _derive_batch(
                     model, policy, config.grid.bandwidths, vcpu_utilization=m.vcpu_utilization,
                     deadline_seconds=config.prediction.deadline_seconds,
                     stop_copy_speedup=config.prediction.stop_copy_speedup,
+                    tcg=m.accelerator == "tcg",
                 )
             )
             for policy in own
