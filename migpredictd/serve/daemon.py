@@ -474,9 +474,7 @@ class Daemon:
         ):
             p, old = grid_only, snapshot.get(name)
             if old is not None and old.prediction is not None and old.grid == config.grid:
-                p = dataclasses.replace(
-                    p, min_bandwidth=old.prediction.min_bandwidth, min_downtime=old.prediction.min_downtime
-                )
+                p = p.with_derived_of(old.prediction)
             _log_zero_page_method(name, m, None if old is None else old.measurement)
             self.state.record_success(name, m, p, config.grid, at=time.time(), duration=duration)
             self._underived[name] = (m, model, limiter)
@@ -537,7 +535,7 @@ class Daemon:
                 self.prediction_cpu["policies"] += policy_cpu
                 self.predicted["policies"] += len(work)
             for i, (name, m, _, _) in enumerate(work):
-                self.state.record_derived(name, m, config.grid, min_bw[i], min_dt[i], policies=outcomes[i])
+                self.state.record_derived(name, m, config.grid, min_bw, min_dt, row=i, policies=outcomes[i])
             await loop.run_in_executor(self._worker, self._render)
 
     def _render(self) -> None:

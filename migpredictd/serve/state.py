@@ -120,10 +120,13 @@ class State:
         min_bandwidth: FloatArray,
         min_downtime: FloatArray,
         *,
+        row: int | None = None,
         policies: Mapping[str, tuple[PolicyOutcome, ...]] | None = None,
     ) -> None:
         """Attach derived answers computed from ``measurement`` over ``grid``; dropped if the target has
-        a newer measurement, or its prediction is over another grid (a reload changed it meanwhile)."""
+        a newer measurement, or its prediction is over another grid (a reload changed it meanwhile).
+        With ``row``, the arrays are a batch's ([vm, downtime], [vm, bandwidth]) and the target's answers
+        are that row (kept without a view of their own)."""
         with self._lock:
             old = self._targets.get(name)
             if (
@@ -133,7 +136,10 @@ class State:
                 or old.grid != grid
             ):
                 return
-            prediction = replace(old.prediction, min_bandwidth=min_bandwidth, min_downtime=min_downtime)
+            if row is None:
+                prediction = old.prediction.with_derived((min_bandwidth[None], min_downtime[None]), 0)
+            else:
+                prediction = old.prediction.with_derived((min_bandwidth, min_downtime), row)
             self._targets[name] = replace(
                 old,
                 prediction=prediction,
