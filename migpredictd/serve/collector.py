@@ -203,20 +203,20 @@ def _policy_samples(t: TargetState) -> Iterator[Sample]:
         return
     g = t.grid
     labels = g.bandwidth_labels or tuple(format_bandwidth(b) for b in g.bandwidths)
-    for policy, outcomes in t.policies.items():
-        for bw, o in zip(labels, outcomes, strict=False):
+    for policy, (outcomes, _) in t.policies.items():
+        for bw, outcome in zip(labels, outcomes, strict=False):
             yield (
                 "migpredictd_policy_outcome",
-                {"vm": t.name, "policy": policy, "bandwidth": bw, "outcome": o.outcome},
+                {"vm": t.name, "policy": policy, "bandwidth": bw, "outcome": outcome},
                 1.0,
             )
-    for policy, outcomes in t.policies.items():
-        for bw, o in zip(labels, outcomes, strict=False):
-            if o.seconds is not None:
+    for policy, (_, seconds) in t.policies.items():
+        for bw, s in zip(labels, seconds, strict=False):
+            if s is not None:
                 yield (
                     "migpredictd_policy_migration_seconds",
                     {"vm": t.name, "policy": policy, "bandwidth": bw},
-                    o.seconds,
+                    s,
                 )
 
 

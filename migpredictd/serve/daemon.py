@@ -545,7 +545,7 @@ class Daemon:
     # --- WebApp -----------------------------------------------------------------------------------
 
     def metrics(self) -> StreamedMetrics:
-        return self.renderer
+        return _TrimmedMetrics(self.renderer)
 
     def healthy(self) -> bool:
         return not self._stop.is_set()
@@ -706,6 +706,27 @@ def _trim_heap() -> None:
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+class _TrimmedMetrics:
+    """The renderer's stream, with the heap trimmed once it is sent: a scrape of 10,000 targets leaves
+    a few MiB of freed pieces in the heap (2.2 MiB resident, measured after the scale benchmark's
+    scrapes, docs/performance.md)."""
+
+    def __init__(self, renderer: MetricsRenderer) -> None:
+        self._renderer = renderer
+
+    def chunks(self) -> Iterator[bytes]:
+        try:
+            yield from self._renderer.chunks()
+        finally:
+            _trim_heap()
+
+    def gzip_chunks(self) -> Iterator[bytes]:
+        try:
+            yield from self._renderer.gzip_chunks()
+        finally:
+            _trim_heap()
 
 
 class _WebAdapter:

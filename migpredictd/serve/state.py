@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from migpredictd.core.measurement import Measurement
-from migpredictd.core.policies import PolicyOutcome
+from migpredictd.core.policies import Outcome, PolicyOutcome
 from migpredictd.core.predictor import FloatArray, Grid, VMPrediction
 
 # Shared, read-only empty mappings instead of an empty dict per target and field (10,000 targets x 3
 # fields): TargetState is immutable, every change builds a new mapping.
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 _NO_FAILURES: Mapping[str, int] = MappingProxyType({})
-_NO_POLICIES: Mapping[str, tuple[PolicyOutcome, ...]] = MappingProxyType({})
+
+# What a policy does at each grid bandwidth, as much as the exposition shows: the outcome, and the
+# seconds until the VM runs on the destination (None unless it does). Two tuples per policy instead of
+# a PolicyOutcome per bandwidth: about 1.8 kB less per target with two policies on the default grid.
+PolicyResults = tuple[tuple[Outcome, ...], tuple[float | None, ...]]
+_NO_POLICIES: Mapping[str, PolicyResults] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +48,7 @@ class TargetState:
     version: int = 0
     # What each configured orchestrator policy does with the migration, per grid bandwidth (with the
     # derived answers, from the same measurement).
-    policies: Mapping[str, tuple[PolicyOutcome, ...]] = field(default_factory=lambda: _NO_POLICIES)
+    policies: Mapping[str, PolicyResults] = field(default_factory=lambda: _NO_POLICIES)
 
 
 class State:
@@ -121,7 +126,7 @@ class State:
         min_downtime: FloatArray,
         *,
         row: int | None = None,
-        policies: Mapping[str, tuple[PolicyOutcome, ...]] | None = None,
+        policies: Mapping[str, Sequence[PolicyOutcome]] | None = None,
     ) -> None:
         """Attach derived answers computed from ``measurement`` over ``grid``; dropped if the target has
         a newer measurement, or its prediction is over another grid (a reload changed it meanwhile).
@@ -143,7 +148,14 @@ class State:
             self._targets[name] = replace(
                 old,
                 prediction=prediction,
-                policies=dict(policies) if policies else _NO_POLICIES,
+                policies=(
+                    {
+                        name: (tuple(o.outcome for o in outs), tuple(o.seconds for o in outs))
+                        for name, outs in policies.items()
+                    }
+                    if policies
+                    else _NO_POLICIES
+                ),
                 version=old.version + 1,
             )
             self._version += 1
