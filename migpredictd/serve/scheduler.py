@@ -58,7 +58,7 @@ async def _run_job(scheduler: MeasurementScheduler, name: str) -> None:
 
 
 # Jobs name their function by this text: APScheduler then keeps the one string for every job (given a
-# bound method, it makes a method and a "module:qualname" string per job; 0.2 kB at 10,000 targets).
+# bound method, it makes a method and a "module:qualname" string per job, about 0.2 kB).
 _JOB_FUNC: Final = f"{__name__}:{_run_job.__name__}"
 
 

@@ -24,7 +24,8 @@ _NO_FAILURES: Mapping[str, int] = MappingProxyType({})
 
 # What a policy does at each grid bandwidth, as much as the exposition shows: the outcome, and the
 # seconds until the VM runs on the destination (None unless it does). Two tuples per policy instead of
-# a PolicyOutcome per bandwidth: about 1.8 kB less per target with two policies on the default grid.
+# a PolicyOutcome per bandwidth: about 2 kB less per target (object sizes) with two policies and 8
+# bandwidths.
 PolicyResults = tuple[tuple[Outcome, ...], tuple[float | None, ...]]
 _NO_POLICIES: Mapping[str, PolicyResults] = MappingProxyType({})
 
