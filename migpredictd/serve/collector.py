@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from migpredictd import __version__
 from migpredictd.core.errors import FAILURE_REASONS
 from migpredictd.core.units import format_bandwidth, format_downtime
-from migpredictd.serve.state import State, TargetState
+from migpredictd.serve.state import State, TargetState, unpack_policy
 
 _AGE: Final = (
     "From the last successful measurement; see migpredictd_last_success_timestamp_seconds for its age."
@@ -203,15 +203,16 @@ def _policy_samples(t: TargetState) -> Iterator[Sample]:
         return
     g = t.grid
     labels = g.bandwidth_labels or tuple(format_bandwidth(b) for b in g.bandwidths)
-    for policy, (outcomes, _) in t.policies.items():
-        for bw, outcome in zip(labels, outcomes, strict=False):
+    unpacked = {policy: unpack_policy(packed) for policy, packed in t.policies.items()}
+    for policy, results in unpacked.items():
+        for bw, (outcome, _) in zip(labels, results, strict=False):
             yield (
                 "migpredictd_policy_outcome",
                 {"vm": t.name, "policy": policy, "bandwidth": bw, "outcome": outcome},
                 1.0,
             )
-    for policy, (_, seconds) in t.policies.items():
-        for bw, s in zip(labels, seconds, strict=False):
+    for policy, results in unpacked.items():
+        for bw, (_, s) in zip(labels, results, strict=False):
             if s is not None:
                 yield (
                     "migpredictd_policy_migration_seconds",
