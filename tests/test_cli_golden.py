@@ -52,7 +52,14 @@ def test_batch_rendering_equals_rendering_each_vm() -> None:
     # a cell beyond int64's exact range sends the whole batch through the cell-by-cell path
     huge = preds[0].seconds.copy()
     huge[0, 0] = 1e300
-    odd = VMPrediction(huge, preds[0].passes, huge, huge, np.zeros(6), np.zeros(8))
+    odd = VMPrediction(
+        seconds=huge,
+        passes=preds[0].passes,
+        bytes_sent=huge,
+        downtime_seconds=huge,
+        min_bandwidth=np.zeros(6),
+        min_downtime=np.zeros(8),
+    )
     batch = [preds[1], odd]
     assert render_tables(batch, DEFAULT_GRID) == [render_table(p, DEFAULT_GRID) for p in batch]
 

@@ -196,3 +196,20 @@ def test_policy_outcomes_one_line_per_policy_and_bandwidth() -> None:
         )
         assert reg.get_sample_value("migpredictd_policy_migration_seconds", base) == o.seconds
     assert {o.outcome for o in nova} >= {"completed"}
+
+
+def test_policy_results_pack_round_trip() -> None:
+    from migpredictd.core.policies import PolicyOutcome
+    from migpredictd.serve.state import pack_policy, unpack_policy
+
+    outs = [
+        PolicyOutcome(1e8, "completed", 12.5, 0.3, 0.0, None),
+        PolicyOutcome(2e8, "aborted", None, None, 30.0, None),
+        PolicyOutcome(3e8, "postcopy", -0.0, None, 99.0, 4.0),
+        PolicyOutcome(4e8, "not_converged", None, None, 0.0, None),
+        PolicyOutcome(5e8, "completed", 1e300, 1e-9, 0.0, None),
+    ]
+    back = unpack_policy(pack_policy(outs))
+    assert back == [(o.outcome, o.seconds) for o in outs]
+    assert [repr(s) for _, s in back] == [repr(o.seconds) for o in outs]  # the same floats, -0.0 included
+    assert unpack_policy(pack_policy([])) == []

@@ -30,5 +30,12 @@ def test_fast_table_equals_the_cell_by_cell_one(trial: int) -> None:
         seconds[0, 0] = np.inf  # never finishes
     if trial % 7 == 0:
         seconds[1, 1] = 1e300  # beyond int64: the slow path
-    p = VMPrediction(seconds, np.zeros((8, 6), np.int64), seconds, seconds, np.zeros(6), np.zeros(8))
+    p = VMPrediction(
+        seconds=seconds,
+        passes=np.zeros((8, 6), np.int64),
+        bytes_sent=seconds,
+        downtime_seconds=seconds,
+        min_bandwidth=np.zeros(6),
+        min_downtime=np.zeros(8),
+    )
     assert render_table(p, DEFAULT_GRID) == _cell_by_cell(seconds)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +55,7 @@ from migpredictd.core.units import format_bandwidth, format_downtime, parse_band
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
+IntegerArray = npt.NDArray[np.integer[Any]]
 Mode = Literal["seed", "qemu"]
 
 # migration/ram.c: save_page_header() writes an 8-byte offset+flags word before every page.
@@ -1155,16 +1156,89 @@ def make_grid(bandwidths: Sequence[str], downtimes: Sequence[str]) -> Grid:
 DEFAULT_GRID: Final = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
 
 
-@dataclass(frozen=True, slots=True)
 class VMPrediction:
-    """Everything predicted for one VM over a grid. Arrays are [bandwidth, downtime]; nan = no convergence."""
+    """Everything predicted for one VM over a grid. Arrays are [bandwidth, downtime]; nan = no convergence.
 
-    seconds: FloatArray
-    passes: IntArray
-    bytes_sent: FloatArray
-    downtime_seconds: FloatArray
-    min_bandwidth: FloatArray  # per downtime: smallest converging bytes/s (nan: none up to the search cap)
-    min_downtime: FloatArray  # per bandwidth: smallest max-downtime (s) that converges (nan: none)
+    ``passes`` may be a narrower integer type than int64. A prediction is one row of arrays shared by its
+    batch (:meth:`row`), and each field is a view made when read: a daemon keeps one prediction per
+    target, and six numpy views each (about 0.1 kB apiece) were a large part of its memory at 10,000
+    targets (docs/performance.md). Immutable: :meth:`with_derived` makes a new one.
+    """
+
+    __slots__ = ("_derived", "_grid", "_i", "_j")
+    _grid: tuple[FloatArray, IntegerArray, FloatArray, FloatArray]  # [vm, bandwidth, downtime] each
+    _i: int
+    _derived: tuple[FloatArray, FloatArray]  # [vm, downtime] min bandwidth, [vm, bandwidth] min downtime
+    _j: int
+
+    def __init__(
+        self,
+        *,
+        seconds: FloatArray,
+        passes: IntegerArray,
+        bytes_sent: FloatArray,
+        downtime_seconds: FloatArray,
+        min_bandwidth: FloatArray,
+        min_downtime: FloatArray,
+    ) -> None:
+        self._grid = (seconds[None], passes[None], bytes_sent[None], downtime_seconds[None])
+        self._i = 0
+        self._derived = (min_bandwidth[None], min_downtime[None])
+        self._j = 0
+
+    @classmethod
+    def row(
+        cls,
+        grid: tuple[FloatArray, IntegerArray, FloatArray, FloatArray],
+        i: int,
+        derived: tuple[FloatArray, FloatArray],
+        j: int,
+    ) -> VMPrediction:
+        """Row ``i`` of a batch's (seconds, passes, bytes_sent, downtime_seconds) and row ``j`` of its
+        (min_bandwidth, min_downtime), without copying."""
+        p = cls.__new__(cls)
+        p._grid, p._i, p._derived, p._j = grid, i, derived, j
+        return p
+
+    def with_derived(self, derived: tuple[FloatArray, FloatArray], j: int) -> VMPrediction:
+        """The same grid with row ``j`` of (min_bandwidth [vm, downtime], min_downtime [vm, bandwidth])."""
+        return VMPrediction.row(self._grid, self._i, derived, j)
+
+    def with_derived_of(self, other: VMPrediction) -> VMPrediction:
+        """The same grid with ``other``'s derived answers."""
+        return VMPrediction.row(self._grid, self._i, other._derived, other._j)
+
+    @property
+    def seconds(self) -> FloatArray:
+        a: FloatArray = self._grid[0][self._i]
+        return a
+
+    @property
+    def passes(self) -> IntegerArray:
+        a: IntegerArray = self._grid[1][self._i]
+        return a
+
+    @property
+    def bytes_sent(self) -> FloatArray:
+        a: FloatArray = self._grid[2][self._i]
+        return a
+
+    @property
+    def downtime_seconds(self) -> FloatArray:
+        a: FloatArray = self._grid[3][self._i]
+        return a
+
+    @property
+    def min_bandwidth(self) -> FloatArray:
+        """Per downtime: smallest converging bytes/s (nan: none up to the search cap)."""
+        a: FloatArray = self._derived[0][self._j]
+        return a
+
+    @property
+    def min_downtime(self) -> FloatArray:
+        """Per bandwidth: smallest max-downtime (s) that converges (nan: none)."""
+        a: FloatArray = self._derived[1][self._j]
+        return a
 
 
 # Derived answers search these ranges: bytes/s, and seconds from a floor up to the deadline (a downtime
@@ -1200,19 +1274,16 @@ def predict_grid(
     else:
         min_bw = np.full((nv, nd), np.nan)
         min_dt = np.full((nv, nb), np.nan)
-    secs, passes = res.seconds.reshape(shape), res.passes.reshape(shape)
-    sent, down = res.bytes_sent.reshape(shape), res.downtime_seconds.reshape(shape)
-    return [
-        VMPrediction(
-            seconds=secs[i],
-            passes=passes[i],
-            bytes_sent=sent[i],
-            downtime_seconds=down[i],
-            min_bandwidth=min_bw[i],
-            min_downtime=min_dt[i],
-        )
-        for i in range(nv)
-    ]
+    # One block per batch, each VM a row of it (VMPrediction.row); passes fit in 32 bits (max_syncs is at
+    # most 1,000,000), half the memory of int64.
+    block = (
+        res.seconds.reshape(shape),
+        res.passes.astype(np.int32).reshape(shape),
+        res.bytes_sent.reshape(shape),
+        res.downtime_seconds.reshape(shape),
+    )
+    derived_block = (min_bw, min_dt)
+    return [VMPrediction.row(block, i, derived_block, i) for i in range(nv)]
 
 
 def predict_derived(

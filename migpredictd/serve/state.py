@@ -7,21 +7,52 @@ VM, and a target removed from the config disappears from the next snapshot with 
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Final, get_args
 
 from migpredictd.core.measurement import Measurement
-from migpredictd.core.policies import PolicyOutcome
+from migpredictd.core.policies import Outcome, PolicyOutcome
 from migpredictd.core.predictor import FloatArray, Grid, VMPrediction
 
 # Shared, read-only empty mappings instead of an empty dict per target and field (10,000 targets x 3
 # fields): TargetState is immutable, every change builds a new mapping.
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 _NO_FAILURES: Mapping[str, int] = MappingProxyType({})
-_NO_POLICIES: Mapping[str, tuple[PolicyOutcome, ...]] = MappingProxyType({})
+
+# What a policy does at each grid bandwidth, as much as the exposition shows, packed in one bytes object
+# per policy (:func:`pack_policy`, :func:`unpack_policy`) instead of a PolicyOutcome per bandwidth (about
+# 0.15 kB each with its floats, 16 per target with two policies and 8 bandwidths).
+PolicyResults = bytes
+OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
+_HAS_SECONDS: Final = 0x80
+
+
+def pack_policy(outcomes: Sequence[PolicyOutcome]) -> PolicyResults:
+    """One byte per bandwidth (the outcome's index in :data:`OUTCOMES`, plus 0x80 if it has seconds),
+    then each bandwidth's seconds as a little-endian float64 (0.0 where it has none)."""
+    codes = bytes(
+        OUTCOMES.index(o.outcome) | (_HAS_SECONDS if o.seconds is not None else 0) for o in outcomes
+    )
+    seconds = struct.pack(f"<{len(outcomes)}d", *(0.0 if o.seconds is None else o.seconds for o in outcomes))
+    return codes + seconds
+
+
+def unpack_policy(packed: PolicyResults) -> list[tuple[Outcome, float | None]]:
+    """Each bandwidth's (outcome, seconds or None), as :func:`pack_policy` got them."""
+    n = len(packed) // 9
+    seconds = struct.unpack_from(f"<{n}d", packed, n)
+    return [
+        (OUTCOMES[c & ~_HAS_SECONDS], seconds[i] if c & _HAS_SECONDS else None)
+        for i, c in enumerate(packed[:n])
+    ]
+
+
+_NO_POLICIES: Mapping[str, PolicyResults] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +74,7 @@ class TargetState:
     version: int = 0
     # What each configured orchestrator policy does with the migration, per grid bandwidth (with the
     # derived answers, from the same measurement).
-    policies: Mapping[str, tuple[PolicyOutcome, ...]] = field(default_factory=lambda: _NO_POLICIES)
+    policies: Mapping[str, PolicyResults] = field(default_factory=lambda: _NO_POLICIES)
 
 
 class State:
@@ -120,10 +151,13 @@ class State:
         min_bandwidth: FloatArray,
         min_downtime: FloatArray,
         *,
-        policies: Mapping[str, tuple[PolicyOutcome, ...]] | None = None,
+        row: int | None = None,
+        policies: Mapping[str, Sequence[PolicyOutcome]] | None = None,
     ) -> None:
         """Attach derived answers computed from ``measurement`` over ``grid``; dropped if the target has
-        a newer measurement, or its prediction is over another grid (a reload changed it meanwhile)."""
+        a newer measurement, or its prediction is over another grid (a reload changed it meanwhile).
+        With ``row``, the arrays are a batch's ([vm, downtime], [vm, bandwidth]) and the target's answers
+        are that row (kept without a view of their own)."""
         with self._lock:
             old = self._targets.get(name)
             if (
@@ -133,11 +167,16 @@ class State:
                 or old.grid != grid
             ):
                 return
-            prediction = replace(old.prediction, min_bandwidth=min_bandwidth, min_downtime=min_downtime)
+            if row is None:
+                prediction = old.prediction.with_derived((min_bandwidth[None], min_downtime[None]), 0)
+            else:
+                prediction = old.prediction.with_derived((min_bandwidth, min_downtime), row)
             self._targets[name] = replace(
                 old,
                 prediction=prediction,
-                policies=dict(policies) if policies else _NO_POLICIES,
+                policies=(
+                    {name: pack_policy(outs) for name, outs in policies.items()} if policies else _NO_POLICIES
+                ),
                 version=old.version + 1,
             )
             self._version += 1
