@@ -3,6 +3,7 @@ operator relies on, and the shortcuts that detect non-convergence early agree wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -674,3 +675,32 @@ def test_seed_grid_by_bandwidth_lanes_equals_every_cell_alone(deadline: float) -
     assert got.passes.dtype == want.passes.dtype
     # the cases cover converging, never converging and creeping cells
     assert 0 < np.count_nonzero(got.converges) < got.seconds.size
+
+
+def test_cells_whose_reading_never_outlasts_a_window_skip_it_with_the_same_answers() -> None:
+    """A cell whose stream rate times the VM's most reading per byte is at most 1 reads every zero page
+    while it waits for the limiter: it skips the reading (and may take the closed-form shortcuts), with
+    the same answers as computing it, on 60 random profiled guests over the default grid."""
+    rng = np.random.default_rng(11)
+    ms = []
+    for _ in range(60):
+        total = int(rng.choice([1 << 18, 1 << 20, 1 << 22]))
+        profile = tuple(float(x) for x in rng.choice([0.0, 0.5, 0.97, 1.0], 64))
+        zero = float(np.mean(profile)) * total
+        rate = float(rng.uniform(1e-4, 0.05)) * total
+        points = tuple(DirtyPoint(p, min(rate * p / 1000.0, total - zero)) for p in (250.0, 1000.0, 4000.0))
+        ms.append(build_model(Measurement(page_size_bytes=4096, total_pages=total, points=points,
+                                          zero_pages=zero, zero_profile=profile,
+                                          zero_allocated_pages=zero * float(rng.uniform(0, 1)))))  # fmt: skip
+    limiter = RateLimiter(zero_scan_seconds=0.15e-6, allocated_zero_scan_seconds=0.37e-6)
+    batch = ModelBatch.of(ms, [limiter] * len(ms))
+    always = dataclasses.replace(batch, scan_peak=np.full(len(ms), np.inf))
+    grid = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES)
+    vm = np.repeat(np.arange(len(ms)), len(grid.bandwidths) * len(grid.downtimes))
+    bw = np.tile(np.repeat(np.array(grid.bandwidths), len(grid.downtimes)), len(ms))
+    dt = np.tile(np.array(grid.downtimes), len(ms) * len(grid.bandwidths))
+    fast, slow = (simulate(b, vm, bw, dt, QEMU) for b in (batch, always))
+    assert np.any(batch.scan_peak[vm] * bw > 1.0)  # some cells do read beyond their bytes
+    assert np.any(batch.scan_peak[vm] * bw <= 1.0)
+    np.testing.assert_allclose(fast.seconds, slow.seconds, rtol=1e-9)
+    np.testing.assert_array_equal(fast.passes, slow.passes)

@@ -54,7 +54,6 @@ from migpredictd.core.units import format_bandwidth, format_downtime, parse_band
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-BoolArray = npt.NDArray[np.bool_]
 IntegerArray = npt.NDArray[np.integer[Any]]
 Mode = Literal["seed", "qemu"]
 
@@ -187,6 +186,15 @@ def _segment_slopes(xs: FloatArray, ys: FloatArray) -> FloatArray:
     return slopes
 
 
+def _scan_peak(cold_bytes: FloatArray, cold_scan: FloatArray) -> FloatArray:
+    """Per row, the most seconds of reading per wire byte over the first pass's slices (0: none)."""
+    dw, ds = np.diff(cold_bytes, axis=1), np.diff(cold_scan, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_byte = np.where(dw > 0.0, ds / dw, 0.0)
+    peak: FloatArray = per_byte.max(axis=1, initial=0.0)
+    return peak
+
+
 @dataclass(frozen=True, slots=True)
 class ModelBatch:
     """Many memory models packed into padded arrays, one row per VM."""
@@ -200,7 +208,9 @@ class ModelBatch:
     zero_pages: FloatArray
     excess_fraction: FloatArray  # RateLimiter per VM
     excess_cap: FloatArray
-    scans: BoolArray  # whether the VM's migration thread spends any time reading zero pages
+    # The most seconds of reading zero pages per wire byte in any slice of the first pass: a cell whose
+    # stream rate times this is at most 1 reads every zero page while it would wait for the limiter.
+    scan_peak: FloatArray
     # The first pass's cost along RAM, counted from the end of RAM (the cold pages left unsent are the
     # highest ones: QEMU scans in ascending offset): knots of pages and wire bytes, and the wire bytes
     # per page of the segment that ends at each knot. Padded with repeats of the last knot.
@@ -252,7 +262,7 @@ class ModelBatch:
             zero_pages=np.array([m.zero_pages for m in models]),
             excess_fraction=np.array([r.excess_fraction for r in limiters]),
             excess_cap=np.array([r.excess_cap_bytes_per_second for r in limiters]),
-            scans=cold_scan[:, -1] > 0.0,
+            scan_peak=_scan_peak(cold_bytes, cold_scan),
             cold_pages=cold_pages,
             cold_bytes=cold_bytes,
             cold_slope=cold_slope,
@@ -936,7 +946,7 @@ def _simulate_qemu(
             wire_done = cold_wire[done] + hot[done] * normal_wire[i]
             stop_s = wire_done / stop_rate[i] + settings.switchover_seconds
             # The stop-and-copy reads the first pass's remaining zero pages too.
-            scanning = np.flatnonzero((cold[done] > 0.0) & batch.scans[vm[i]])
+            scanning = np.flatnonzero((cold[done] > 0.0) & (batch.scan_peak[vm[i]] * stop_rate[i] > 1.0))
             if scanning.size:
                 c, left = i[scanning], cold[done][scanning]
                 stop_s[scanning] += batch.scan_excess(
@@ -975,7 +985,7 @@ def _simulate_qemu(
             cold_after = np.where(left <= 0.0, 0.0, batch.cold_left(vw, np.maximum(left, 0.0)))
             cold_after = np.clip(cold_after, 0.0, cold[w])
             cold_sent_bytes[w] = cold_wire[w] - batch.cold_wire(vw, cold_after)
-            scanning = np.flatnonzero(batch.scans[vw])
+            scanning = np.flatnonzero(batch.scan_peak[vw] * rate[live[w]] > 1.0)
             if scanning.size:
                 # Where reading zero pages takes longer than their slice's bytes at the rate, it sets
                 # the pace.
@@ -1051,7 +1061,10 @@ def _simulate_qemu(
         if shortcut and np.any(passes >= 3):
             # (not with a zero-page scan cost: its closed form prices passes by bytes alone)
             e = np.flatnonzero(
-                (cold > 0.0) & (cold + hot > threshold[live]) & (passes >= 3) & ~batch.scans[vm[live]]
+                (cold > 0.0)
+                & (cold + hot > threshold[live])
+                & (passes >= 3)
+                & (batch.scan_peak[vm[live]] * rate[live] <= 1.0)
             )
             if e.size:
                 c = live[e]
