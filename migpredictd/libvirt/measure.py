@@ -232,7 +232,7 @@ async def measure_domain(
             target=target,
             measured_at=started_wall,
         )
-        result = await asyncio.to_thread(zeros.into, result)  # the first call probes the host
+        result = zeros.into(result)
     except InputError as exc:
         raise QMPProtocolError(
             f"unusable dirty-rate results: {exc}", target=target, command="virConnectGetAllDomainStats"

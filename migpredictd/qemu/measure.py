@@ -42,7 +42,7 @@ from migpredictd.core.errors import (
     TargetSkipped,
 )
 from migpredictd.core.measurement import Measurement, measurement_from_extended, measurement_from_sweep
-from migpredictd.qemu.hostscan import host_scan
+from migpredictd.qemu.hostscan import HostScan, host_scan
 from migpredictd.qemu.qmp import READ_ONLY_COMMANDS, SAFE_DIRTY_RATE_MODE, QMPSession
 from migpredictd.qemu.settings import (
     DEFAULT_HELPER_SOCKET,
@@ -278,7 +278,7 @@ async def measure(
                 zero_profile=zeros.profile,
                 **meta,
             )
-            result = await asyncio.to_thread(zeros.into, result)  # the first call probes the host
+            result = zeros.into(result)
     except InputError as exc:
         raise QMPProtocolError(f"unusable calc-dirty-rate results: {exc}", target=target) from exc
     duration = time.monotonic() - started
@@ -660,7 +660,9 @@ def zero_pages(  # noqa: PLR0917
                     f"zero pages: {reply.method} by the zero-page helper at {settings.zero_pages_helper}"
                 )
                 logger.debug("%s: zero pages %s (helper): %s", target, reply.method, reply.detail)
-                return ZeroPages(reply.zero_pages, reply.method, reply.profile, reply.allocated_zero_pages)
+                return ZeroPages(
+                    reply.zero_pages, reply.method, reply.profile, reply.allocated_zero_pages, host_scan()
+                )
             if pid is None:
                 raise ZeroPagesUnavailableError("the QEMU PID is only known over a local unix socket")
             if m == "guest-sample":
@@ -675,26 +677,28 @@ def zero_pages(  # noqa: PLR0917
             notes.append(f"zero pages: {m} unavailable: {exc}")
             continue
         logger.debug("%s: zero pages %s: %s", target, est.method, est.detail)
-        return ZeroPages(est.zero_pages, est.method, est.profile, est.allocated_zero_pages)
+        return ZeroPages(est.zero_pages, est.method, est.profile, est.allocated_zero_pages, host_scan())
     notes.append("zero pages unknown: prediction assumes no zero pages, so it errs long")
     return ZeroPages(None, "none")
 
 
 @dataclass(frozen=True, slots=True)
 class ZeroPages:
-    """What :func:`zero_pages` found (see there), and the host's zero-page read speed beside it."""
+    """What :func:`zero_pages` found (see there), and, when it found zero pages, this host's speed at
+    reading them (:func:`migpredictd.qemu.hostscan.host_scan`: probed once per process, in the same
+    worker thread)."""
 
     count: float | None
     method: str
     profile: tuple[float, ...] | None = None
     allocated: float | None = None
+    host: HostScan | None = None
 
     def into(self, m: Measurement) -> Measurement:
-        """``m`` with the allocated zero pages and this host's zero-page read speed (probed once per
-        process: :func:`migpredictd.qemu.hostscan.host_scan`) when zero pages are known."""
-        if self.count is None:
+        """``m`` with the allocated zero pages and the host's zero-page read speed, when known."""
+        host = self.host
+        if self.count is None or host is None:
             return m
-        host = host_scan()
         return dataclasses.replace(
             m,
             zero_allocated_pages=None if self.allocated is None else min(self.allocated, self.count),
