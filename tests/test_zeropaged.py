@@ -310,6 +310,12 @@ def test_unprivileged_measure_gets_guest_sampled_zero_pages_from_the_helper(
     # 16384 samples each: the two estimates differ by under 2% of the guest (5 standard errors)
     assert abs(m["zero_pages"] - direct.zero_pages) < 0.02 * total
     assert 0.3 * total < m["zero_pages"] < 0.8 * total  # 96 of 256 MiB touched, the kernel's own use besides
+    # The helper reads the page map too: how many zero pages are allocated, as root reads it directly.
+    assert direct.allocated_zero_pages is not None
+    assert abs(m["zero_allocated_pages"] - direct.allocated_zero_pages) < 0.02 * total
+    # ... and the unprivileged daemon probed its host's zero-page reading itself.
+    assert 0.0 < m["host_shared_zero_read_seconds"] < 1e-5
+    assert 0.0 < m["host_allocated_read_seconds"] < 1e-5
     assert f"uid {UID}" in log
 
 
