@@ -61,6 +61,7 @@ BAD_ERROR: Final = 0.25  # a prediction this far off (relative) is "bad"
 BOUNDARY_MARGIN: Final = 0.20  # "far from the boundary": the verdict holds for dirty rates x0.8 .. x1.2
 DEFAULT_CUTOFF_S: Final = 40.0
 Row = dict[str, Any]
+LoadAvg = tuple[float, float, float]  # os.getloadavg()
 GENERATION_VERSION: Final = {"7.2": "7.2", "10.0": "10.0"}  # the rig's QEMU generations as versions
 
 
@@ -548,11 +549,7 @@ def run_case(case: Case, set_name: str, say: Callable[[str], None], *, deployed:
             cutoff_s=case.cutoff_s,
         )
     row: Row = {
-        "set": set_name,
-        "case": case.case_id,
-        "started_at": round(started, 3),
-        "load": {"before": load_before, "migration_start": load_mid, "after": os.getloadavg()},
-        "guest": dataclasses.asdict(case.spec),
+        **row_start(set_name, case.case_id, case.spec, started=started, load=(load_before, load_mid)),
         "settings": {
             "max_bandwidth_bytes_per_second": case.bandwidth,
             "downtime_limit_ms": case.downtime_ms,
@@ -770,6 +767,21 @@ def case_of(row: Row) -> Case:
         int(st["downtime_limit_ms"]),
         float(st["cutoff_s"]),
     )
+
+
+def row_start(
+    set_name: str, case_id: str, spec: GuestSpec, *, started: float, load: tuple[LoadAvg, LoadAvg]
+) -> Row:
+    """The fields every lab row (here and in benchmarks/policies.py) opens with: its set and case, when it
+    started, the load average before it, at the migration's start and now, and the guest."""
+    before, at_migration = load
+    return {
+        "set": set_name,
+        "case": case_id,
+        "started_at": round(started, 3),
+        "load": {"before": before, "migration_start": at_migration, "after": os.getloadavg()},
+        "guest": dataclasses.asdict(spec),
+    }
 
 
 def repredict(row: Row) -> Row:

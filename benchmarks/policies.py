@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.accuracy import MBIT, MIB, read_rows, true_measurement
+from benchmarks.accuracy import MBIT, MIB, read_rows, row_start, true_measurement
 from migpredictd.core.calibration import rate_limiter_for
 from migpredictd.core.measurement import Measurement, parse_measurement
 from migpredictd.core.model import build_model
@@ -283,11 +283,7 @@ def run_case(case: PolicyCase, set_name: str, say: Callable[[str], None]) -> Row
                 downtime_ms=case.downtime_ms, cutoff_s=case.cutoff_s,
             )  # fmt: skip
     row: Row = {
-        "set": set_name,
-        "case": case.case_id,
-        "started_at": round(started, 3),
-        "load": {"before": load_before, "migration_start": load_mid, "after": os.getloadavg()},
-        "guest": dataclasses.asdict(case.spec),
+        **row_start(set_name, case.case_id, case.spec, started=started, load=(load_before, load_mid)),
         "policy": case.policy,
         "options": dict(case.options),
         "settings": {"bandwidth": case.bandwidth, "downtime_ms": case.downtime_ms, "cutoff_s": case.cutoff_s},
