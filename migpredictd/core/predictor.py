@@ -195,6 +195,31 @@ def _scan_peak(cold_bytes: FloatArray, cold_scan: FloatArray) -> FloatArray:
     return peak
 
 
+def _rank_table(table: FloatArray) -> FloatArray:
+    """``table`` (rows ascending) widened to a power of two above its width with +inf, for
+    :func:`_count_below`: the padding is below no value, so counts stay those of the table."""
+    width = 1 << table.shape[1].bit_length()
+    padded = np.full((table.shape[0], width), np.inf)
+    padded[:, : table.shape[1]] = table
+    return padded
+
+
+def _count_below(rank: FloatArray, vm: IntArray, values: FloatArray) -> IntArray:
+    """How many entries of row ``vm[i]`` of ``rank`` (from :func:`_rank_table`) are below ``values[i]``:
+    a branch-free bisection, one gather per halving for each value, instead of a copy of every row
+    (0 for nan, which is below nothing)."""
+    width = rank.shape[1]
+    flat = rank.ravel()
+    base = vm * width
+    pos = base.copy()  # the start of each row, then of the entries below the value so far
+    step = width >> 1
+    while step:
+        pos += (flat[pos + (step - 1)] < values) * step
+        step >>= 1
+    counts: IntArray = pos - base
+    return counts
+
+
 @dataclass(frozen=True, slots=True)
 class ModelBatch:
     """Many memory models packed into padded arrays, one row per VM."""
@@ -218,6 +243,9 @@ class ModelBatch:
     cold_bytes: FloatArray
     cold_slope: FloatArray
     cold_scan: FloatArray  # seconds of reading their zero pages, at the same knots
+    # x and y widened for _count_below.
+    x_rank: FloatArray
+    y_rank: FloatArray
 
     @classmethod
     def of(
@@ -267,10 +295,22 @@ class ModelBatch:
             cold_bytes=cold_bytes,
             cold_slope=cold_slope,
             cold_scan=cold_scan,
+            x_rank=_rank_table(x),
+            y_rank=_rank_table(y),
         )
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    def x_segment(self, vm: IntArray, ms: FloatArray) -> IntArray:
+        """:func:`_segment` of row ``vm[i]`` of ``x`` at ``ms[i]``, without copying the rows."""
+        j: IntArray = np.clip(_count_below(self.x_rank, vm, ms), 1, self.x.shape[1] - 1)
+        return j
+
+    def y_segment(self, vm: IntArray, pages: FloatArray) -> IntArray:
+        """:func:`_segment` of row ``vm[i]`` of ``y`` at ``pages[i]``, without copying the rows."""
+        j: IntArray = np.clip(_count_below(self.y_rank, vm, pages), 1, self.y.shape[1] - 1)
+        return j
 
     def cold_wire(self, vm: IntArray, cold: FloatArray) -> FloatArray:
         """Wire bytes of the first pass's last ``cold`` pages (what is left of it, unsent)."""
@@ -328,12 +368,10 @@ class ModelBatch:
     def age(self, vm: IntArray, pages: FloatArray) -> FloatArray:
         """The inverse of :meth:`dirty`: the shortest window (ms) within which ``pages`` pages get
         dirtied (0 for what the jump at t = 0 covers, inf beyond the ceiling)."""
-        ys = self.y[vm]
-        rows = np.arange(len(vm))
-        idx = np.count_nonzero(ys < pages[:, None], axis=1)
-        inside = (idx > 0) & (idx < ys.shape[1])
+        idx = _count_below(self.y_rank, vm, pages)
+        inside = (idx > 0) & (idx < self.y.shape[1])
         j = np.where(inside, idx, 1)
-        x0, y0 = self.x[vm, j - 1], ys[rows, j - 1]
+        x0, y0 = self.x[vm, j - 1], self.y[vm, j - 1]
         # A denormal slope overflows to inf: "never within any finite window", which is the answer.
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             t = x0 + (pages - y0) / self.slope[vm, j]
@@ -342,21 +380,10 @@ class ModelBatch:
     def dirty_segment(self, vm: IntArray, ms: FloatArray) -> tuple[FloatArray, IntArray]:
         """:meth:`dirty`, plus the index of the breakpoint that ends each point's segment."""
         k = self.x.shape[1]
-        # How many of the VM's breakpoints lie below ms (each row ascending), by a bisection over the
-        # columns: a few gathers of one value per cell instead of copying every cell's whole row.
-        base = vm * k
-        flat_x = self.x.ravel()
-        lo = np.zeros(len(vm), dtype=np.intp)
-        hi = np.full(len(vm), k, dtype=np.intp)
-        for _ in range(k.bit_length()):
-            mid = (lo + hi) >> 1
-            below = flat_x[base + np.minimum(mid, k - 1)] < ms
-            below &= lo < hi
-            lo = np.where(below, mid + 1, lo)
-            hi = np.where(below, hi, mid)
-        idx = np.minimum(lo, k - 1)
-        at = base + idx
-        hit = flat_x[at] == ms
+        # How many of the VM's breakpoints lie below ms.
+        idx = np.minimum(_count_below(self.x_rank, vm, ms), k - 1)
+        at = vm * k + idx
+        hit = self.x.ravel()[at] == ms
         with np.errstate(invalid="ignore"):  # 0 * inf on the last, flat segment; `hit` picks y there
             line = self.offset.ravel()[at] + self.slope.ravel()[at] * ms
         return np.where(hit, self.y.ravel()[at], line), idx
@@ -584,19 +611,17 @@ def _creep(
 
     Returns (syncs skipped, hot after them, hot pages sent by them, cells that cannot converge).
     """
-    rows = np.arange(len(v))
     n = np.floor((hot - threshold) / step_pages) + 1.0
     windowed = hot > n * step_pages
     r = np.where(windowed, hot - n * step_pages, 0.0)
     pass_ms = np.where(windowed, n * step_pages, hot) * ms_per_page
     # age(r) on segment j of the model's pages axis: x[j-1] + (r - y[j-1]) / slope[j] (0 when emptied).
-    ys = batch.y[v]
-    j = _segment(ys, r)
-    yj0, xj0, sj = ys[rows, j - 1], batch.x[v, j - 1], batch.slope[v, j]
+    j = batch.y_segment(v, r)
+    yj0, xj0, sj = batch.y[v, j - 1], batch.x[v, j - 1], batch.slope[v, j]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
         age = np.where(windowed, xj0 + (r - yj0) / sj, 0.0)
         # D at u = pass + age(r), on segment i: offset[i] + slope[i] x u.
-        i = _segment(batch.x[v], pass_ms + age)
+        i = batch.x_segment(v, pass_ms + age)
         si, oi, xi0 = batch.slope[v, i], batch.offset[v, i], batch.x[v, i - 1]
         d_pass = batch.dirty(v, pass_ms)
         # Windowed: t1 = hot + c1 (slope 1), t2 = a2 x hot + c2. Emptied: D(hot x ms_per_page).
@@ -687,21 +712,19 @@ def _levels(
 
     Returns (hot after, passes taken, windows sent).
     """
-    rows = np.arange(len(v))
-    xs = batch.x[v]
     r_lo, r_hi = threshold - step_pages, threshold
     j = unsent_segment
-    xj0, yj0, sj = xs[rows, j - 1], batch.y[v, j - 1], batch.slope[v, j]
+    xj0, yj0, sj = batch.x[v, j - 1], batch.y[v, j - 1], batch.slope[v, j]
     n0 = np.floor((hot - threshold) / step_pages) + 1.0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         age_lo = xj0 + (r_lo - yj0) / sj
         age_hi = xj0 + (r_hi - yj0) / sj
-        i = _segment(xs, n0 * window_ms)
-        i2 = _segment(xs, n0 * window_ms + age_lo)
-        same_d = i2 == _segment(xs, n0 * window_ms + age_hi)
+        i = batch.x_segment(v, n0 * window_ms)
+        i2 = batch.x_segment(v, n0 * window_ms + age_lo)
+        same_d = i2 == batch.x_segment(v, n0 * window_ms + age_hi)
         si, oi, si2, oi2 = batch.slope[v, i], batch.offset[v, i], batch.slope[v, i2], batch.offset[v, i2]
         n_lo = np.maximum(
-            np.floor(np.maximum(xs[rows, i - 1], xs[rows, i2 - 1] - age_lo) / window_ms) + 1.0, 1.0
+            np.floor(np.maximum(batch.x[v, i - 1], batch.x[v, i2 - 1] - age_lo) / window_ms) + 1.0, 1.0
         )
         # t1 - t2 at the corners (r, n) of the range, both affine in r and n on these segments.
         first = np.ones(len(v), dtype=bool)
@@ -900,27 +923,30 @@ def _simulate_qemu(
     # least threshold + (m - 1) windows is the same barrier. Either holds only where that is at least
     # one page (less is nothing pending: done). `barrier` is the smallest such m (0: none up to
     # _BARRIER_WINDOWS).
-    barrier = np.zeros(n)
     window_ms = settings.iteration_seconds * 1000.0
     small = threshold <= step_pages
     unsent_age = batch.age(vm, np.maximum(threshold - step_pages, 0.0))
     lead_ms = np.where(small, threshold, 0.0) * normal_wire * 1000.0 / rate
-    for m in range(_BARRIER_WINDOWS, 0, -1):
-        floor = threshold + (m - 1) * step_pages
-        big = (batch.dirty(vm, np.full(n, m * window_ms)) >= m * step_pages) & (
-            batch.dirty(vm, m * window_ms + unsent_age) >= floor
-        )
-        hit = np.where(small, batch.dirty(vm, lead_ms + (m - 1) * window_ms) >= floor, big) & (floor >= 1.0)
-        barrier = np.where(hit, float(m), barrier)
+    # Every m at once, one evaluation of the model per cell and m: D(m windows) depends on the VM alone
+    # (evaluated once per VM of the batch), and each cell needs only its own case's other term.
+    m_col = np.arange(1.0, _BARRIER_WINDOWS + 1.0)[:, None]
+    rows = np.arange(len(batch))
+    per_vm = batch.dirty(np.tile(rows, _BARRIER_WINDOWS), np.repeat(m_col[:, 0] * window_ms, rows.size))
+    floor = threshold + (m_col - 1.0) * step_pages
+    at = np.where(small, lead_ms + (m_col - 1.0) * window_ms, m_col * window_ms + unsent_age)
+    term = batch.dirty(np.tile(vm, _BARRIER_WINDOWS), at.ravel()).reshape(at.shape) >= floor
+    whole = per_vm.reshape(_BARRIER_WINDOWS, rows.size)[:, vm] >= m_col * step_pages
+    hit = (term & (small | whole)) & (floor >= 1.0)
+    barrier = np.where(hit.any(axis=0), hit.argmax(axis=0) + 1.0, 0.0)
     barrier_pages = threshold + (barrier - 1.0) * step_pages
     # _levels needs the whole unsent range [threshold - one window, threshold) on one segment of the
     # model's pages axis, which depends on the cell alone: found once, not at every sync.
     if shortcut:
-        ys, unsent_lo = batch.y[vm], threshold - step_pages
-        unsent_segment = _segment(ys, unsent_lo)
+        unsent_lo = threshold - step_pages
+        unsent_segment = batch.y_segment(vm, unsent_lo)
         levels_ok = (
             (threshold > step_pages)
-            & (unsent_segment == _segment(ys, threshold))
+            & (unsent_segment == batch.y_segment(vm, threshold))
             & (batch.y[vm, unsent_segment - 1] < unsent_lo)
         )
 
