@@ -929,15 +929,14 @@ def _simulate_qemu(
     lead_ms = np.where(small, threshold, 0.0) * normal_wire * 1000.0 / rate
     # Every m at once, one evaluation of the model per cell and m: D(m windows) depends on the VM alone
     # (evaluated once per VM of the batch), and each cell needs only its own case's other term.
-    m_col = np.arange(1.0, _BARRIER_WINDOWS + 1.0)[:, None]
     rows = np.arange(len(batch))
-    per_vm = batch.dirty(np.tile(rows, _BARRIER_WINDOWS), np.repeat(m_col[:, 0] * window_ms, rows.size))
-    floor = threshold + (m_col - 1.0) * step_pages
-    at = np.where(small, lead_ms + (m_col - 1.0) * window_ms, m_col * window_ms + unsent_age)
-    term = batch.dirty(np.tile(vm, _BARRIER_WINDOWS), at.ravel()).reshape(at.shape) >= floor
-    whole = per_vm.reshape(_BARRIER_WINDOWS, rows.size)[:, vm] >= m_col * step_pages
-    hit = (term & (small | whole)) & (floor >= 1.0)
-    barrier = np.where(hit.any(axis=0), hit.argmax(axis=0) + 1.0, 0.0)
+    barrier = np.zeros(n)
+    for m in range(_BARRIER_WINDOWS, 0, -1):  # one m at a time: arrays of n stay in the cache
+        floor = threshold + (m - 1) * step_pages
+        at = np.where(small, lead_ms + (m - 1) * window_ms, m * window_ms + unsent_age)
+        whole = batch.dirty(rows, np.full(rows.size, m * window_ms))[vm] >= m * step_pages
+        hit = (batch.dirty(vm, at) >= floor) & (small | whole) & (floor >= 1.0)
+        barrier[hit] = m
     barrier_pages = threshold + (barrier - 1.0) * step_pages
     # _levels needs the whole unsent range [threshold - one window, threshold) on one segment of the
     # model's pages axis, which depends on the cell alone: found once, not at every sync.
