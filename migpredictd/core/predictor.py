@@ -66,6 +66,10 @@ ZERO_PAGE_BYTES: Final = PAGE_HEADER_BYTES + 1
 BISECTION_STEPS: Final = 20
 # How many rate-limiter windows the non-convergence barrier looks at (see _simulate_qemu).
 _BARRIER_WINDOWS: Final = 16
+# Vectorised steps over this many values or fewer cost their calls more than their arithmetic; beyond
+# about _CACHE_CELLS values, their temporaries leave the CPU's cache.
+_FEW_CELLS: Final = 128
+_CACHE_CELLS: Final = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,9 +209,12 @@ def _rank_table(table: FloatArray) -> FloatArray:
 
 
 def _count_below(rank: FloatArray, vm: IntArray, values: FloatArray) -> IntArray:
-    """How many entries of row ``vm[i]`` of ``rank`` (from :func:`_rank_table`) are below ``values[i]``:
-    a branch-free bisection, one gather per halving for each value, instead of a copy of every row
-    (0 for nan, which is below nothing)."""
+    """How many entries of row ``vm[i]`` of ``rank`` (from :func:`_rank_table`) are below ``values[i]``
+    (0 for nan, which is below nothing). For many values, a branch-free bisection, one gather per
+    halving for each value, instead of a copy of every row; for a few, the copy, in fewer calls."""
+    if len(vm) <= _FEW_CELLS:
+        few: IntArray = np.count_nonzero(rank[vm] < values[:, None], axis=1)
+        return few
     width = rank.shape[1]
     flat = rank.ravel()
     base = vm * width
@@ -246,6 +253,8 @@ class ModelBatch:
     # x and y widened for _count_below.
     x_rank: FloatArray
     y_rank: FloatArray
+    cold_pages_rank: FloatArray
+    cold_bytes_rank: FloatArray
 
     @classmethod
     def of(
@@ -297,6 +306,8 @@ class ModelBatch:
             cold_scan=cold_scan,
             x_rank=_rank_table(x),
             y_rank=_rank_table(y),
+            cold_pages_rank=_rank_table(cold_pages),
+            cold_bytes_rank=_rank_table(cold_bytes),
         )
 
     def __len__(self) -> int:
@@ -314,7 +325,11 @@ class ModelBatch:
 
     def cold_wire(self, vm: IntArray, cold: FloatArray) -> FloatArray:
         """Wire bytes of the first pass's last ``cold`` pages (what is left of it, unsent)."""
-        return _along(self.cold_pages[vm], self.cold_bytes[vm], self.cold_slope[vm], cold)
+        j = np.clip(_count_below(self.cold_pages_rank, vm, cold), 1, self.cold_pages.shape[1] - 1)
+        wire: FloatArray = (
+            self.cold_bytes[vm, j - 1] + (cold - self.cold_pages[vm, j - 1]) * self.cold_slope[vm, j]
+        )
+        return wire
 
     def scan_excess(
         self, vm: IntArray, lo: FloatArray, hi: FloatArray, rate: FloatArray, window_bytes: FloatArray
@@ -358,7 +373,11 @@ class ModelBatch:
 
     def cold_left(self, vm: IntArray, wire: FloatArray) -> FloatArray:
         """The inverse of :meth:`cold_wire`: how many last pages of the first pass cost ``wire`` bytes."""
-        return _along(self.cold_bytes[vm], self.cold_pages[vm], 1.0 / self.cold_slope[vm], wire)
+        j = np.clip(_count_below(self.cold_bytes_rank, vm, wire), 1, self.cold_bytes.shape[1] - 1)
+        pages: FloatArray = self.cold_pages[vm, j - 1] + (wire - self.cold_bytes[vm, j - 1]) * (
+            1.0 / self.cold_slope[vm, j]
+        )
+        return pages
 
     def dirty(self, vm: IntArray, ms: FloatArray) -> FloatArray:
         """Pages dirtied within ``ms`` for VM ``vm``, cell by cell: the same formula and float operations
@@ -927,16 +946,23 @@ def _simulate_qemu(
     small = threshold <= step_pages
     unsent_age = batch.age(vm, np.maximum(threshold - step_pages, 0.0))
     lead_ms = np.where(small, threshold, 0.0) * normal_wire * 1000.0 / rate
-    # Every m at once, one evaluation of the model per cell and m: D(m windows) depends on the VM alone
-    # (evaluated once per VM of the batch), and each cell needs only its own case's other term.
+    # One evaluation of the model per cell and m: D(m windows) depends on the VM alone (evaluated once
+    # per VM of the batch), and each cell needs only its own case's other term. Several m at a time
+    # while the cells are few (fewer calls), one at a time when they are many (arrays that stay in
+    # the cache).
+    ms_col = np.arange(1.0, _BARRIER_WINDOWS + 1.0)[:, None]
     rows = np.arange(len(batch))
+    per_vm = batch.dirty(np.tile(rows, _BARRIER_WINDOWS), np.repeat(ms_col[:, 0] * window_ms, rows.size))
+    per_vm = per_vm.reshape(_BARRIER_WINDOWS, rows.size)
     barrier = np.zeros(n)
-    for m in range(_BARRIER_WINDOWS, 0, -1):  # one m at a time: arrays of n stay in the cache
-        floor = threshold + (m - 1) * step_pages
-        at = np.where(small, lead_ms + (m - 1) * window_ms, m * window_ms + unsent_age)
-        whole = batch.dirty(rows, np.full(rows.size, m * window_ms))[vm] >= m * step_pages
-        hit = (batch.dirty(vm, at) >= floor) & (small | whole) & (floor >= 1.0)
-        barrier[hit] = m
+    group = max(1, min(_BARRIER_WINDOWS, _CACHE_CELLS // max(n, 1)))
+    for first in range(_BARRIER_WINDOWS - group, -group, -group):  # the largest m first
+        m = ms_col[max(first, 0) : first + group]
+        floor = threshold + (m - 1.0) * step_pages
+        at = np.where(small, lead_ms + (m - 1.0) * window_ms, m * window_ms + unsent_age)
+        term = batch.dirty(np.tile(vm, m.size), at.ravel()).reshape(at.shape) >= floor
+        hit = term & (small | (per_vm[m[:, 0].astype(np.intp) - 1][:, vm] >= m * step_pages)) & (floor >= 1.0)
+        barrier = np.where(hit.any(axis=0), m[hit.argmax(axis=0), 0], barrier)
     barrier_pages = threshold + (barrier - 1.0) * step_pages
     # _levels needs the whole unsent range [threshold - one window, threshold) on one segment of the
     # model's pages axis, which depends on the cell alone: found once, not at every sync.
