@@ -9,6 +9,7 @@ monotone too. Pure: no I/O.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import operator
@@ -47,12 +48,12 @@ class MemoryModel:
     def dirty(self, ms: float) -> float:
         """Pages dirtied within ``ms`` milliseconds from a clean state (readable reference; the
         predictor evaluates the same formula vectorised)."""
-        for i, x in enumerate(self.period_ms):
-            if x == ms:
-                return self.dirty_pages[i]
-            if x > ms:
-                return self.offsets[i] + self.slopes[i] * ms
-        return self.dirty_pages[-1]
+        i = bisect.bisect_left(self.period_ms, ms)  # the first breakpoint at or above ms
+        if i == len(self.period_ms) or math.isnan(ms):  # beyond every breakpoint, or nan: the ceiling
+            return self.dirty_pages[-1]
+        if self.period_ms[i] == ms:
+            return self.dirty_pages[i]
+        return self.offsets[i] + self.slopes[i] * ms
 
     def age(self, pages: float) -> float:
         """The inverse of :meth:`dirty`: the shortest window (ms) within which ``pages`` pages get

@@ -51,6 +51,7 @@ the link's speed (``stop_copy_speedup`` x the bandwidth). It is coarser than the
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -317,14 +318,20 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         switch_passes = int(o["switch_after_passes"])  # type: ignore[call-overload]
     nova_switch_at = math.inf  # should_switch_to_postcopy(): the first poll after a sync whose jump stalls
 
+    starts = [start for start, _ in steps]
+    ordered = starts == sorted(starts)
+
     def downtime_now(t: float) -> float:
-        if steps:
-            current = steps[0][1]
-            for start, value in steps:
-                if start <= t:
-                    current = value
-            return current
-        return downtime_fixed
+        """The limit at ``t``: that of the last step started by then (the first before any)."""
+        if not steps:
+            return downtime_fixed
+        if ordered:
+            return steps[max(bisect.bisect_right(starts, t) - 1, 0)][1]
+        current = steps[0][1]
+        for start, value in steps:
+            if start <= t:
+                current = value
+        return current
 
     run = _Run()
     pass_dirty, dirty_at = _throttled_dirty(m, 0.0, util, tcg=tcg), 0.0
