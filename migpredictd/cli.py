@@ -223,33 +223,44 @@ def render_policy_table(name: str, outcomes: list[PolicyOutcome]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. The edge subcommands' options come from their modules, which import
+    the daemon, QMP and HTTP stacks; only the subcommand that ``argv`` names (all of them without
+    ``argv``) imports its own, so that ``predict`` starts without them."""
     parser = argparse.ArgumentParser(prog="migpredictd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"migpredictd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_predict(sub)
-    _add_edges(sub)
+    # The top level has no option that takes a value: its first other word is the subcommand.
+    named = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    _add_edges(sub, named)
     return parser
 
 
-def _add_edges(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Subcommands that live in edge modules (QMP, HTTP, the rig)."""
-    from migpredictd.lab.demo import add_demo_arguments, demo_command
-    from migpredictd.qemu.measure import add_measure_arguments, measure_command
-    from migpredictd.serve.daemon import add_run_arguments, run_command
-
+def _add_edges(sub: argparse._SubParsersAction[argparse.ArgumentParser], named: str | None) -> None:
+    """Subcommands that live in edge modules (QMP, HTTP, the rig): each one's module is imported when
+    it is ``named`` (every one when ``named`` is None)."""
     p = sub.add_parser("measure", help="measure one VM over QMP and print the measurement JSON")
-    add_measure_arguments(p)
-    p.set_defaults(handler=measure_command)
+    if named in (None, "measure"):
+        from migpredictd.qemu.measure import add_measure_arguments, measure_command
+
+        add_measure_arguments(p)
+        p.set_defaults(handler=measure_command)
     p = sub.add_parser("run", help="run the daemon: measure every target, serve Prometheus metrics")
-    add_run_arguments(p)
-    p.set_defaults(handler=run_command)
+    if named in (None, "run"):
+        from migpredictd.serve.daemon import add_run_arguments, run_command
+
+        add_run_arguments(p)
+        p.set_defaults(handler=run_command)
     p = sub.add_parser("check-config", help="validate a config file; print every problem")
     p.add_argument("file")
     p.set_defaults(handler=lambda a: _check_config(a.file))
     p = sub.add_parser("demo", help="boot two small real QEMU guests (the rig) and run the daemon on them")
-    add_demo_arguments(p)
-    p.set_defaults(handler=demo_command)
+    if named in (None, "demo"):
+        from migpredictd.lab.demo import add_demo_arguments, demo_command
+
+        add_demo_arguments(p)
+        p.set_defaults(handler=demo_command)
 
 
 def _check_config(file: str) -> int:
@@ -259,7 +270,7 @@ def _check_config(file: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args: argparse.Namespace | None = None
     try:
         args = parser.parse_args(argv)
