@@ -92,6 +92,39 @@ def cli(args: list[str], stdin: Path, tree: Path = ROOT) -> float:
     return time.perf_counter() - t0
 
 
+# Section 1 in another checkout, on inputs given as JSON lines on stdin: its own parser, model and
+# predictor, timed as main() times this tree's.
+_DERIVED_ELSEWHERE = """
+import json, statistics, sys, time
+from migpredictd.core.measurement import parse_measurement
+from migpredictd.core.model import build_model
+from migpredictd.core.predictor import DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES, PredictorSettings, make_grid
+from migpredictd.core.predictor import predict_derived
+n = int(sys.argv[1])
+models = [build_model(parse_measurement(json.loads(line)), mode="qemu") for line in sys.stdin]
+grid, qemu = make_grid(DEFAULT_BANDWIDTHS, DEFAULT_DOWNTIMES), PredictorSettings(mode="qemu")
+def median_of_3(f):
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter(); f(); times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+small = median_of_3(lambda: predict_derived(models[:n], grid, qemu))
+print(small, median_of_3(lambda: predict_derived(models, grid, qemu)))
+"""
+
+
+def derived_elsewhere(tree: Path, n: int, n2: int) -> tuple[float, float]:
+    """Median wall seconds of the derived answers of the first ``n`` and of all ``n2`` VMs of
+    :func:`inputs` in the checkout ``tree``."""
+    lines = "".join(json.dumps(d) + "\n" for d in inputs(n2))
+    out = subprocess.run(
+        [sys.executable, "-c", _DERIVED_ELSEWHERE, str(n)],
+        input=lines, capture_output=True, text=True, check=True, cwd=tree,
+    )  # fmt: skip
+    small, large = out.stdout.split()
+    return float(small), float(large)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--vms", type=int, default=500, help="the smaller batch (the larger is twice as big)")
@@ -105,7 +138,8 @@ def main() -> None:
         "--before",
         type=Path,
         metavar="TREE",
-        help="a checkout of an earlier commit: its CLI is also timed, on the same inputs in this run",
+        help="a checkout of an earlier commit: its derived answers and CLI are also timed, on the same "
+        "inputs in this run",
     )
     ap.add_argument("--write", action="store_true", help=f"also write {RESULTS.relative_to(ROOT)}")
     args = ap.parse_args()
@@ -135,6 +169,7 @@ def main() -> None:
     small = best_of(3, lambda: predict_derived(qmodels[:n], grid, qemu))
     large = best_of(3, lambda: predict_derived(qmodels, grid, qemu))
     derived_marginal_ms = (large - small) * 1000.0 / (n2 - n)
+    before = None if args.before is None else derived_elsewhere(args.before, n, n2)
     cover = Path(tempfile.mkstemp(suffix=".json")[1])
     cover.write_text(SAMPLE.read_text())
     one_vm = statistics.median(cli(["predict", "--format", "json"], cover) for _ in range(5))
@@ -154,6 +189,13 @@ def main() -> None:
     say(
         f"   batch of {n}: {small * 1000 / n:.3f} ms per VM; batch of {n2}: {large * 1000 / n2:.3f} ms per VM"
     )
+    if before is not None:
+        b_small, b_large = before
+        b_marginal = (b_large - b_small) * 1000.0 / (n2 - n)
+        say(
+            f"   the same, before (--before {args.before}): marginal {b_marginal:.3f} ms;"
+            f" batch of {n2}: {b_large * 1000 / n2:.3f} ms per VM -> now {large / b_large:.2f}x its time"
+        )
     say(f"   one VM through the CLI (cover letter, json): {one_vm:8.3f} s    (target <= 1 s)")
     say(
         f"   vs the brute-force oracle on {len(sample)} VMs: worst log difference {worst:.1e} "
