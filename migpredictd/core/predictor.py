@@ -208,6 +208,12 @@ def _rank_table(table: FloatArray) -> FloatArray:
     return padded
 
 
+def _gather(table: FloatArray, vm: IntArray, j: IntArray) -> FloatArray:
+    """``table[vm, j]``, by a flat index: half the time of numpy's two-array indexing."""
+    picked: FloatArray = table.ravel()[vm * table.shape[1] + j]
+    return picked
+
+
 def _count_below(rank: FloatArray, vm: IntArray, values: FloatArray) -> IntArray:
     """How many entries of row ``vm[i]`` of ``rank`` (from :func:`_rank_table`) are below ``values[i]``
     (0 for nan, which is below nothing). For many values, a branch-free bisection, one gather per
@@ -326,9 +332,9 @@ class ModelBatch:
     def cold_wire(self, vm: IntArray, cold: FloatArray) -> FloatArray:
         """Wire bytes of the first pass's last ``cold`` pages (what is left of it, unsent)."""
         j = np.clip(_count_below(self.cold_pages_rank, vm, cold), 1, self.cold_pages.shape[1] - 1)
-        wire: FloatArray = (
-            self.cold_bytes[vm, j - 1] + (cold - self.cold_pages[vm, j - 1]) * self.cold_slope[vm, j]
-        )
+        wire: FloatArray = _gather(self.cold_bytes, vm, j - 1) + (
+            cold - _gather(self.cold_pages, vm, j - 1)
+        ) * _gather(self.cold_slope, vm, j)
         return wire
 
     def scan_excess(
@@ -374,9 +380,9 @@ class ModelBatch:
     def cold_left(self, vm: IntArray, wire: FloatArray) -> FloatArray:
         """The inverse of :meth:`cold_wire`: how many last pages of the first pass cost ``wire`` bytes."""
         j = np.clip(_count_below(self.cold_bytes_rank, vm, wire), 1, self.cold_bytes.shape[1] - 1)
-        pages: FloatArray = self.cold_pages[vm, j - 1] + (wire - self.cold_bytes[vm, j - 1]) * (
-            1.0 / self.cold_slope[vm, j]
-        )
+        pages: FloatArray = _gather(self.cold_pages, vm, j - 1) + (
+            wire - _gather(self.cold_bytes, vm, j - 1)
+        ) * (1.0 / _gather(self.cold_slope, vm, j))
         return pages
 
     def dirty(self, vm: IntArray, ms: FloatArray) -> FloatArray:
@@ -390,10 +396,10 @@ class ModelBatch:
         idx = _count_below(self.y_rank, vm, pages)
         inside = (idx > 0) & (idx < self.y.shape[1])
         j = np.where(inside, idx, 1)
-        x0, y0 = self.x[vm, j - 1], self.y[vm, j - 1]
+        x0, y0 = _gather(self.x, vm, j - 1), _gather(self.y, vm, j - 1)
         # A denormal slope overflows to inf: "never within any finite window", which is the answer.
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            t = x0 + (pages - y0) / self.slope[vm, j]
+            t = x0 + (pages - y0) / _gather(self.slope, vm, j)
         return np.where(idx == 0, 0.0, np.where(inside, t, np.inf))
 
     def dirty_segment(self, vm: IntArray, ms: FloatArray) -> tuple[FloatArray, IntArray]:
@@ -493,10 +499,10 @@ def _simulate_seed(
         # shrink towards b / (1 - a) without leaving the segment; a limit above the max downtime means
         # the seed would iterate until its deadline and answer "does not converge": answer it now.
         per_page_ms = (batch.page_size[v] + header) * 1000.0 / bw[live]
-        a = batch.slope[v, seg] * per_page_ms
+        a = _gather(batch.slope, v, seg) * per_page_ms
         with np.errstate(divide="ignore", invalid="ignore"):
-            limit = batch.offset[v, seg] * per_page_ms / (1.0 - a)
-        lower = batch.x[v, np.maximum(seg - 1, 0)]
+            limit = _gather(batch.offset, v, seg) * per_page_ms / (1.0 - a)
+        lower = _gather(batch.x, v, np.maximum(seg - 1, 0))
         creeping = (
             (a > 0) & (a < 1) & (limit < last_iter) & (limit >= lower) & (limit > dt_ms[live] * (1 + 1e-9))
         )
@@ -572,10 +578,10 @@ def _simulate_seed_grid(
         zero = np.zeros(live.size)
         # Within one linear segment the next pass time is a * this one + b: see _simulate_seed.
         per_page_ms = (batch.page_size[v] + header) * 1000.0 / b
-        a = batch.slope[v, seg] * per_page_ms
+        a = _gather(batch.slope, v, seg) * per_page_ms
         with np.errstate(divide="ignore", invalid="ignore"):
-            limit = batch.offset[v, seg] * per_page_ms / (1.0 - a)
-        lower = batch.x[v, np.maximum(seg - 1, 0)]
+            limit = _gather(batch.offset, v, seg) * per_page_ms / (1.0 - a)
+        lower = _gather(batch.x, v, np.maximum(seg - 1, 0))
         creeping = (a > 0) & (a < 1) & (limit < last_iter) & (limit >= lower) & (passes >= 2)
         gone = waiting & creeping[:, None] & (limit[:, None] > creep_floor)
         if gone.any():
@@ -636,12 +642,12 @@ def _creep(
     pass_ms = np.where(windowed, n * step_pages, hot) * ms_per_page
     # age(r) on segment j of the model's pages axis: x[j-1] + (r - y[j-1]) / slope[j] (0 when emptied).
     j = batch.y_segment(v, r)
-    yj0, xj0, sj = batch.y[v, j - 1], batch.x[v, j - 1], batch.slope[v, j]
+    yj0, xj0, sj = _gather(batch.y, v, j - 1), _gather(batch.x, v, j - 1), _gather(batch.slope, v, j)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
         age = np.where(windowed, xj0 + (r - yj0) / sj, 0.0)
         # D at u = pass + age(r), on segment i: offset[i] + slope[i] x u.
         i = batch.x_segment(v, pass_ms + age)
-        si, oi, xi0 = batch.slope[v, i], batch.offset[v, i], batch.x[v, i - 1]
+        si, oi, xi0 = _gather(batch.slope, v, i), _gather(batch.offset, v, i), _gather(batch.x, v, i - 1)
         d_pass = batch.dirty(v, pass_ms)
         # Windowed: t1 = hot + c1 (slope 1), t2 = a2 x hot + c2. Emptied: D(hot x ms_per_page).
         c1 = d_pass - n * step_pages
@@ -687,12 +693,8 @@ def _creep(
                 np.inf,
             ),
         )
-        k = np.nan_to_num(
-            np.where(usable & (linear | (a > 1.0) | (lo > fixed)), np.minimum(inside, budget), 0.0),
-            nan=0.0,
-            posinf=0.0,
-        )
-        k = np.where(k >= 2.0, k, 0.0)
+        k = np.minimum(inside, budget)  # (nan and inf: no skip)
+        k = np.where(usable & (linear | (a > 1.0) | (lo > fixed)) & (k >= 2.0) & (k < np.inf), k, 0.0)
         ak = a**k
         after = np.where(linear, hot - k * drift, fixed + ak * (hot - fixed))
         # Pages the skipped passes sent: k whole-window passes, or the sum of the emptied bitmaps.
@@ -733,7 +735,7 @@ def _levels(
     """
     r_lo, r_hi = threshold - step_pages, threshold
     j = unsent_segment
-    xj0, yj0, sj = batch.x[v, j - 1], batch.y[v, j - 1], batch.slope[v, j]
+    xj0, yj0, sj = _gather(batch.x, v, j - 1), _gather(batch.y, v, j - 1), _gather(batch.slope, v, j)
     n0 = np.floor((hot - threshold) / step_pages) + 1.0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         age_lo = xj0 + (r_lo - yj0) / sj
@@ -741,9 +743,16 @@ def _levels(
         i = batch.x_segment(v, n0 * window_ms)
         i2 = batch.x_segment(v, n0 * window_ms + age_lo)
         same_d = i2 == batch.x_segment(v, n0 * window_ms + age_hi)
-        si, oi, si2, oi2 = batch.slope[v, i], batch.offset[v, i], batch.slope[v, i2], batch.offset[v, i2]
+        si, oi, si2, oi2 = (
+            _gather(batch.slope, v, i),
+            _gather(batch.offset, v, i),
+            _gather(batch.slope, v, i2),
+            _gather(batch.offset, v, i2),
+        )
         n_lo = np.maximum(
-            np.floor(np.maximum(batch.x[v, i - 1], batch.x[v, i2 - 1] - age_lo) / window_ms) + 1.0, 1.0
+            np.floor(np.maximum(_gather(batch.x, v, i - 1), _gather(batch.x, v, i2 - 1) - age_lo) / window_ms)
+            + 1.0,
+            1.0,
         )
         # t1 - t2 at the corners (r, n) of the range, both affine in r and n on these segments.
         first = np.ones(len(v), dtype=bool)
@@ -827,18 +836,18 @@ def _cold_levels(
         t, sb = threshold[idx], step_bytes[idx]
         cp = batch.cold_pages[vi]
         seg = _segment(cp, c)
-        cost, cold_lo = batch.cold_slope[vi, seg], cp[rows, seg - 1]
+        cost, cold_lo = _gather(batch.cold_slope, vi, seg), cp[rows, seg - 1]
         per_window = sb / cost
         pending = c + h
         n = np.floor((pending - t) / per_window) + 1.0
         n_ms = n * window_ms
         ys, xs = batch.y[vi], batch.x[vi]
         ja = _segment(ys, h)
-        ya, xa, sa = ys[rows, ja - 1], xs[rows, ja - 1], batch.slope[vi, ja]
+        ya, xa, sa = ys[rows, ja - 1], xs[rows, ja - 1], _gather(batch.slope, vi, ja)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             u = n_ms + xa + (h - ya) / sa
             j2 = _segment(xs, u)
-            s2, o2, x2_end = batch.slope[vi, j2], batch.offset[vi, j2], xs[rows, j2]
+            s2, o2, x2_end = _gather(batch.slope, vi, j2), _gather(batch.offset, vi, j2), xs[rows, j2]
             grow = np.minimum(batch.dirty(vi, n_ms), o2 + s2 * u - h)
             # With every page pending and the guest re-dirtying more than a pass sends, the cap
             # (no more pending than pages) holds pending where it is: hot grows by what cold loses.
@@ -972,7 +981,7 @@ def _simulate_qemu(
         levels_ok = (
             (threshold > step_pages)
             & (unsent_segment == batch.y_segment(vm, threshold))
-            & (batch.y[vm, unsent_segment - 1] < unsent_lo)
+            & (_gather(batch.y, vm, unsent_segment - 1) < unsent_lo)
         )
 
     total = batch.total_pages[vm]
