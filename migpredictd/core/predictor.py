@@ -955,24 +955,34 @@ def _simulate_qemu(
     small = threshold <= step_pages
     unsent_age = batch.age(vm, np.maximum(threshold - step_pages, 0.0))
     lead_ms = np.where(small, threshold, 0.0) * normal_wire * 1000.0 / rate
-    # One evaluation of the model per cell and m: D(m windows) depends on the VM alone (evaluated once
-    # per VM of the batch), and each cell needs only its own case's other term. Several m at a time
-    # while the cells are few (fewer calls), one at a time when they are many (arrays that stay in
-    # the cache).
+    # Only cells with no cold page left use it: each cell's barrier is found when it first has none.
+    barrier_pages = np.full(n, np.nan)  # nan: not found yet; inf: no barrier
     ms_col = np.arange(1.0, _BARRIER_WINDOWS + 1.0)[:, None]
-    rows = np.arange(len(batch))
-    per_vm = batch.dirty(np.tile(rows, _BARRIER_WINDOWS), np.repeat(ms_col[:, 0] * window_ms, rows.size))
-    per_vm = per_vm.reshape(_BARRIER_WINDOWS, rows.size)
-    barrier = np.zeros(n)
-    group = max(1, min(_BARRIER_WINDOWS, _CACHE_CELLS // max(n, 1)))
-    for first in range(_BARRIER_WINDOWS - group, -group, -group):  # the largest m first
-        m = ms_col[max(first, 0) : first + group]
-        floor = threshold + (m - 1.0) * step_pages
-        at = np.where(small, lead_ms + (m - 1.0) * window_ms, m * window_ms + unsent_age)
-        term = batch.dirty(np.tile(vm, m.size), at.ravel()).reshape(at.shape) >= floor
-        hit = term & (small | (per_vm[m[:, 0].astype(np.intp) - 1][:, vm] >= m * step_pages)) & (floor >= 1.0)
-        barrier = np.where(hit.any(axis=0), m[hit.argmax(axis=0), 0], barrier)
-    barrier_pages = threshold + (barrier - 1.0) * step_pages
+    per_vm: FloatArray | None = None  # D(m windows) per VM of the batch, found with the first barrier
+
+    def find_barriers(c: IntArray) -> None:
+        """Fill ``barrier_pages[c]``. One evaluation of the model per cell and m: D(m windows) depends
+        on the VM alone, and each cell needs only its own case's other term. Several m at a time while
+        the cells are few (fewer calls), one at a time when they are many (cache-sized arrays)."""
+        nonlocal per_vm
+        if per_vm is None:
+            rows = np.arange(len(batch))
+            every = batch.dirty(
+                np.tile(rows, _BARRIER_WINDOWS), np.repeat(ms_col[:, 0] * window_ms, rows.size)
+            )
+            per_vm = every.reshape(_BARRIER_WINDOWS, rows.size)
+        v, t, sp, sm = vm[c], threshold[c], step_pages[c], small[c]
+        barrier = np.zeros(c.size)
+        group = max(1, min(_BARRIER_WINDOWS, _CACHE_CELLS // c.size))
+        for first in range(_BARRIER_WINDOWS - group, -group, -group):  # the largest m first
+            m = ms_col[max(first, 0) : first + group]
+            floor = t + (m - 1.0) * sp
+            at = np.where(sm, lead_ms[c] + (m - 1.0) * window_ms, m * window_ms + unsent_age[c])
+            term = batch.dirty(np.tile(v, m.size), at.ravel()).reshape(at.shape) >= floor
+            hit = term & (sm | (per_vm[m[:, 0].astype(np.intp) - 1][:, v] >= m * sp)) & (floor >= 1.0)
+            barrier = np.where(hit.any(axis=0), m[hit.argmax(axis=0), 0], barrier)
+        barrier_pages[c] = np.where(barrier > 0, t + (barrier - 1.0) * sp, np.inf)
+
     # _levels needs the whole unsent range [threshold - one window, threshold) on one segment of the
     # model's pages axis, which depends on the cell alone: found once, not at every sync.
     if shortcut:
@@ -1100,10 +1110,13 @@ def _simulate_qemu(
         elapsed = sync_at
         sent = sent + pass_bytes
         passes = passes + 1
+        unknown = (cold <= 0.0) & np.isnan(barrier_pages[live])
+        if np.any(unknown):
+            find_barriers(live[unknown])
         stuck = (
             (elapsed > deadline)
             | (passes >= settings.max_syncs)
-            | ((cold <= 0.0) & (barrier[live] > 0) & (hot >= barrier_pages[live]))
+            | ((cold <= 0.0) & (hot >= barrier_pages[live]))
             | emptied
         )
         if np.any(stuck):
