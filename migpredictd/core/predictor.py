@@ -955,7 +955,8 @@ def _simulate_qemu(
     small = threshold <= step_pages
     unsent_age = batch.age(vm, np.maximum(threshold - step_pages, 0.0))
     lead_ms = np.where(small, threshold, 0.0) * normal_wire * 1000.0 / rate
-    # Only cells with no cold page left use it: each cell's barrier is found when it first has none.
+    # Only cells with no cold page left use it: each cell's barrier is found when it first has none
+    # and is pending at least the threshold.
     barrier_pages = np.full(n, np.nan)  # nan: not found yet; inf: no barrier
     ms_col = np.arange(1.0, _BARRIER_WINDOWS + 1.0)[:, None]
     per_vm: FloatArray | None = None  # D(m windows) per VM of the batch, found with the first barrier
@@ -1110,7 +1111,8 @@ def _simulate_qemu(
         elapsed = sync_at
         sent = sent + pass_bytes
         passes = passes + 1
-        unknown = (cold <= 0.0) & np.isnan(barrier_pages[live])
+        # (a barrier is at or above the threshold: below it, pending is done next, whatever its value)
+        unknown = (cold <= 0.0) & (hot >= threshold[live]) & np.isnan(barrier_pages[live])
         if np.any(unknown):
             find_barriers(live[unknown])
         stuck = (
