@@ -31,6 +31,17 @@ from migpredictd.core.predictor import (
 )
 
 
+def _dirty_by_scan(model: MemoryModel, ms: float) -> float:
+    """:meth:`MemoryModel.dirty` (the same values) by a linear scan of the breakpoints, as the script
+    evaluates its model: the baseline keeps the script's cost."""
+    for i, x in enumerate(model.period_ms):
+        if x == ms:
+            return model.dirty_pages[i]
+        if x > ms:
+            return model.offsets[i] + model.slopes[i] * ms
+    return model.dirty_pages[-1]
+
+
 def seed_cell_ms(model: MemoryModel, bandwidth: float, downtime_ms: float, deadline_ms: float) -> int | None:
     """Milliseconds the seed predicts for one cell, or None if it does not converge by the deadline."""
     normal = model.total_pages - model.zero_pages
@@ -52,7 +63,7 @@ def seed_cell_ms(model: MemoryModel, bandwidth: float, downtime_ms: float, deadl
             return None
         previous = pass_ms
         zero = 0.0
-        normal = model.dirty(pass_ms)
+        normal = _dirty_by_scan(model, pass_ms)
 
 
 def brute_force_derived(
