@@ -74,6 +74,43 @@ def test_seed_table_from_stdin_via_subprocess() -> None:
     assert proc.stderr == ""
 
 
+def test_predict_starts_without_the_daemon_qmp_or_http_modules() -> None:
+    """Only the subcommand that runs imports its edge: predict's start-up (within its 1 s budget for
+    one VM) does not pay for the daemon's."""
+    edges = (
+        "migpredictd.serve.daemon",
+        "migpredictd.qemu.measure",
+        "migpredictd.lab.demo",
+        "migpredictd.web.server",
+    )
+    code = (
+        "import sys; from migpredictd.cli import main; rc = main(['predict', '--mode', 'seed']); "
+        f"edges = [m for m in {edges!r} if m in sys.modules]; "
+        "print(edges, file=sys.stderr); sys.exit(rc or bool(edges))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input=SAMPLE.read_text(), capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == TABLE
+    assert proc.stderr.strip() == "[]"
+
+
+def test_edge_subcommands_still_parse_their_options() -> None:
+    for command, option in (
+        ("run", "--config.file"),
+        ("measure", "--target"),
+        ("demo", "--web.listen-address"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "migpredictd.cli", command, "--help"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert option in proc.stdout
+
+
 def test_bad_input_via_subprocess_is_one_line_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     doc = canonical("vm1")

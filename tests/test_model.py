@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from migpredictd.core.measurement import DirtyPoint, Measurement, parse_measurement
 from migpredictd.core.model import MemoryModel, build_model
 from migpredictd.core.predictor import ModelBatch
+from migpredictd.lab.reference import dirty_by_scan
 
 DATA = Path(__file__).parent / "data"
 
@@ -192,3 +193,34 @@ def test_the_running_maximum_of_a_negative_zero_is_zero() -> None:
     ys = build_model(m, mode="seed").dirty_pages
     assert [math.copysign(1.0, y) for y in ys[:3]] == [1.0, 1.0, 1.0]
     assert ys[1:4] == (0.0, 0.0, 5.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(measurements(), st.lists(st.floats(-1e3, 1e9, allow_nan=False), max_size=20))
+def test_dirty_by_bisection_equals_the_scripts_scan(m: Measurement, extra: list[float]) -> None:
+    """MemoryModel.dirty bisects its breakpoints; the seed script scans them. Same value everywhere:
+    at and beside every breakpoint, before 0, past the last one, at inf and at nan (the ceiling)."""
+    model = build_model(m)
+    for t in [*_probe_times(model), *extra, -0.0, -1.0, math.nan]:
+        got, want = model.dirty(t), dirty_by_scan(model, t)
+        assert got == want or (math.isnan(got) and math.isnan(want)), t
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(measurements(), min_size=1, max_size=4), st.integers(0, 2**32 - 1))
+def test_batch_dirty_and_age_over_many_cells_equal_the_model(ms: list[Measurement], seed: int) -> None:
+    """Beyond a few hundred cells the batch searches its rows by bisection instead of copying them:
+    still the model's values bit for bit, cell by cell."""
+    models = [build_model(m) for m in ms]
+    batch = ModelBatch.of(models)
+    rng = np.random.default_rng(seed)
+    times = np.concatenate([_probe_times(mod) for mod in models])
+    n = 1000
+    vm = rng.integers(0, len(models), n)
+    ts = np.where(rng.random(n) < 0.5, rng.choice(times, n), rng.uniform(0.0, 2e5, n))
+    assert batch.dirty(vm, ts).tolist() == [models[i].dirty(float(t)) for i, t in zip(vm, ts, strict=True)]
+    pages = np.concatenate([np.array(mod.dirty_pages) for mod in models])
+    ps = np.where(rng.random(n) < 0.5, rng.choice(pages, n), rng.uniform(0.0, float(pages.max()) * 1.1, n))
+    got = batch.age(vm, ps)
+    want = [models[i].age(float(p)) for i, p in zip(vm, ps, strict=True)]
+    assert np.allclose(got, want, rtol=1e-12, atol=0.0, equal_nan=True)

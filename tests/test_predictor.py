@@ -704,3 +704,32 @@ def test_cells_whose_reading_never_outlasts_a_window_skip_it_with_the_same_answe
     assert np.any(batch.scan_peak[vm] * bw <= 1.0)
     np.testing.assert_allclose(fast.seconds, slow.seconds, rtol=1e-9)
     np.testing.assert_array_equal(fast.passes, slow.passes)
+
+
+# --- the row search behind every model lookup ----------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=40), min_size=1, max_size=6),
+    st.integers(1, 600),
+    st.integers(0, 2**32 - 1),
+)
+def test_count_below_equals_a_plain_count(rows: list[list[float]], n: int, seed: int) -> None:
+    """_count_below (row copies for a few values, a bisection for many) counts what a comparison of
+    the whole row counts: duplicates, values equal to an entry, below every entry, above, inf, nan."""
+    from migpredictd.core.predictor import _count_below, _rank_table
+
+    width = max(len(r) for r in rows)
+    table = np.array([sorted(r) + [math.inf] * (width - len(r)) for r in rows])
+    rng = np.random.default_rng(seed)
+    vm = rng.integers(0, len(rows), n)
+    entries = table[np.isfinite(table)]
+    special = np.array([math.nan, math.inf, -math.inf, -1.0, -0.0, 0.0, 2e6])
+    values = np.where(
+        rng.random(n) < 0.4,
+        rng.choice(entries, n),
+        np.where(rng.random(n) < 0.2, rng.choice(special, n), rng.uniform(-10.0, 1.1e6, n)),
+    )
+    want = np.count_nonzero(table[vm] < values[:, None], axis=1)
+    assert _count_below(_rank_table(table), vm, values).tolist() == want.tolist()

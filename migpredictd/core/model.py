@@ -57,11 +57,15 @@ class MemoryModel:
 
     def age(self, pages: float) -> float:
         """The inverse of :meth:`dirty`: the shortest window (ms) within which ``pages`` pages get
-        dirtied; 0 for what the jump at t = 0 covers, inf beyond the ceiling."""
+        dirtied; 0 for what the jump at t = 0 covers, inf beyond the ceiling and where the curve gets
+        there only at inf (a segment of slope 0 up to it), as
+        :meth:`~migpredictd.core.predictor.ModelBatch.age` has it."""
         for i, y in enumerate(self.dirty_pages):
             if y >= pages:
                 if i == 0:
                     return 0.0
+                if self.slopes[i] == 0.0:
+                    return math.inf
                 return self.period_ms[i - 1] + (pages - self.dirty_pages[i - 1]) / self.slopes[i]
         return math.inf
 

@@ -31,7 +31,7 @@ from migpredictd.core.predictor import (
 )
 
 
-def _dirty_by_scan(model: MemoryModel, ms: float) -> float:
+def dirty_by_scan(model: MemoryModel, ms: float) -> float:
     """:meth:`MemoryModel.dirty` (the same values) by a linear scan of the breakpoints, as the script
     evaluates its model: the baseline keeps the script's cost."""
     for i, x in enumerate(model.period_ms):
@@ -63,7 +63,7 @@ def seed_cell_ms(model: MemoryModel, bandwidth: float, downtime_ms: float, deadl
             return None
         previous = pass_ms
         zero = 0.0
-        normal = _dirty_by_scan(model, pass_ms)
+        normal = dirty_by_scan(model, pass_ms)
 
 
 def brute_force_derived(
