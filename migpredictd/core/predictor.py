@@ -233,6 +233,14 @@ def _count_below(rank: FloatArray, vm: IntArray, values: FloatArray) -> IntArray
     return counts
 
 
+def _segment(rank: FloatArray, columns: int, vm: IntArray, values: FloatArray) -> IntArray:
+    """Per cell, the index ``j`` of the knot that ends the segment of row ``vm[i]`` holding ``values[i]``
+    (``row[j-1] < value <= row[j]``), clipped to ``1 .. columns - 1``; ``rank`` is the table from
+    :func:`_rank_table`, ``columns`` its width before padding."""
+    j: IntArray = np.clip(_count_below(rank, vm, values), 1, columns - 1)
+    return j
+
+
 @dataclass(frozen=True, slots=True)
 class ModelBatch:
     """Many memory models packed into padded arrays, one row per VM."""
@@ -256,7 +264,7 @@ class ModelBatch:
     cold_bytes: FloatArray
     cold_slope: FloatArray
     cold_scan: FloatArray  # seconds of reading their zero pages, at the same knots
-    # x and y widened for _count_below.
+    # x, y, cold_pages and cold_bytes widened for _count_below.
     x_rank: FloatArray
     y_rank: FloatArray
     cold_pages_rank: FloatArray
@@ -320,18 +328,21 @@ class ModelBatch:
         return int(self.x.shape[0])
 
     def x_segment(self, vm: IntArray, ms: FloatArray) -> IntArray:
-        """:func:`_segment` of row ``vm[i]`` of ``x`` at ``ms[i]``, without copying the rows."""
-        j: IntArray = np.clip(_count_below(self.x_rank, vm, ms), 1, self.x.shape[1] - 1)
-        return j
+        """Per cell, the index ``j`` of the breakpoint that ends the segment of row ``vm[i]`` of ``x``
+        holding ``ms[i]`` (``x[j-1] < ms <= x[j]``), clipped to ``1 .. columns - 1``."""
+        return _segment(self.x_rank, self.x.shape[1], vm, ms)
 
     def y_segment(self, vm: IntArray, pages: FloatArray) -> IntArray:
-        """:func:`_segment` of row ``vm[i]`` of ``y`` at ``pages[i]``, without copying the rows."""
-        j: IntArray = np.clip(_count_below(self.y_rank, vm, pages), 1, self.y.shape[1] - 1)
-        return j
+        """:meth:`x_segment` on the pages axis ``y``."""
+        return _segment(self.y_rank, self.y.shape[1], vm, pages)
+
+    def cold_segment(self, vm: IntArray, pages: FloatArray) -> IntArray:
+        """:meth:`x_segment` on the first pass's knots of pages, ``cold_pages``."""
+        return _segment(self.cold_pages_rank, self.cold_pages.shape[1], vm, pages)
 
     def cold_wire(self, vm: IntArray, cold: FloatArray) -> FloatArray:
         """Wire bytes of the first pass's last ``cold`` pages (what is left of it, unsent)."""
-        j = np.clip(_count_below(self.cold_pages_rank, vm, cold), 1, self.cold_pages.shape[1] - 1)
+        j = self.cold_segment(vm, cold)
         wire: FloatArray = _gather(self.cold_bytes, vm, j - 1) + (
             cold - _gather(self.cold_pages, vm, j - 1)
         ) * _gather(self.cold_slope, vm, j)
@@ -379,7 +390,7 @@ class ModelBatch:
 
     def cold_left(self, vm: IntArray, wire: FloatArray) -> FloatArray:
         """The inverse of :meth:`cold_wire`: how many last pages of the first pass cost ``wire`` bytes."""
-        j = np.clip(_count_below(self.cold_bytes_rank, vm, wire), 1, self.cold_bytes.shape[1] - 1)
+        j = _segment(self.cold_bytes_rank, self.cold_bytes.shape[1], vm, wire)
         pages: FloatArray = _gather(self.cold_pages, vm, j - 1) + (
             wire - _gather(self.cold_bytes, vm, j - 1)
         ) * (1.0 / _gather(self.cold_slope, vm, j))
@@ -598,13 +609,6 @@ def _simulate_seed_grid(
         bytes_sent=out_bytes.ravel(),
         downtime_seconds=out_down.ravel(),
     )
-
-
-def _segment(xs: FloatArray, x: FloatArray) -> IntArray:
-    """Per row, the index ``j`` of the knot that ends the segment holding ``x`` (``xs[j-1] < x <= xs[j]``),
-    clipped to ``1 .. columns - 1``."""
-    j: IntArray = np.clip(np.count_nonzero(xs < x[:, None], axis=1), 1, xs.shape[1] - 1)
-    return j
 
 
 def _creep(
@@ -832,22 +836,23 @@ def _cold_levels(
     idx = np.arange(len(v))
     while idx.size:
         vi, c, h = v[idx], cold[idx], hot[idx]
-        rows = np.arange(idx.size)
         t, sb = threshold[idx], step_bytes[idx]
-        cp = batch.cold_pages[vi]
-        seg = _segment(cp, c)
-        cost, cold_lo = _gather(batch.cold_slope, vi, seg), cp[rows, seg - 1]
+        seg = batch.cold_segment(vi, c)
+        cost, cold_lo = _gather(batch.cold_slope, vi, seg), _gather(batch.cold_pages, vi, seg - 1)
         per_window = sb / cost
         pending = c + h
         n = np.floor((pending - t) / per_window) + 1.0
         n_ms = n * window_ms
-        ys, xs = batch.y[vi], batch.x[vi]
-        ja = _segment(ys, h)
-        ya, xa, sa = ys[rows, ja - 1], xs[rows, ja - 1], _gather(batch.slope, vi, ja)
+        ja = batch.y_segment(vi, h)
+        ya, xa, sa = _gather(batch.y, vi, ja - 1), _gather(batch.x, vi, ja - 1), _gather(batch.slope, vi, ja)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             u = n_ms + xa + (h - ya) / sa
-            j2 = _segment(xs, u)
-            s2, o2, x2_end = _gather(batch.slope, vi, j2), _gather(batch.offset, vi, j2), xs[rows, j2]
+            j2 = batch.x_segment(vi, u)
+            s2, o2, x2_end = (
+                _gather(batch.slope, vi, j2),
+                _gather(batch.offset, vi, j2),
+                _gather(batch.x, vi, j2),
+            )
             grow = np.minimum(batch.dirty(vi, n_ms), o2 + s2 * u - h)
             # With every page pending and the guest re-dirtying more than a pass sends, the cap
             # (no more pending than pages) holds pending where it is: hot grows by what cold loses.
@@ -857,7 +862,7 @@ def _cold_levels(
             drop = np.where(capped, 0.0, sends - grow)
             stay = np.where(capped, np.inf, np.floor((pending - (t + (n - 1.0) * per_window)) / drop) + 1.0)
             m = np.minimum(stay, np.floor((c - cold_lo) / sends))
-            m = np.minimum(m, np.where(inc > 0, np.floor((ys[rows, ja] - h) / inc), np.inf))
+            m = np.minimum(m, np.where(inc > 0, np.floor((_gather(batch.y, vi, ja) - h) / inc), np.inf))
             m = np.minimum(m, np.where(inc > 0, np.floor((x2_end - u) * sa / inc), np.inf))
             m = np.minimum(m, pass_limit[idx] - 1.0 - taken[idx])
             m = np.minimum(m, np.floor((time_left[idx] * 1000.0 / window_ms - windows[idx]) / n))
