@@ -318,20 +318,13 @@ def simulate_policy(  # noqa: PLR0911 (one control loop, every orchestrator's ex
         switch_passes = int(o["switch_after_passes"])  # type: ignore[call-overload]
     nova_switch_at = math.inf  # should_switch_to_postcopy(): the first poll after a sync whose jump stalls
 
-    starts = [start for start, _ in steps]
-    ordered = starts == sorted(starts)
+    starts = [start for start, _ in steps]  # ascending: the delay is a non-negative option
 
     def downtime_now(t: float) -> float:
         """The limit at ``t``: that of the last step started by then (the first before any)."""
         if not steps:
             return downtime_fixed
-        if ordered:
-            return steps[max(bisect.bisect_right(starts, t) - 1, 0)][1]
-        current = steps[0][1]
-        for start, value in steps:
-            if start <= t:
-                current = value
-        return current
+        return steps[max(bisect.bisect_right(starts, t) - 1, 0)][1]
 
     run = _Run()
     pass_dirty, dirty_at = _throttled_dirty(m, 0.0, util, tcg=tcg), 0.0
